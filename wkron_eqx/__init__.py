@@ -1,0 +1,25 @@
+import importlib.metadata
+
+from ._config import Config as Config
+from ._layout import (
+    DENSE_PATH as DENSE_PATH,
+    LARGE_PATH as LARGE_PATH,
+    LeafKind as LeafKind,
+    ONE_D_PATH as ONE_D_PATH,
+)
+from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
+from ._state import (
+    DenseState as DenseState,
+    LeafState as LeafState,
+    WhiteKronState as WhiteKronState,
+)
+from ._transform import (
+    quad as quad,
+    scale_by_quad as scale_by_quad,
+    scale_by_skew as scale_by_skew,
+    scale_by_white_kron as scale_by_white_kron,
+    skew as skew,
+)
+
+
+__version__ = importlib.metadata.version("wkron_eqx")

@@ -1,0 +1,177 @@
+"""Tile / untile leaves, padded identities and validity masks.
+
+A dense leaf viewed as `[B, m, n]` is cut into tile groups (see `_layout.TileGroup`):
+every group is one `[tiles, rows, cols]` stack, zero-padded up to its bucket's stored
+size. A large leaf is cut into strips along its dense side. All functions are pure and
+shape-static.
+"""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Shaped
+
+from ._layout import LeafPlan, Part
+
+
+def _pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
+    """Append zero entries along the leading (stack) axis up to `stack` entries."""
+    extra = stack - x.shape[0]
+    if extra == 0:
+        return x
+    return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _pad_tail(
+    x: Shaped[Array, "t r c"], rows: int, cols: int
+) -> Shaped[Array, "t R C"]:
+    return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
+
+
+def _take_group(
+    x: Shaped[Array, "B m n"], row_part: Part, col_part: Part
+) -> Shaped[Array, "tiles r c"]:
+    batch = x.shape[0]
+    rows, cols = row_part.count * row_part.size, col_part.count * col_part.size
+    block = x[
+        :,
+        row_part.start : row_part.start + rows,
+        col_part.start : col_part.start + cols,
+    ]
+    block = block.reshape(
+        batch, row_part.count, row_part.size, col_part.count, col_part.size
+    )
+    block = block.transpose(0, 1, 3, 2, 4)
+    return block.reshape(-1, row_part.size, col_part.size)
+
+
+def _put_group(
+    tiles: Shaped[Array, "tiles R C"], batch: int, row_part: Part, col_part: Part
+) -> Shaped[Array, "B r c"]:
+    tiles = tiles[:, : row_part.size, : col_part.size]
+    tiles = tiles.reshape(
+        batch, row_part.count, col_part.count, row_part.size, col_part.size
+    )
+    tiles = tiles.transpose(0, 1, 3, 2, 4)
+    return tiles.reshape(
+        batch, row_part.count * row_part.size, col_part.count * col_part.size
+    )
+
+
+def tile(
+    x: Shaped[Array, "B m n"], plan: LeafPlan
+) -> tuple[Shaped[Array, "t R C"], ...]:
+    """Cut a dense leaf into its tile groups, each zero-padded to its bucket's size.
+
+    **Arguments:**
+
+    - `x`: the leaf viewed as `[B, m, n]`.
+    - `plan`: its `LeafPlan` (kind `DENSE`).
+
+    **Returns:**
+
+    One `[batch * row tiles * col tiles, rows, cols]` array per tile group, in the
+    order of `plan.groups`.
+    """
+    return tuple(
+        _pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket)
+        for g in plan.groups
+    )
+
+
+def untile(
+    tiles: tuple[Shaped[Array, "t R C"], ...], plan: LeafPlan
+) -> Shaped[Array, "B m n"]:
+    """Inverse of `tile`: drop the padding and put the tiles back as `[B, m, n]`."""
+    rows, cols = plan.merged
+    if not plan.groups:
+        dtype = tiles[0].dtype if tiles else jnp.float32
+        return jnp.zeros((plan.batch, rows, cols), dtype)
+    blocks = iter(
+        _put_group(t, plan.batch, g.row_part, g.col_part)
+        for t, g in zip(tiles, plan.groups, strict=True)
+    )
+    band_rows = [
+        jnp.concatenate([next(blocks) for _ in plan.col_parts], axis=2)
+        for _ in plan.row_parts
+    ]
+    return jnp.concatenate(band_rows, axis=1)
+
+
+def _strips_along_cols(x: Shaped[Array, "B m n"], parts: tuple[Part, ...], side: int):
+    batch, rows, _ = x.shape
+    pieces = []
+    for part in parts:
+        block = x[:, :, part.start : part.start + part.count * part.size]
+        block = block.reshape(batch, rows, part.count, part.size).transpose(0, 2, 1, 3)
+        block = block.reshape(-1, rows, part.size)
+        pieces.append(jnp.pad(block, ((0, 0), (0, 0), (0, side - part.size))))
+    return jnp.concatenate(pieces, axis=0)
+
+
+def _join_along_cols(
+    strips: Shaped[Array, "S m W"], batch: int, parts: tuple[Part, ...]
+):
+    rows = strips.shape[1]
+    blocks, offset = [], 0
+    for part in parts:
+        block = strips[offset : offset + batch * part.count, :, : part.size]
+        offset += batch * part.count
+        block = block.reshape(batch, part.count, rows, part.size).transpose(0, 2, 1, 3)
+        blocks.append(block.reshape(batch, rows, part.count * part.size))
+    return jnp.concatenate(blocks, axis=2)
+
+
+def cut_strips(x: Shaped[Array, "B m n"], plan: LeafPlan) -> Shaped[Array, "stack r c"]:
+    """Cut a large leaf into strips along its dense side, padded up to `plan.stack`.
+
+    With a diagonal left side the strips are `[m, strip_side]`, with a diagonal
+    right side `[strip_side, n]`; with both sides diagonal each layer is one strip.
+    """
+    if plan.diag_left and plan.diag_right:
+        strips = x
+    elif plan.diag_left:
+        strips = _strips_along_cols(x, plan.col_parts, plan.strip_side)
+    else:
+        xt = jnp.swapaxes(x, 1, 2)
+        strips = jnp.swapaxes(
+            _strips_along_cols(xt, plan.row_parts, plan.strip_side), 1, 2
+        )
+    return _pad_stack(strips, plan.stack)
+
+
+def join_strips(
+    strips: Shaped[Array, "stack r c"], plan: LeafPlan
+) -> Shaped[Array, "B m n"]:
+    """Inverse of `cut_strips`: drop dummies and padding, return `[B, m, n]`."""
+    strips = strips[: plan.strips]
+    if plan.diag_left and plan.diag_right:
+        return strips
+    if plan.diag_left:
+        return _join_along_cols(strips, plan.batch, plan.col_parts)
+    joined = _join_along_cols(jnp.swapaxes(strips, 1, 2), plan.batch, plan.row_parts)
+    return jnp.swapaxes(joined, 1, 2)
+
+
+def side_sizes(parts: tuple[Part, ...], batch: int, stack: int) -> tuple[int, ...]:
+    """Valid side of each entry of a stack built from `parts` (0 for pipeline dummies)."""
+    sizes = tuple(p.size for p in parts for _ in range(batch * p.count))
+    return sizes + (0,) * (stack - len(sizes))
+
+
+def padded_identity(
+    valid: Int[Array, " n"], side: int, scale: float, dtype
+) -> Float[Array, "n side side"]:
+    """`scale * I` on the first `valid[i]` rows/cols of entry `i`, exactly 0 elsewhere."""
+    index = jnp.arange(side)
+    diagonal = (index[None, :] < valid[:, None]).astype(dtype) * jnp.asarray(
+        scale, dtype
+    )
+    return diagonal[:, :, None] * jnp.eye(side, dtype=dtype)[None]
+
+
+def validity_mask(
+    valid_rows: Int[Array, " n"], valid_cols: Int[Array, " n"], rows: int, cols: int
+) -> Bool[Array, "n rows cols"]:
+    """True exactly on the real (unpadded) elements of each `[rows, cols]` entry."""
+    row_ok = jnp.arange(rows)[None, :] < valid_rows[:, None]
+    col_ok = jnp.arange(cols)[None, :] < valid_cols[:, None]
+    return row_ok[:, :, None] & col_ok[:, None, :]

@@ -1,0 +1,245 @@
+"""Pure Python on static shapes: merge a leaf to at most 2-D, pick its kind, plan its tiles.
+
+Nothing here traces: every function takes and returns hashable Python values, so a
+plan can be cached and used as static data inside `jit`.
+"""
+
+import enum
+import functools
+import math
+from typing import NamedTuple
+
+
+# Tile sides are rounded up to a multiple of this (but never past `block_size`), so that
+# tiles of nearly equal size share one batched stack without paying for a full block.
+TILE_QUANTUM = 8
+
+
+class LeafKind(enum.IntEnum):
+    """How a parameter leaf is preconditioned."""
+
+    DENSE = 0
+    LARGE = 1
+    ONE_D = 2
+
+
+DENSE_PATH = LeafKind.DENSE
+LARGE_PATH = LeafKind.LARGE
+ONE_D_PATH = LeafKind.ONE_D
+
+
+def merge_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Merge a shape to one or two dims (SPEC section 2).
+
+    **Arguments:**
+
+    - `shape`: the leaf's shape without any scanned axis.
+
+    **Returns:**
+
+    `(length,)` for a 1-D view, `(rows, cols)` for a 2-D one.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        return (math.prod(shape),)
+    if math.prod(shape) == max(shape):
+        return (max(shape),)
+    if len(shape) == 2:
+        return shape
+    best, best_ratio = None, math.inf
+    for split in range(1, len(shape)):
+        left, right = math.prod(shape[:split]), math.prod(shape[split:])
+        small, large = min(left, right), max(left, right)
+        ratio = large / small if small > 0 else math.inf
+        if best is None or ratio < best_ratio:
+            best, best_ratio = (left, right), ratio
+    assert best is not None
+    return best
+
+
+def tile_side(size: int, block_size: int) -> int:
+    """The stored side of a tile whose valid side is `size` (right-sized, not `block_size`)."""
+    if size <= 0:
+        return 0
+    return min(block_size, -(-size // TILE_QUANTUM) * TILE_QUANTUM)
+
+
+class Part(NamedTuple):
+    """A run of `count` equal tiles of valid side `size` starting at `start` along one axis."""
+
+    start: int
+    count: int
+    size: int
+
+
+def split_axis(length: int, block_size: int) -> tuple[Part, ...]:
+    """Cut an axis of `length` into full `block_size` tiles and one shorter edge tile."""
+    full, edge = divmod(length, block_size)
+    parts = []
+    if full:
+        parts.append(Part(0, full, block_size))
+    if edge:
+        parts.append(Part(full * block_size, 1, edge))
+    return tuple(parts)
+
+
+def pad_to_multiple(count: int, multiple: int) -> int:
+    """The stack size after adding dummy entries up to a multiple of `multiple`."""
+    return -(-count // multiple) * multiple
+
+
+class TileGroup(NamedTuple):
+    """Tiles of one dense leaf that share a valid size; they go to one bucket."""
+
+    row_part: Part
+    col_part: Part
+    bucket: tuple[int, int]  # (stored rows, stored cols)
+
+
+class LeafPlan(NamedTuple):
+    """Everything static about how one leaf is preconditioned."""
+
+    kind: LeafKind
+    scanned: bool
+    batch: int  # B: the scanned stack size, 1 when not scanned
+    shape: tuple[int, ...]  # without the scanned axis
+    merged: tuple[int, ...]
+    block_size: int
+    diag_left: bool
+    diag_right: bool
+    row_parts: tuple[Part, ...]
+    col_parts: tuple[Part, ...]
+    groups: tuple[TileGroup, ...]  # DENSE: one per (row part, col part)
+    strip_side: (
+        int  # LARGE: stored width of a dense side (0 if both sides are diagonal)
+    )
+    strips: int  # LARGE: real strips over the whole batch; DENSE: real tiles
+    stack: int  # LARGE: strips after pipeline padding; DENSE: real tiles
+
+    @property
+    def tiles_per_layer(self) -> int:
+        return sum(g.row_part.count * g.col_part.count for g in self.groups)
+
+
+def _leaf_plan(
+    shape: tuple[int, ...],
+    scanned: bool,
+    block_size: int,
+    max_size_dense: int,
+    pipeline_axis_size: int,
+) -> LeafPlan:
+    if scanned:
+        if len(shape) == 0:
+            raise ValueError("a scanned leaf needs a leading axis, got a 0-d leaf.")
+        batch, shape = shape[0], shape[1:]
+    else:
+        batch = 1
+    merged = merge_shape(shape)
+    if len(merged) == 1:
+        return LeafPlan(
+            LeafKind.ONE_D, scanned, batch, shape, merged, block_size,
+            True, False, (), (), (), 0, 0, batch,
+        )  # fmt: skip
+    rows, cols = merged
+    if rows <= max_size_dense and cols <= max_size_dense:
+        row_parts = split_axis(rows, block_size)
+        col_parts = split_axis(cols, block_size)
+        groups = tuple(
+            TileGroup(
+                rp, cp, (tile_side(rp.size, block_size), tile_side(cp.size, block_size))
+            )
+            for rp in row_parts
+            for cp in col_parts
+        )
+        tiles = batch * sum(g.row_part.count * g.col_part.count for g in groups)
+        return LeafPlan(
+            LeafKind.DENSE, scanned, batch, shape, merged, block_size,
+            False, False, row_parts, col_parts, groups, 0, tiles, tiles,
+        )  # fmt: skip
+    diag_left, diag_right = rows > max_size_dense, cols > max_size_dense
+    if diag_left and diag_right:
+        row_parts, col_parts, strip_side, strips = (), (), 0, batch
+    elif diag_left:
+        row_parts, col_parts = (), split_axis(cols, block_size)
+        strip_side = tile_side(min(cols, block_size), block_size)
+        strips = batch * sum(p.count for p in col_parts)
+    else:
+        row_parts, col_parts = split_axis(rows, block_size), ()
+        strip_side = tile_side(min(rows, block_size), block_size)
+        strips = batch * sum(p.count for p in row_parts)
+    return LeafPlan(
+        LeafKind.LARGE, scanned, batch, shape, merged, block_size,
+        diag_left, diag_right, row_parts, col_parts, (), strip_side, strips,
+        pad_to_multiple(strips, pipeline_axis_size),
+    )  # fmt: skip
+
+
+class BucketSegment(NamedTuple):
+    """`count` consecutive tiles of one bucket, taken from one tile group of one leaf."""
+
+    leaf: int
+    group: int
+    count: int
+
+
+class Bucket(NamedTuple):
+    """One batched stack of dense tiles of equal stored size."""
+
+    rows: int
+    cols: int
+    segments: tuple[BucketSegment, ...]
+    valid_count: int  # real tiles
+    stack: int  # real tiles plus pipeline dummies
+
+
+class TreePlan(NamedTuple):
+    leaves: tuple[LeafPlan, ...]
+    buckets: tuple[Bucket, ...]
+
+
+@functools.lru_cache(maxsize=512)
+def plan_tree(
+    shapes: tuple[tuple[int, ...], ...],
+    scanned: tuple[bool, ...],
+    block_size: int,
+    max_size_dense: int,
+    pipeline_axis_size: int,
+) -> TreePlan:
+    """Plan every leaf of a flattened params tree and group dense tiles into buckets.
+
+    **Arguments:**
+
+    - `shapes`: the shape of every leaf, in flattening order.
+    - `scanned`: for each leaf, whether its leading axis is a stack of layers.
+    - `block_size`, `max_size_dense`, `pipeline_axis_size`: as in `scale_by_quad`.
+
+    **Returns:**
+
+    A `TreePlan`: one `LeafPlan` per leaf and the dense tile buckets, in a
+    deterministic order (buckets sorted by stored size, segments in leaf order).
+    """
+    leaves = tuple(
+        _leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
+        for s, f in zip(shapes, scanned, strict=True)
+    )
+    segments: dict[tuple[int, int], list[BucketSegment]] = {}
+    for leaf_index, leaf in enumerate(leaves):
+        for group_index, group in enumerate(leaf.groups):
+            count = leaf.batch * group.row_part.count * group.col_part.count
+            if count:
+                segments.setdefault(group.bucket, []).append(
+                    BucketSegment(leaf_index, group_index, count)
+                )
+    buckets = []
+    for (rows, cols), segs in sorted(segments.items()):
+        valid = sum(s.count for s in segs)
+        buckets.append(
+            Bucket(
+                rows,
+                cols,
+                tuple(segs),
+                valid,
+                pad_to_multiple(valid, pipeline_axis_size),
+            )
+        )
+    return TreePlan(leaves, tuple(buckets))

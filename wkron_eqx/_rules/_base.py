@@ -1,0 +1,39 @@
+"""The interface every factor-update rule implements."""
+
+import abc
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+
+class AbstractRule(eqx.Module):
+    """How one Kronecker factor moves, given its statistic `A` and constant `c`.
+
+    A rule sees one factor at a time: a dense `Q` (`[n, n]`) or a diagonal `q`
+    (`[n]`), the statistic `A` of the same shape, the constant `c` and the step
+    `z`, already divided by the tracked Lipschitz constant. Shapes are per tile;
+    the caller `vmap`s over the stack.
+    """
+
+    # `z = step_scale * lr / L`: QUAD takes half steps, Procrustes full ones.
+    step_scale: eqx.AbstractClassVar[float]
+
+    @abc.abstractmethod
+    def dense(
+        self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
+    ) -> Float[Array, "n n"]:
+        """Return the updated dense factor."""
+
+    @abc.abstractmethod
+    def diag(
+        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+    ) -> Float[Array, " n"]:
+        """Return the updated diagonal factor."""
+
+
+def track_lipschitz(
+    L: Float[Array, "*s"], ell: Float[Array, "*s"]
+) -> Float[Array, "*s"]:
+    """`L <- max(0.95 L + 0.05 ell, ell)`: a running estimate that never lags a jump."""
+    return jnp.maximum(0.95 * L + 0.05 * ell, ell)

@@ -1,0 +1,53 @@
+"""Procrustes ("skew"): a full factor step, then a rotation toward symmetry."""
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+from ._base import AbstractRule
+from .norms import spectral_norm_lower_bound
+
+
+# The rotation step is at most this divided by ||R||_2 (R the normalised skew part).
+_MAX_ROTATION = 1 / 8
+
+
+def procrustes_step(Q: Float[Array, "n n"]) -> Float[Array, "n n"]:
+    """One step of rotating `Q` toward a symmetric matrix.
+
+    With `R = (Q^T - Q) / max|Q^T - Q|`, when `tr(RQ) > 0`, move by the rotation
+    `Q + a (RQ + a/2 R^2 Q)` with `a = (1/8) / ||R||_2`, shortened to
+    `-tr(RQ) / tr(R^2 Q)` when that is smaller and positive. A `Q` that is already
+    symmetric (to within the dtype's smallest normal number) is returned unchanged.
+    """
+    R = Q.T - Q
+    size = jnp.max(jnp.abs(R))
+    active = size > jnp.finfo(Q.dtype).tiny
+    R = R / jnp.where(active, size, 1)
+    RQ = R @ Q
+    RRQ = R @ RQ
+    tr_RQ, tr_RRQ = jnp.trace(RQ), jnp.trace(RRQ)
+    norm = spectral_norm_lower_bound(R.astype(jnp.float32))
+    a = (_MAX_ROTATION / jnp.where(norm > 0, norm, 1)).astype(Q.dtype)
+    shortened = -tr_RQ / jnp.where(tr_RRQ < 0, tr_RRQ, -1)
+    a = jnp.where(tr_RRQ < 0, jnp.minimum(a, shortened), a)
+    rotated = Q + a * (RQ + 0.5 * a * RRQ)
+    return jnp.where(active & (tr_RQ > 0) & (norm > 0), rotated, Q)
+
+
+class Procrustes(AbstractRule):
+    """Dense: `Q <- Q - z(AQ - cQ)`, then `procrustes_step`.
+    Diagonal: `q <- q (1 - z(A - c))`, with `z = lr / L`."""
+
+    step_scale: ClassVar[float] = 1.0
+
+    def dense(
+        self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
+    ) -> Float[Array, "n n"]:
+        return procrustes_step(Q - z * (A @ Q - c * Q))
+
+    def diag(
+        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+    ) -> Float[Array, " n"]:
+        return q * (1 - z * (A - c))

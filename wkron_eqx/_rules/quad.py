@@ -1,0 +1,27 @@
+"""QUAD: the quadratic-form factor update of PSGD-Kron."""
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+from ._base import AbstractRule
+
+
+class Quad(AbstractRule):
+    """Dense: `P = Q - z(AQ - cQ)`, `P <- P - z(PA - cP)`, `Q <- (P + P^T)/2`.
+    Diagonal: `q <- q (1 - z(A - c))^2`, with `z = lr / (2L)`."""
+
+    step_scale: ClassVar[float] = 0.5
+
+    def dense(
+        self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
+    ) -> Float[Array, "n n"]:
+        P = Q - z * (A @ Q - c * Q)
+        P = P - z * (P @ A - c * P)
+        return (P + P.T) / 2
+
+    def diag(
+        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+    ) -> Float[Array, " n"]:
+        return q * jnp.square(1 - z * (A - c))

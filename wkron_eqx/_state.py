@@ -1,0 +1,152 @@
+"""The optimizer state: `DenseState` (a bucket of dense tiles), `LeafState` (one leaf)
+and the top-level `WhiteKronState`."""
+
+import base64
+import dataclasses
+import json
+from typing import Any, NamedTuple, Self
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PyTree
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, jax.Array | np.ndarray):
+        array = np.asarray(value)
+        return {
+            "__array__": base64.b64encode(array.tobytes()).decode("ascii"),
+            "dtype": jnp.dtype(array.dtype).name,
+            "shape": list(array.shape),
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__array__" in value:
+        raw = base64.b64decode(value["__array__"])
+        array = np.frombuffer(raw, dtype=jnp.dtype(value["dtype"])).reshape(
+            value["shape"]
+        )
+        return jnp.asarray(array)
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    return value
+
+
+class _Serialisable(eqx.Module):
+    """`replace`, `to_dict`/`from_dict` and `to_json`/`from_json`, exact for every dtype."""
+
+    def replace(self, **kwargs) -> Self:
+        """A copy with the given fields replaced (the original is untouched)."""
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a `dict` (arrays stay arrays)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Inverse of `to_dict`."""
+        return cls(**data)
+
+    def to_json(self, **kwargs) -> str:
+        """A JSON string holding every field; arrays are stored bit-exactly (base64)."""
+        return json.dumps({k: _encode(v) for k, v in self.to_dict().items()}, **kwargs)
+
+    @classmethod
+    def from_json(cls, json_str: str) -> Self:
+        """Inverse of `to_json`."""
+        return cls.from_dict({k: _decode(v) for k, v in json.loads(json_str).items()})
+
+
+class DenseState(_Serialisable):
+    """One batched stack of dense tiles, all of stored size `rows x cols`.
+
+    Every tile has its own left factor `Ql` (`rows x rows`), right factor `Qr`
+    (`cols x cols`) and Lipschitz estimates `Ll`, `Lr`. Rows/cols beyond
+    `valid_rows`/`valid_cols` are padding and stay exactly 0; entries past
+    `valid_count` are pipeline dummies with no valid part at all.
+
+    **Fields:**
+
+    - `Ql`, `Qr`: the factors, in the preconditioner dtype.
+    - `Ll`, `Lr`: float32 Lipschitz estimates per tile.
+    - `valid_rows`, `valid_cols`: int32 valid size of each tile.
+    - `valid_count`: the number of real tiles (static).
+    - `block_size`: the configured block size (static).
+    """
+
+    Ql: Float[Array, "tiles rows rows"]
+    Qr: Float[Array, "tiles cols cols"]
+    Ll: Float[Array, " tiles"]
+    Lr: Float[Array, " tiles"]
+    valid_rows: Int[Array, " tiles"]
+    valid_cols: Int[Array, " tiles"]
+    valid_count: int = eqx.field(static=True)
+    block_size: int = eqx.field(static=True)
+
+
+class LeafState(_Serialisable):
+    """The static description of one parameter leaf and, for the `LARGE` and `ONE_D`
+    kinds, its own factors (a `DENSE` leaf's factors live in the `DenseState` buckets).
+
+    **Fields:**
+
+    - `kind`: `DENSE_PATH`, `LARGE_PATH` or `ONE_D_PATH`.
+    - `scanned`: 1 when the leading axis is a stack of `B` layers, else 0.
+    - `B`: the stack size (1 when not scanned).
+    - `shape`: the shape without the scanned axis; `merged` its 1-D/2-D view.
+    - `nr`, `nc`: tile (or strip) counts along rows and cols.
+    - `block_size`: the configured block size.
+    - `diag_left`, `diag_right`: whether a side is diagonal.
+    - `stack`: entries in this leaf's stacked factors (strips plus pipeline dummies).
+    - `Ql`, `Qr`, `Ll`, `Lr`, `valid_rows`, `valid_cols`: the leaf's own factors
+      (`None` where the kind has none). A diagonal factor is `[stack, length]`, a
+      dense one `[stack, side, side]`.
+    """
+
+    kind: int = eqx.field(static=True)
+    scanned: int = eqx.field(static=True)
+    B: int = eqx.field(static=True)
+    shape: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    merged: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    nr: int | None = eqx.field(static=True, default=None)
+    nc: int | None = eqx.field(static=True, default=None)
+    block_size: int | None = eqx.field(static=True, default=None)
+    diag_left: bool | None = eqx.field(static=True, default=None)
+    diag_right: bool | None = eqx.field(static=True, default=None)
+    stack: int | None = eqx.field(static=True, default=None)
+    Ql: Float[Array, "stack *left"] | None = None
+    Qr: Float[Array, "stack *right"] | None = None
+    Ll: Float[Array, " stack"] | None = None
+    Lr: Float[Array, " stack"] | None = None
+    valid_rows: Int[Array, " stack"] | None = None
+    valid_cols: Int[Array, " stack"] | None = None
+
+
+class WhiteKronState(NamedTuple):
+    """State of `scale_by_quad` / `scale_by_skew`.
+
+    **Fields:**
+
+    - `count`: steps taken (int32); a step skipped for a non-finite gradient does not count.
+    - `mu`: the momentum buffer (same tree as params, in the preconditioner dtype),
+      or `None` when `b1 == 0`.
+    - `dense`: one `DenseState` per bucket of equally sized dense tiles.
+    - `leaves`: a `LeafState` per parameter leaf (same tree structure as params).
+    - `update_counter`: steps since the factors were last updated
+      (`preconditioner_update_probability`).
+    - `skipped_steps`: steps skipped because the gradient (or the step) was not finite.
+    """
+
+    count: Int[Array, ""]
+    mu: PyTree[Array] | None
+    dense: tuple[DenseState, ...]
+    leaves: PyTree[LeafState]
+    update_counter: Int[Array, ""]
+    skipped_steps: Int[Array, ""]

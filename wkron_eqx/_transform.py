@@ -1,0 +1,509 @@
+"""The optax transforms: momentum -> per-kind preconditioning -> RMS clip -> lr style."""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+from jaxtyping import Array
+
+from ._config import check_weight_decay, Config
+from ._custom_types import Params, Updates
+from ._kinds import dense, large, one_d
+from ._kinds._factors import StepContext
+from ._layout import LeafKind, LeafPlan, plan_tree, TreePlan
+from ._rules import AbstractRule, Procrustes, Quad
+from ._sharding import constrain_like
+from ._state import DenseState, LeafState, WhiteKronState
+
+
+_INIT = {
+    LeafKind.DENSE: dense.init,
+    LeafKind.LARGE: large.init,
+    LeafKind.ONE_D: one_d.init,
+}
+_PER_LEAF_UPDATE = {LeafKind.LARGE: large.update, LeafKind.ONE_D: one_d.update}
+
+_CLIP_RMS = 1.1
+_ADAM_STYLE_DIVISOR = 5.0
+_NOISE_SEED = 0x5EED
+
+
+def _path_names(tree: Any) -> list[str]:
+    return [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def scanned_flags(scanned_layers: Any, params: Params) -> tuple[bool, ...]:
+    """Broadcast `scanned_layers` (None, a bool, a full tree or a prefix tree of bools)
+    to one flag per leaf of `params`, refusing anything that does not fit."""
+    leaves, treedef = jax.tree.flatten(params)
+    if scanned_layers is None:
+        return (False,) * len(leaves)
+    try:
+        broadcast = jax.tree.map(
+            lambda flag, sub: jax.tree.map(lambda _: flag, sub),
+            scanned_layers,
+            params,
+        )
+        flags = treedef.flatten_up_to(broadcast)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "`scanned_layers` must be None, a bool, or a tree of bools whose structure is "
+            f"a prefix of the params tree; it does not match: {e}"
+        ) from None
+    names = _path_names(params)
+    out = []
+    for name, flag, leaf in zip(names, flags, leaves, strict=True):
+        if not isinstance(flag, bool | int) and not (
+            hasattr(flag, "shape") and flag.shape == ()
+        ):
+            raise ValueError(
+                f"`scanned_layers` at {name} must be a bool, got {flag!r}."
+            )
+        flag = bool(flag)
+        if flag and jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"`scanned_layers` flags the leaf {name} as scanned, but it has no leading axis "
+                "(shape ())."
+            )
+        out.append(flag)
+    return tuple(out)
+
+
+def _plan(config: Config, shapes, flags) -> TreePlan:
+    return plan_tree(
+        tuple(tuple(int(d) for d in s) for s in shapes),
+        tuple(flags),
+        config.block_size,
+        config.max_size_dense,
+        config.pipeline_axis_size,
+    )
+
+
+def _partition_specs(config: Config, params: Params) -> list[PartitionSpec | None]:
+    leaves, treedef = jax.tree.flatten(params)
+    specs = config.params_partition_specs
+    if specs is None:
+        return [None] * len(leaves)
+    if isinstance(specs, PartitionSpec):
+        return [specs] * len(leaves)
+    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
+    try:
+        return list(
+            treedef.flatten_up_to(jax.tree.map(lambda s: s, specs, is_leaf=is_spec))
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"`params_partition_specs` must be a PartitionSpec or a tree of them matching "
+            f"the params: {e}"
+        ) from None
+
+
+def _leaf_view(x: Array, plan: LeafPlan) -> Array:
+    return x.reshape((plan.batch,) + plan.merged)
+
+
+def _check_matches(updates: Updates, leaf_states: list[LeafState], names: list[str]):
+    for name, g, s in zip(names, jax.tree.leaves(updates), leaf_states, strict=True):
+        expected = ((s.B,) if s.scanned else ()) + tuple(s.shape or ())
+        if tuple(g.shape) != expected:
+            raise ValueError(
+                f"The update at {name} has shape {tuple(g.shape)}, but the optimizer state "
+                f"was initialised for shape {expected}."
+            )
+        if not jnp.issubdtype(g.dtype, jnp.inexact):
+            raise TypeError(
+                f"The update at {name} has dtype {g.dtype}; a floating dtype is required."
+            )
+
+
+def _flatten_against_state(updates: Updates, state: WhiteKronState):
+    leaves, treedef = jax.tree.flatten(updates)
+    try:
+        leaf_states = treedef.flatten_up_to(state.leaves)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            "The updates tree does not have the structure of the params the optimizer state "
+            f"was initialised with: {e}"
+        ) from None
+    if not all(isinstance(s, LeafState) for s in leaf_states):
+        raise ValueError(
+            "The updates tree does not have the structure of the params the optimizer state "
+            "was initialised with."
+        )
+    names = _path_names(updates)
+    _check_matches(updates, leaf_states, names)
+    return leaves, treedef, leaf_states
+
+
+def _rms_clip(u: Array) -> Array:
+    if u.size == 0:
+        return u
+    rms = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
+    return u * (_CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)).astype(u.dtype)
+
+
+def _all_finite(arrays) -> Array:
+    checks = [jnp.all(jnp.isfinite(a)) for a in arrays if a.size]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _refresh_due(config: Config, t: Array, counter: Array) -> Array | bool:
+    """Whether the factors update this step (deterministic counter scheme)."""
+    prob = config.preconditioner_update_probability
+    if not callable(prob) and prob == 1.0:
+        return True
+    p = jnp.asarray(prob(t) if callable(prob) else prob, jnp.float32)
+    return (counter + 1).astype(jnp.float32) >= 1.0 / p
+
+
+def _precondition_all(
+    ctx: StepContext,
+    views: list[Array],
+    dense_states: tuple[DenseState, ...],
+    leaf_states: list[LeafState],
+    plan: TreePlan,
+    refresh: bool,
+    axis_name: str | None,
+):
+    outputs: list[Array] = list(views)
+    dense_inputs = {
+        i: views[i]
+        for i, p in enumerate(plan.leaves)
+        if p.kind == LeafKind.DENSE and views[i].size
+    }
+    dense_ctx = ctx._replace(key=jax.random.fold_in(ctx.key, 0))
+    dense_out, dense_states = dense.update_buckets(
+        dense_ctx, dense_inputs, dense_states, plan, refresh, axis_name
+    )
+    for i, out in dense_out.items():
+        outputs[i] = out
+    leaf_key = jax.random.fold_in(ctx.key, 1)
+    leaf_states = list(leaf_states)
+    for i, p in enumerate(plan.leaves):
+        if p.kind == LeafKind.DENSE or views[i].size == 0:
+            continue
+        leaf_ctx = ctx._replace(key=jax.random.fold_in(leaf_key, i))
+        outputs[i], leaf_states[i] = _PER_LEAF_UPDATE[p.kind](
+            leaf_ctx, views[i], leaf_states[i], p, refresh, axis_name
+        )
+    return outputs, dense_states, leaf_states
+
+
+def scale_by_white_kron(
+    rule: AbstractRule, config: Config
+) -> optax.GradientTransformation:
+    """The preconditioning transform for a given factor-update `rule`.
+
+    **Arguments:**
+
+    - `rule`: `Quad()` or `Procrustes()` (or any `AbstractRule`).
+    - `config`: the validated hyperparameters.
+
+    **Returns:**
+
+    An `optax.GradientTransformation` whose state is a `WhiteKronState`.
+    """
+    dtype = config.compute_dtype
+
+    def init_fn(params: Params) -> WhiteKronState:
+        leaves, treedef = jax.tree.flatten(params)
+        flags = scanned_flags(config.scanned_layers, params)
+        plan = _plan(config, [jnp.shape(x) for x in leaves], flags)
+        leaf_states = [_INIT[p.kind](p, config) for p in plan.leaves]
+        if config.b1 > 0:
+            specs = _partition_specs(config, params)
+            mu = treedef.unflatten(
+                [
+                    constrain_like(jnp.zeros(jnp.shape(x), dtype), s)
+                    for x, s in zip(leaves, specs, strict=True)
+                ]
+            )
+        else:
+            mu = None
+        return WhiteKronState(
+            count=jnp.zeros([], jnp.int32),
+            mu=mu,
+            dense=dense.init_buckets(plan, config),
+            leaves=treedef.unflatten(leaf_states),
+            update_counter=jnp.zeros([], jnp.int32),
+            skipped_steps=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(
+        updates: Updates, state: WhiteKronState, params: Params | None = None
+    ):
+        del params
+        grads, treedef, leaf_states = _flatten_against_state(updates, state)
+        plan = _plan(
+            config,
+            [g.shape for g in grads],
+            [bool(s.scanned) for s in leaf_states],
+        )
+        grads_finite = _all_finite(grads)
+        t = state.count + 1
+        t_float = t.astype(jnp.float32)
+
+        if config.b1 > 0:
+            old_mu = treedef.flatten_up_to(state.mu)
+            b1 = config.b1
+            new_mu = [
+                (b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)).astype(
+                    dtype
+                )
+                for m, g in zip(old_mu, grads, strict=True)
+            ]
+            specs = _partition_specs(config, updates)
+            new_mu = [constrain_like(m, s) for m, s in zip(new_mu, specs, strict=True)]
+            correction = 1 - jnp.asarray(b1, jnp.float32) ** t_float
+            inputs = [
+                (m.astype(jnp.float32) / correction).astype(dtype) for m in new_mu
+            ]
+        else:
+            new_mu = None
+            inputs = [g.astype(dtype) for g in grads]
+        if config.normalize_grads:
+            inputs = [
+                x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype)
+                if x.size
+                else x
+                for x in inputs
+            ]
+        views = [_leaf_view(x, p) for x, p in zip(inputs, plan.leaves, strict=True)]
+
+        lr = config.preconditioner_lr
+        ctx = StepContext(
+            rule=rule,
+            lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
+            balance=(t % 100) == 0,
+            noise_scale=config.noise_scale,
+            key=jax.random.fold_in(jax.random.key(_NOISE_SEED), t),
+        )
+        axis = config.pipeline_axis_name
+
+        def step(refresh: bool):
+            return lambda: _precondition_all(
+                ctx, views, state.dense, leaf_states, plan, refresh, axis
+            )
+
+        refresh = _refresh_due(config, t, state.update_counter)
+        if refresh is True:
+            outputs, dense_states, new_leaf_states = step(True)()
+            counter = state.update_counter
+        else:
+            outputs, dense_states, new_leaf_states = jax.lax.cond(
+                refresh, step(True), step(False)
+            )
+            counter = jnp.where(refresh, 0, state.update_counter + 1)
+
+        new_updates = []
+        for out, g in zip(outputs, grads, strict=True):
+            u = _rms_clip(out.reshape(g.shape))
+            if config.lr_style == "adam":
+                u = u / jnp.asarray(_ADAM_STYLE_DIVISOR, u.dtype)
+            new_updates.append(u.astype(g.dtype))
+
+        lipschitz = [d.Ll for d in dense_states] + [d.Lr for d in dense_states]
+        lipschitz += [s.Ll for s in new_leaf_states if s.Ll is not None]
+        lipschitz += [s.Lr for s in new_leaf_states if s.Lr is not None]
+        ok = grads_finite & _all_finite(new_updates) & _all_finite(lipschitz)
+
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = WhiteKronState(
+            count=jnp.where(ok, t, state.count),
+            mu=None if new_mu is None else keep(treedef.unflatten(new_mu), state.mu),
+            dense=keep(dense_states, state.dense),
+            leaves=keep(treedef.unflatten(new_leaf_states), state.leaves),
+            update_counter=jnp.where(ok, counter, state.update_counter).astype(
+                jnp.int32
+            ),
+            skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
+        )
+        new_updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in new_updates]
+        return treedef.unflatten(new_updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore
+
+
+_SCALE_DOC_ARGS = """
+    **Arguments:**
+
+    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5 so that learning rates
+        tuned for Adam carry over; `None` leaves it as is.
+    - `b1`: momentum coefficient in `[0, 1)`; `0` preconditions the raw gradient.
+    - `normalize_grads`: divide each leaf's input by its norm (plus `1e-6`) first.
+    - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
+    - `preconditioner_lr`: factor step size; it decays as `lr / sqrt(1 + t/10000)`
+        down to `min(lr, 0.4)`.
+    - `preconditioner_init_scale`: initial factors are this times the identity.
+    - `dtype`: storage and compute dtype of the preconditioner and momentum
+        (`jnp.float32` or `jnp.bfloat16`).
+    - `scanned_layers`: a bool or a (prefix) tree of bools; a flagged leaf's leading axis
+        is a stack of independent layers, each preconditioned separately.
+    - `block_size`: the largest side of a dense tile.
+    - `pipeline_axis_name`: mesh axis over which stacked factors are sharded.
+    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this.
+    - `params_partition_specs`: a `PartitionSpec` or tree of them for the params; the
+        momentum is constrained to it.
+    - `noise_scale`: scale of the Gaussian noise added to the gradient for the factor
+        update (never to the output).
+    - `preconditioner_update_probability`: a float in `(0, 1]` or a schedule `step -> p`;
+        the factors are updated once every `1/p` steps (deterministic counter), other
+        steps only apply them. `1.0` updates every step.
+"""
+
+
+def _factory(rule: AbstractRule):
+    def scale_by(
+        lr_style: str | None = "adam",
+        b1: float = 0.95,
+        normalize_grads: bool = False,
+        max_size_dense: int = 16384,
+        preconditioner_lr: float = 0.7,
+        preconditioner_init_scale: float = 1.0,
+        dtype: Any = jnp.bfloat16,
+        scanned_layers: Any = None,
+        block_size: int = 256,
+        pipeline_axis_name: str | None = None,
+        pipeline_axis_size: int = 1,
+        params_partition_specs: Any = None,
+        noise_scale: float = 1e-9,
+        preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
+    ) -> optax.GradientTransformation:
+        config = Config(
+            lr_style=lr_style,
+            b1=b1,
+            normalize_grads=normalize_grads,
+            max_size_dense=max_size_dense,
+            preconditioner_lr=preconditioner_lr,
+            preconditioner_init_scale=preconditioner_init_scale,
+            dtype=dtype,
+            scanned_layers=scanned_layers,
+            block_size=block_size,
+            pipeline_axis_name=pipeline_axis_name,
+            pipeline_axis_size=pipeline_axis_size,
+            params_partition_specs=params_partition_specs,
+            noise_scale=noise_scale,
+            preconditioner_update_probability=preconditioner_update_probability,
+        )
+        return scale_by_white_kron(rule, config)
+
+    return scale_by
+
+
+scale_by_quad = _factory(Quad())
+scale_by_quad.__name__ = scale_by_quad.__qualname__ = "scale_by_quad"
+scale_by_quad.__doc__ = (
+    """Kronecker-factored preconditioning with the QUAD factor update.
+
+    Momentum, then each leaf preconditioned by its Kronecker factors (updated this step),
+    then the RMS of each leaf's update clipped to 1.1, then the `lr_style` scaling.
+    """
+    + _SCALE_DOC_ARGS
+    + """
+    **Returns:**
+
+    An `optax.GradientTransformation`; its state is a `WhiteKronState`.
+    """
+)
+
+scale_by_skew = _factory(Procrustes())
+scale_by_skew.__name__ = scale_by_skew.__qualname__ = "scale_by_skew"
+scale_by_skew.__doc__ = (
+    """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
+
+    As `scale_by_quad`, but each dense factor takes a full step and is then rotated
+    toward a symmetric matrix by one Procrustes step.
+    """
+    + _SCALE_DOC_ARGS
+    + """
+    **Returns:**
+
+    An `optax.GradientTransformation`; its state is a `WhiteKronState`.
+    """
+)
+
+
+def _with_decay_and_lr(
+    scale_by: Callable[..., optax.GradientTransformation], name: str
+):
+    def optimizer(
+        learning_rate: float | Callable[[Any], Any] = 0.001,
+        lr_style: str | None = "adam",
+        b1: float = 0.95,
+        weight_decay: float = 0.1,
+        weight_decay_mask: Any = None,
+        normalize_grads: bool = False,
+        max_size_dense: int = 16384,
+        preconditioner_lr: float = 0.7,
+        preconditioner_init_scale: float = 1.0,
+        dtype: Any = jnp.bfloat16,
+        scanned_layers: Any = None,
+        block_size: int = 256,
+        pipeline_axis_name: str | None = None,
+        pipeline_axis_size: int = 1,
+        params_partition_specs: Any = None,
+        noise_scale: float = 1e-9,
+        preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
+    ) -> optax.GradientTransformation:
+        check_weight_decay(weight_decay)
+        if not callable(learning_rate) and not isinstance(learning_rate, jax.Array):
+            if not (
+                isinstance(learning_rate, int | float) and math.isfinite(learning_rate)
+            ):
+                raise ValueError(
+                    f"`learning_rate` must be a finite float or a schedule, got {learning_rate!r}."
+                )
+        parts = [
+            scale_by(
+                lr_style=lr_style,
+                b1=b1,
+                normalize_grads=normalize_grads,
+                max_size_dense=max_size_dense,
+                preconditioner_lr=preconditioner_lr,
+                preconditioner_init_scale=preconditioner_init_scale,
+                dtype=dtype,
+                scanned_layers=scanned_layers,
+                block_size=block_size,
+                pipeline_axis_name=pipeline_axis_name,
+                pipeline_axis_size=pipeline_axis_size,
+                params_partition_specs=params_partition_specs,
+                noise_scale=noise_scale,
+                preconditioner_update_probability=preconditioner_update_probability,
+            )
+        ]
+        if weight_decay > 0:
+            parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+        parts.append(optax.scale_by_learning_rate(learning_rate))
+        return optax.chain(*parts)
+
+    optimizer.__name__ = optimizer.__qualname__ = name
+    return optimizer
+
+
+quad = _with_decay_and_lr(scale_by_quad, "quad")
+quad.__doc__ = """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
+    weight_decay_mask)` when `weight_decay > 0`, then
+    `optax.scale_by_learning_rate(learning_rate)`.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or an optax schedule.
+    - `weight_decay`: decoupled weight decay (>= 0); `0` leaves it out of the chain.
+    - `weight_decay_mask`: a tree of bools or a callable `params -> tree`, as optax.
+    - everything else: as `scale_by_quad`.
+
+    **Returns:**
+
+    An `optax.GradientTransformation` (an `optax.chain`).
+    """
+skew = _with_decay_and_lr(scale_by_skew, "skew")
+skew.__doc__ = quad.__doc__.replace(
+    "QUAD: `scale_by_quad`", "Skew: `scale_by_skew`"
+).replace("as `scale_by_quad`", "as `scale_by_skew`")
