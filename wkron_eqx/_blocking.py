@@ -20,9 +20,7 @@ def _pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
     return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
 
-def _pad_tail(
-    x: Shaped[Array, "t r c"], rows: int, cols: int
-) -> Shaped[Array, "t R C"]:
+def _pad_tail(x: Shaped[Array, "t r c"], rows: int, cols: int) -> Shaped[Array, "t R C"]:
     return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
 
 
@@ -36,9 +34,7 @@ def _take_group(
         row_part.start : row_part.start + rows,
         col_part.start : col_part.start + cols,
     ]
-    block = block.reshape(
-        batch, row_part.count, row_part.size, col_part.count, col_part.size
-    )
+    block = block.reshape(batch, row_part.count, row_part.size, col_part.count, col_part.size)
     block = block.transpose(0, 1, 3, 2, 4)
     return block.reshape(-1, row_part.size, col_part.size)
 
@@ -47,18 +43,12 @@ def _put_group(
     tiles: Shaped[Array, "tiles R C"], batch: int, row_part: Part, col_part: Part
 ) -> Shaped[Array, "B r c"]:
     tiles = tiles[:, : row_part.size, : col_part.size]
-    tiles = tiles.reshape(
-        batch, row_part.count, col_part.count, row_part.size, col_part.size
-    )
+    tiles = tiles.reshape(batch, row_part.count, col_part.count, row_part.size, col_part.size)
     tiles = tiles.transpose(0, 1, 3, 2, 4)
-    return tiles.reshape(
-        batch, row_part.count * row_part.size, col_part.count * col_part.size
-    )
+    return tiles.reshape(batch, row_part.count * row_part.size, col_part.count * col_part.size)
 
 
-def tile(
-    x: Shaped[Array, "B m n"], plan: LeafPlan
-) -> tuple[Shaped[Array, "t R C"], ...]:
+def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "t R C"], ...]:
     """Cut a dense leaf into its tile groups, each zero-padded to its bucket's size.
 
     **Arguments:**
@@ -71,15 +61,10 @@ def tile(
     One `[batch * row tiles * col tiles, rows, cols]` array per tile group, in the
     order of `plan.groups`.
     """
-    return tuple(
-        _pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket)
-        for g in plan.groups
-    )
+    return tuple(_pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket) for g in plan.groups)
 
 
-def untile(
-    tiles: tuple[Shaped[Array, "t R C"], ...], plan: LeafPlan
-) -> Shaped[Array, "B m n"]:
+def untile(tiles: tuple[Shaped[Array, "t R C"], ...], plan: LeafPlan) -> Shaped[Array, "B m n"]:
     """Inverse of `tile`: drop the padding and put the tiles back as `[B, m, n]`."""
     rows, cols = plan.merged
     if not plan.groups:
@@ -90,8 +75,7 @@ def untile(
         for t, g in zip(tiles, plan.groups, strict=True)
     )
     band_rows = [
-        jnp.concatenate([next(blocks) for _ in plan.col_parts], axis=2)
-        for _ in plan.row_parts
+        jnp.concatenate([next(blocks) for _ in plan.col_parts], axis=2) for _ in plan.row_parts
     ]
     return jnp.concatenate(band_rows, axis=1)
 
@@ -107,9 +91,7 @@ def _strips_along_cols(x: Shaped[Array, "B m n"], parts: tuple[Part, ...], side:
     return jnp.concatenate(pieces, axis=0)
 
 
-def _join_along_cols(
-    strips: Shaped[Array, "S m W"], batch: int, parts: tuple[Part, ...]
-):
+def _join_along_cols(strips: Shaped[Array, "S m W"], batch: int, parts: tuple[Part, ...]):
     rows = strips.shape[1]
     blocks, offset = [], 0
     for part in parts:
@@ -132,15 +114,11 @@ def cut_strips(x: Shaped[Array, "B m n"], plan: LeafPlan) -> Shaped[Array, "stac
         strips = _strips_along_cols(x, plan.col_parts, plan.strip_side)
     else:
         xt = jnp.swapaxes(x, 1, 2)
-        strips = jnp.swapaxes(
-            _strips_along_cols(xt, plan.row_parts, plan.strip_side), 1, 2
-        )
+        strips = jnp.swapaxes(_strips_along_cols(xt, plan.row_parts, plan.strip_side), 1, 2)
     return _pad_stack(strips, plan.stack)
 
 
-def join_strips(
-    strips: Shaped[Array, "stack r c"], plan: LeafPlan
-) -> Shaped[Array, "B m n"]:
+def join_strips(strips: Shaped[Array, "stack r c"], plan: LeafPlan) -> Shaped[Array, "B m n"]:
     """Inverse of `cut_strips`: drop dummies and padding, return `[B, m, n]`."""
     strips = strips[: plan.strips]
     if plan.diag_left and plan.diag_right:
@@ -162,9 +140,7 @@ def padded_identity(
 ) -> Float[Array, "n side side"]:
     """`scale * I` on the first `valid[i]` rows/cols of entry `i`, exactly 0 elsewhere."""
     index = jnp.arange(side)
-    diagonal = (index[None, :] < valid[:, None]).astype(dtype) * jnp.asarray(
-        scale, dtype
-    )
+    diagonal = (index[None, :] < valid[:, None]).astype(dtype) * jnp.asarray(scale, dtype)
     return diagonal[:, :, None] * jnp.eye(side, dtype=dtype)[None]
 
 

@@ -77,9 +77,7 @@ class Config(eqx.Module):
             _fail("preconditioner_init_scale", scale, "a finite float > 0")
         _canonical_dtype(self.dtype)
         _check_positive_int("block_size", self.block_size)
-        if not (
-            self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)
-        ):
+        if not (self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)):
             _fail("pipeline_axis_name", self.pipeline_axis_name, "a str or None")
         _check_positive_int("pipeline_axis_size", self.pipeline_axis_size)
         if not (_is_number(self.noise_scale) and 0 <= self.noise_scale < math.inf):

@@ -110,9 +110,7 @@ class LeafPlan(NamedTuple):
     row_parts: tuple[Part, ...]
     col_parts: tuple[Part, ...]
     groups: tuple[TileGroup, ...]  # DENSE: one per (row part, col part)
-    strip_side: (
-        int  # LARGE: stored width of a dense side (0 if both sides are diagonal)
-    )
+    strip_side: int  # LARGE: stored width of a dense side (0 if both sides are diagonal)
     strips: int  # LARGE: real strips over the whole batch; DENSE: real tiles
     stack: int  # LARGE: strips after pipeline padding; DENSE: real tiles
 
@@ -145,9 +143,7 @@ def _leaf_plan(
         row_parts = split_axis(rows, block_size)
         col_parts = split_axis(cols, block_size)
         groups = tuple(
-            TileGroup(
-                rp, cp, (tile_side(rp.size, block_size), tile_side(cp.size, block_size))
-            )
+            TileGroup(rp, cp, (tile_side(rp.size, block_size), tile_side(cp.size, block_size)))
             for rp in row_parts
             for cp in col_parts
         )

@@ -4,7 +4,7 @@ and the top-level `WhiteKronState`."""
 import base64
 import dataclasses
 import json
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, TypeVar
 
 import equinox as eqx
 import jax
@@ -29,19 +29,20 @@ def _encode(value: Any) -> Any:
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and "__array__" in value:
         raw = base64.b64decode(value["__array__"])
-        array = np.frombuffer(raw, dtype=jnp.dtype(value["dtype"])).reshape(
-            value["shape"]
-        )
+        array = np.frombuffer(raw, dtype=jnp.dtype(value["dtype"])).reshape(value["shape"])
         return jnp.asarray(array)
     if isinstance(value, dict) and "__tuple__" in value:
         return tuple(_decode(v) for v in value["__tuple__"])
     return value
 
 
+_T = TypeVar("_T", bound="_Serialisable")
+
+
 class _Serialisable(eqx.Module):
     """`replace`, `to_dict`/`from_dict` and `to_json`/`from_json`, exact for every dtype."""
 
-    def replace(self, **kwargs) -> Self:
+    def replace(self: _T, **kwargs) -> _T:
         """A copy with the given fields replaced (the original is untouched)."""
         return dataclasses.replace(self, **kwargs)
 
@@ -50,7 +51,7 @@ class _Serialisable(eqx.Module):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
+    def from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
         """Inverse of `to_dict`."""
         return cls(**data)
 
@@ -59,7 +60,7 @@ class _Serialisable(eqx.Module):
         return json.dumps({k: _encode(v) for k, v in self.to_dict().items()}, **kwargs)
 
     @classmethod
-    def from_json(cls, json_str: str) -> Self:
+    def from_json(cls: type[_T], json_str: str) -> _T:
         """Inverse of `to_json`."""
         return cls.from_dict({k: _decode(v) for k, v in json.loads(json_str).items()})
 

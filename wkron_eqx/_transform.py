@@ -33,10 +33,7 @@ _NOISE_SEED = 0x5EED
 
 
 def _path_names(tree: Any) -> list[str]:
-    return [
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-    ]
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def scanned_flags(scanned_layers: Any, params: Params) -> tuple[bool, ...]:
@@ -60,12 +57,8 @@ def scanned_flags(scanned_layers: Any, params: Params) -> tuple[bool, ...]:
     names = _path_names(params)
     out = []
     for name, flag, leaf in zip(names, flags, leaves, strict=True):
-        if not isinstance(flag, bool | int) and not (
-            hasattr(flag, "shape") and flag.shape == ()
-        ):
-            raise ValueError(
-                f"`scanned_layers` at {name} must be a bool, got {flag!r}."
-            )
+        if not isinstance(flag, bool | int) and not (hasattr(flag, "shape") and flag.shape == ()):
+            raise ValueError(f"`scanned_layers` at {name} must be a bool, got {flag!r}.")
         flag = bool(flag)
         if flag and jnp.ndim(leaf) == 0:
             raise ValueError(
@@ -95,9 +88,7 @@ def _partition_specs(config: Config, params: Params) -> list[PartitionSpec | Non
         return [specs] * len(leaves)
     is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
     try:
-        return list(
-            treedef.flatten_up_to(jax.tree.map(lambda s: s, specs, is_leaf=is_spec))
-        )
+        return list(treedef.flatten_up_to(jax.tree.map(lambda s: s, specs, is_leaf=is_spec)))
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"`params_partition_specs` must be a PartitionSpec or a tree of them matching "
@@ -174,9 +165,7 @@ def _precondition_all(
 ):
     outputs: list[Array] = list(views)
     dense_inputs = {
-        i: views[i]
-        for i, p in enumerate(plan.leaves)
-        if p.kind == LeafKind.DENSE and views[i].size
+        i: views[i] for i, p in enumerate(plan.leaves) if p.kind == LeafKind.DENSE and views[i].size
     }
     dense_ctx = ctx._replace(key=jax.random.fold_in(ctx.key, 0))
     dense_out, dense_states = dense.update_buckets(
@@ -196,9 +185,7 @@ def _precondition_all(
     return outputs, dense_states, leaf_states
 
 
-def scale_by_white_kron(
-    rule: AbstractRule, config: Config
-) -> optax.GradientTransformation:
+def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTransformation:
     """The preconditioning transform for a given factor-update `rule`.
 
     **Arguments:**
@@ -236,9 +223,7 @@ def scale_by_white_kron(
             skipped_steps=jnp.zeros([], jnp.int32),
         )
 
-    def update_fn(
-        updates: Updates, state: WhiteKronState, params: Params | None = None
-    ):
+    def update_fn(updates: Updates, state: WhiteKronState, params: Params | None = None):
         del params
         grads, treedef, leaf_states = _flatten_against_state(updates, state)
         plan = _plan(
@@ -254,25 +239,19 @@ def scale_by_white_kron(
             old_mu = treedef.flatten_up_to(state.mu)
             b1 = config.b1
             new_mu = [
-                (b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)).astype(
-                    dtype
-                )
+                (b1 * m.astype(jnp.float32) + (1 - b1) * g.astype(jnp.float32)).astype(dtype)
                 for m, g in zip(old_mu, grads, strict=True)
             ]
             specs = _partition_specs(config, updates)
             new_mu = [constrain_like(m, s) for m, s in zip(new_mu, specs, strict=True)]
             correction = 1 - jnp.asarray(b1, jnp.float32) ** t_float
-            inputs = [
-                (m.astype(jnp.float32) / correction).astype(dtype) for m in new_mu
-            ]
+            inputs = [(m.astype(jnp.float32) / correction).astype(dtype) for m in new_mu]
         else:
             new_mu = None
             inputs = [g.astype(dtype) for g in grads]
         if config.normalize_grads:
             inputs = [
-                x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype)
-                if x.size
-                else x
+                x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype) if x.size else x
                 for x in inputs
             ]
         views = [_leaf_view(x, p) for x, p in zip(inputs, plan.leaves, strict=True)]
@@ -297,9 +276,7 @@ def scale_by_white_kron(
             outputs, dense_states, new_leaf_states = step(True)()
             counter = state.update_counter
         else:
-            outputs, dense_states, new_leaf_states = jax.lax.cond(
-                refresh, step(True), step(False)
-            )
+            outputs, dense_states, new_leaf_states = jax.lax.cond(refresh, step(True), step(False))
             counter = jnp.where(refresh, 0, state.update_counter + 1)
 
         new_updates = []
@@ -320,9 +297,7 @@ def scale_by_white_kron(
             mu=None if new_mu is None else keep(treedef.unflatten(new_mu), state.mu),
             dense=keep(dense_states, state.dense),
             leaves=keep(treedef.unflatten(new_leaf_states), state.leaves),
-            update_counter=jnp.where(ok, counter, state.update_counter).astype(
-                jnp.int32
-            ),
+            update_counter=jnp.where(ok, counter, state.update_counter).astype(jnp.int32),
             skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
         )
         new_updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in new_updates]
@@ -430,9 +405,7 @@ scale_by_skew.__doc__ = (
 )
 
 
-def _with_decay_and_lr(
-    scale_by: Callable[..., optax.GradientTransformation], name: str
-):
+def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], name: str):
     def optimizer(
         learning_rate: float | Callable[[Any], Any] = 0.001,
         lr_style: str | None = "adam",
@@ -454,9 +427,7 @@ def _with_decay_and_lr(
     ) -> optax.GradientTransformation:
         check_weight_decay(weight_decay)
         if not callable(learning_rate) and not isinstance(learning_rate, jax.Array):
-            if not (
-                isinstance(learning_rate, int | float) and math.isfinite(learning_rate)
-            ):
+            if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate)):
                 raise ValueError(
                     f"`learning_rate` must be a finite float or a schedule, got {learning_rate!r}."
                 )
@@ -504,6 +475,6 @@ quad.__doc__ = """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_
     An `optax.GradientTransformation` (an `optax.chain`).
     """
 skew = _with_decay_and_lr(scale_by_skew, "skew")
-skew.__doc__ = quad.__doc__.replace(
-    "QUAD: `scale_by_quad`", "Skew: `scale_by_skew`"
-).replace("as `scale_by_quad`", "as `scale_by_skew`")
+skew.__doc__ = quad.__doc__.replace("QUAD: `scale_by_quad`", "Skew: `scale_by_skew`").replace(
+    "as `scale_by_quad`", "as `scale_by_skew`"
+)

@@ -123,9 +123,7 @@ def update_stack(
     """
     noise = _noise(ctx, G, valid_rows, valid_cols)
     out, new = jax.vmap(
-        lambda g, n, ql, qr, ll, lr, vr, vc: _entry_step(
-            ctx, g, n, ql, qr, ll, lr, vr, vc
-        )
+        lambda g, n, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, n, ql, qr, ll, lr, vr, vc)
     )(G, noise, *factors, valid_rows, valid_cols)
     return out, Factors(*new)
 

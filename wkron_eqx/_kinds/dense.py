@@ -36,9 +36,7 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
     )
 
 
-def _valid_sides(
-    bucket: Bucket, leaves: tuple[LeafPlan, ...]
-) -> tuple[list[int], list[int]]:
+def _valid_sides(bucket: Bucket, leaves: tuple[LeafPlan, ...]) -> tuple[list[int], list[int]]:
     rows, cols = [], []
     for seg in bucket.segments:
         group = leaves[seg.leaf].groups[seg.group]
@@ -58,12 +56,8 @@ def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
         scale = config.preconditioner_init_scale
         states.append(
             DenseState(
-                Ql=constrain_stack(
-                    padded_identity(valid_rows, bucket.rows, scale, dtype), axis
-                ),
-                Qr=constrain_stack(
-                    padded_identity(valid_cols, bucket.cols, scale, dtype), axis
-                ),
+                Ql=constrain_stack(padded_identity(valid_rows, bucket.rows, scale, dtype), axis),
+                Qr=constrain_stack(padded_identity(valid_cols, bucket.cols, scale, dtype), axis),
                 Ll=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
                 Lr=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
                 valid_rows=valid_rows,
@@ -97,13 +91,9 @@ def update_buckets(
     tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
     new_buckets = []
     for index, (bucket, state) in enumerate(zip(plan.buckets, buckets, strict=True)):
-        stacked = jnp.concatenate(
-            [tiles[s.leaf][s.group] for s in bucket.segments], axis=0
-        )
+        stacked = jnp.concatenate([tiles[s.leaf][s.group] for s in bucket.segments], axis=0)
         if bucket.stack > bucket.valid_count:
-            stacked = jnp.pad(
-                stacked, ((0, bucket.stack - bucket.valid_count), (0, 0), (0, 0))
-            )
+            stacked = jnp.pad(stacked, ((0, bucket.stack - bucket.valid_count), (0, 0), (0, 0)))
         stacked = constrain_stack(stacked, axis_name)
         factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
         if refresh:

@@ -59,12 +59,8 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
         diag_left=plan.diag_left,
         diag_right=plan.diag_right,
         stack=plan.stack,
-        Ql=constrain_stack(
-            _factor(valid_rows, left_side, plan.diag_left, config), axis
-        ),
-        Qr=constrain_stack(
-            _factor(valid_cols, right_side, plan.diag_right, config), axis
-        ),
+        Ql=constrain_stack(_factor(valid_rows, left_side, plan.diag_left, config), axis),
+        Qr=constrain_stack(_factor(valid_cols, right_side, plan.diag_right, config), axis),
         Ll=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
         Lr=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
         valid_rows=valid_rows,
@@ -86,9 +82,7 @@ def update(
     assert state.valid_rows is not None and state.valid_cols is not None
     factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
     if refresh:
-        out, factors = update_stack(
-            ctx, strips, factors, state.valid_rows, state.valid_cols
-        )
+        out, factors = update_stack(ctx, strips, factors, state.valid_rows, state.valid_cols)
         Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)  # pyright: ignore
         state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
     else:

@@ -52,9 +52,7 @@ def update(
     column = x[:, :, None]
     factors = Factors(state.Ql, None, state.Ll, None)
     if refresh:
-        out, factors = update_stack(
-            ctx, column, factors, state.valid_rows, state.valid_cols
-        )
+        out, factors = update_stack(ctx, column, factors, state.valid_rows, state.valid_cols)
         state = state.replace(Ql=factors.Ql, Ll=factors.Ll)
     else:
         out = apply_stack(column, factors)

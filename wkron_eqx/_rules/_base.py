@@ -32,8 +32,6 @@ class AbstractRule(eqx.Module):
         """Return the updated diagonal factor."""
 
 
-def track_lipschitz(
-    L: Float[Array, "*s"], ell: Float[Array, "*s"]
-) -> Float[Array, "*s"]:
+def track_lipschitz(L: Float[Array, "*s"], ell: Float[Array, "*s"]) -> Float[Array, "*s"]:
     """`L <- max(0.95 L + 0.05 ell, ell)`: a running estimate that never lags a jump."""
     return jnp.maximum(0.95 * L + 0.05 * ell, ell)
