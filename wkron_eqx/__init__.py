@@ -8,6 +8,7 @@ from ._layout import (
     ONE_D_PATH as ONE_D_PATH,
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
+from ._specs import get_opt_state_partition_specs as get_opt_state_partition_specs
 from ._state import (
     DenseState as DenseState,
     LeafState as LeafState,

@@ -1,0 +1,88 @@
+"""Train a small MLP on scikit-learn's bundled digits with `wk.skew`, `wk.quad` and
+`optax.adamw`, each inside an `eqx.filter_jit` training step, and print the progress.
+
+Run: `python examples/demo.py` (about a minute on 2 CPU cores; no download).
+"""
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import wkron_eqx as wk
+
+
+STEPS = 600
+BATCH = 128
+
+
+def load_data():
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.25, random_state=0, stratify=y
+    )
+    return jnp.asarray(x_train), jnp.asarray(y_train), jnp.asarray(x_test), jnp.asarray(y_test)
+
+
+def loss_fn(model, x, y):
+    logits = jax.vmap(model)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def accuracy(model, x, y):
+    return jnp.mean(jnp.argmax(jax.vmap(model)(x), axis=-1) == y)
+
+
+def train(name, optimizer, data, seed=0):
+    x_train, y_train, x_test, y_test = data
+    model = eqx.nn.MLP(64, 10, width_size=128, depth=2, key=jax.random.key(seed))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for i in range(1, STEPS + 1):
+        idx = rng.choice(x_train.shape[0], BATCH, replace=False)
+        model, opt_state, loss = step(model, opt_state, x_train[idx], y_train[idx])
+        if i % 150 == 0 or i == 1:
+            print(f"  [{name:>5}] step {i:4d}  batch loss {float(loss):.4f}")
+    elapsed = time.perf_counter() - start
+    train_loss = float(loss_fn(model, x_train, y_train))
+    test_acc = float(accuracy(model, x_test, y_test))
+    print(
+        f"  [{name:>5}] done in {elapsed:.1f}s: train loss {train_loss:.4f}, "
+        f"test accuracy {100 * test_acc:.2f}%"
+    )
+    return train_loss, test_acc, elapsed
+
+
+def main():
+    data = load_data()
+    print(f"digits: {data[0].shape[0]} train / {data[2].shape[0]} test images, 8x8 pixels")
+    optimizers = {
+        "skew": wk.skew(learning_rate=3e-3, weight_decay=1e-4, dtype=jnp.float32),
+        "quad": wk.quad(learning_rate=3e-3, weight_decay=1e-4, dtype=jnp.float32),
+        "adamw": optax.adamw(learning_rate=3e-3, weight_decay=1e-4),
+    }
+    results = {name: train(name, opt, data) for name, opt in optimizers.items()}
+    print("\nresult (MLP 64-128-128-10, %d steps of batch %d):" % (STEPS, BATCH))
+    print("| optimizer | train loss | test accuracy | time |")
+    print("|---|---|---|---|")
+    for name, (loss, acc, secs) in results.items():
+        print(f"| {name} | {loss:.4f} | {100 * acc:.2f}% | {secs:.1f}s |")
+
+
+if __name__ == "__main__":
+    main()

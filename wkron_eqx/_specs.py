@@ -1,0 +1,92 @@
+"""`get_opt_state_partition_specs`: the `PartitionSpec` tree of a `quad`/`skew` state."""
+
+import inspect
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from ._config import check_weight_decay
+from ._custom_types import Params
+from ._layout import LeafKind
+from ._state import LeafState, WhiteKronState
+from ._transform import quad, scale_by_quad, scanned_flags
+
+
+_QUAD_KWARGS = frozenset(inspect.signature(quad).parameters)
+_SCALE_KWARGS = frozenset(inspect.signature(scale_by_quad).parameters)
+
+
+def _stacked(axis_name: str | None):
+    def spec(x) -> PartitionSpec:
+        if axis_name is None or x.ndim == 0:
+            return PartitionSpec()
+        return PartitionSpec(axis_name, *([None] * (x.ndim - 1)))
+
+    return spec
+
+
+def _param_spec(p: Any) -> PartitionSpec:
+    sharding = getattr(p, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return spec if isinstance(spec, PartitionSpec) else PartitionSpec()
+
+
+def _mu_specs(params: Params, params_partition_specs: Any) -> Any:
+    if params_partition_specs is None:
+        return jax.tree.map(_param_spec, params)
+    if isinstance(params_partition_specs, PartitionSpec):
+        return jax.tree.map(lambda _: params_partition_specs, params)
+    return params_partition_specs
+
+
+def get_opt_state_partition_specs(params: Params, **kwargs) -> tuple:
+    """The `PartitionSpec` tree of the state of `quad(**kwargs)` / `skew(**kwargs)`.
+
+    Stacked factor arrays (every `DenseState` field, and a large leaf's factors) are
+    sharded over `pipeline_axis_name` along their leading axis; the momentum follows
+    `params_partition_specs` (or the params' own shardings); everything else is
+    replicated. Unlike the reference, the default `weight_decay` here is the one of
+    `quad`/`skew` (0.1), so the specs always match `quad(**kwargs).init(params)`.
+
+    **Arguments:**
+
+    - `params`: the parameters (arrays or `jax.ShapeDtypeStruct`s).
+    - `**kwargs`: any keyword arguments of `quad` / `skew`.
+
+    **Returns:**
+
+    `(state_specs, None, None)` when `weight_decay > 0`, else `(state_specs, None)`;
+    `state_specs` is a `WhiteKronState` whose array leaves are `PartitionSpec`s.
+    Pass it through `NamedSharding` to `jax.jit(..., out_shardings=...)`.
+    """
+    unknown = set(kwargs) - _QUAD_KWARGS
+    if unknown:
+        raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
+    weight_decay = kwargs.get(
+        "weight_decay", inspect.signature(quad).parameters["weight_decay"].default
+    )
+    check_weight_decay(weight_decay)
+    scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
+    scanned_flags(scale_kwargs.get("scanned_layers"), params)  # refuse bad trees early
+    shapes = jax.eval_shape(scale_by_quad(**scale_kwargs).init, params)
+    stacked = _stacked(scale_kwargs.get("pipeline_axis_name"))
+    replicated = PartitionSpec()
+
+    def leaf_specs(s: LeafState) -> LeafState:
+        if s.kind == LeafKind.LARGE:
+            return jax.tree.map(stacked, s)
+        return jax.tree.map(lambda _: replicated, s)
+
+    is_leaf_state = lambda x: isinstance(x, LeafState)
+    specs = WhiteKronState(
+        count=replicated,
+        mu=None
+        if shapes.mu is None
+        else _mu_specs(params, scale_kwargs.get("params_partition_specs")),
+        dense=tuple(jax.tree.map(stacked, d) for d in shapes.dense),
+        leaves=jax.tree.map(leaf_specs, shapes.leaves, is_leaf=is_leaf_state),
+        update_counter=replicated,
+        skipped_steps=replicated,
+    )
+    return (specs, None, None) if weight_decay > 0 else (specs, None)
