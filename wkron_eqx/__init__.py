@@ -9,6 +9,7 @@ from ._layout import (
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
 from ._specs import get_opt_state_partition_specs as get_opt_state_partition_specs
+from ._stats import preconditioner_stats as preconditioner_stats
 from ._state import (
     DenseState as DenseState,
     LeafState as LeafState,

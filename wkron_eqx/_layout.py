@@ -193,6 +193,40 @@ class TreePlan(NamedTuple):
     buckets: tuple[Bucket, ...]
 
 
+def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple[Bucket, ...]:
+    """Group the dense tiles of `leaves` into buckets of equal stored size.
+
+    Buckets are sorted by stored size; within a bucket, segments follow leaf order and
+    then tile-group order. Each bucket is padded to a multiple of `pipeline_axis_size`.
+    """
+    segments: dict[tuple[int, int], list[BucketSegment]] = {}
+    for leaf_index, leaf in enumerate(leaves):
+        for group_index, group in enumerate(leaf.groups):
+            count = leaf.batch * group.row_part.count * group.col_part.count
+            if count:
+                segments.setdefault(group.bucket, []).append(
+                    BucketSegment(leaf_index, group_index, count)
+                )
+    buckets = []
+    for (rows, cols), segs in sorted(segments.items()):
+        valid = sum(s.count for s in segs)
+        buckets.append(
+            Bucket(rows, cols, tuple(segs), valid, pad_to_multiple(valid, pipeline_axis_size))
+        )
+    return tuple(buckets)
+
+
+def leaf_plan(
+    shape: tuple[int, ...],
+    scanned: bool,
+    block_size: int,
+    max_size_dense: int,
+    pipeline_axis_size: int,
+) -> LeafPlan:
+    """Plan one leaf (see `plan_tree`)."""
+    return _leaf_plan(shape, scanned, block_size, max_size_dense, pipeline_axis_size)
+
+
 @functools.lru_cache(maxsize=512)
 def plan_tree(
     shapes: tuple[tuple[int, ...], ...],
@@ -211,31 +245,10 @@ def plan_tree(
 
     **Returns:**
 
-    A `TreePlan`: one `LeafPlan` per leaf and the dense tile buckets, in a
-    deterministic order (buckets sorted by stored size, segments in leaf order).
+    A `TreePlan`: one `LeafPlan` per leaf and the dense tile buckets (`bucket_tiles`).
     """
     leaves = tuple(
         _leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
         for s, f in zip(shapes, scanned, strict=True)
     )
-    segments: dict[tuple[int, int], list[BucketSegment]] = {}
-    for leaf_index, leaf in enumerate(leaves):
-        for group_index, group in enumerate(leaf.groups):
-            count = leaf.batch * group.row_part.count * group.col_part.count
-            if count:
-                segments.setdefault(group.bucket, []).append(
-                    BucketSegment(leaf_index, group_index, count)
-                )
-    buckets = []
-    for (rows, cols), segs in sorted(segments.items()):
-        valid = sum(s.count for s in segs)
-        buckets.append(
-            Bucket(
-                rows,
-                cols,
-                tuple(segs),
-                valid,
-                pad_to_multiple(valid, pipeline_axis_size),
-            )
-        )
-    return TreePlan(leaves, tuple(buckets))
+    return TreePlan(leaves, bucket_tiles(leaves, pipeline_axis_size))
