@@ -9,12 +9,12 @@ from ._layout import (
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
 from ._specs import get_opt_state_partition_specs as get_opt_state_partition_specs
-from ._stats import preconditioner_stats as preconditioner_stats
 from ._state import (
     DenseState as DenseState,
     LeafState as LeafState,
     WhiteKronState as WhiteKronState,
 )
+from ._stats import preconditioner_stats as preconditioner_stats
 from ._transform import (
     quad as quad,
     scale_by_quad as scale_by_quad,

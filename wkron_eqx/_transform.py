@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
@@ -25,7 +26,6 @@ _INIT = {
     LeafKind.LARGE: large.init,
     LeafKind.ONE_D: one_d.init,
 }
-_PER_LEAF_UPDATE = {LeafKind.LARGE: large.update, LeafKind.ONE_D: one_d.update}
 
 _CLIP_RMS = 1.1
 _ADAM_STYLE_DIVISOR = 5.0
@@ -154,34 +154,66 @@ def _refresh_due(config: Config, t: Array, counter: Array) -> Array | bool:
     return (counter + 1).astype(jnp.float32) >= 1.0 / p
 
 
+def _noisy_views(views: list[Array], noise_scale: float, key: Array) -> list[Array] | None:
+    """`views` plus `noise_scale * N(0, 1)`, drawn in one call for the whole tree (one
+    random-number kernel, whatever the number of leaves). Padding added later by tiling
+    stays noise-free, so noise lands on valid elements only."""
+    if noise_scale == 0:
+        return None
+    sizes = [v.size for v in views]
+    total = sum(sizes)
+    if total == 0:
+        return None
+    dtype = views[0].dtype
+    eps = jax.random.normal(key, (total,), dtype) * jnp.asarray(noise_scale, dtype)
+    offsets = np.cumsum([0] + sizes)
+    return [v + eps[a:b].reshape(v.shape) for v, a, b in zip(views, offsets, offsets[1:])]
+
+
 def _precondition_all(
     ctx: StepContext,
     views: list[Array],
+    noisy: list[Array] | None,
     dense_states: tuple[DenseState, ...],
     leaf_states: list[LeafState],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
 ):
+    """Dispatch every non-empty leaf to its kind; return outputs and new factor states."""
     outputs: list[Array] = list(views)
-    dense_inputs = {
-        i: views[i] for i, p in enumerate(plan.leaves) if p.kind == LeafKind.DENSE and views[i].size
-    }
-    dense_ctx = ctx._replace(key=jax.random.fold_in(ctx.key, 0))
-    dense_out, dense_states = dense.update_buckets(
-        dense_ctx, dense_inputs, dense_states, plan, refresh, axis_name
-    )
-    for i, out in dense_out.items():
-        outputs[i] = out
-    leaf_key = jax.random.fold_in(ctx.key, 1)
     leaf_states = list(leaf_states)
+    by_kind: dict[LeafKind, list[int]] = {kind: [] for kind in LeafKind}
     for i, p in enumerate(plan.leaves):
-        if p.kind == LeafKind.DENSE or views[i].size == 0:
-            continue
-        leaf_ctx = ctx._replace(key=jax.random.fold_in(leaf_key, i))
-        outputs[i], leaf_states[i] = _PER_LEAF_UPDATE[p.kind](
-            leaf_ctx, views[i], leaf_states[i], p, refresh, axis_name
+        if views[i].size:
+            by_kind[p.kind].append(i)
+    pick = lambda xs, kind: None if xs is None else {i: xs[i] for i in by_kind[kind]}
+
+    dense_out, dense_states = dense.update_buckets(
+        ctx,
+        pick(views, LeafKind.DENSE),
+        pick(noisy, LeafKind.DENSE) if refresh else None,
+        dense_states,
+        plan,
+        refresh,
+        axis_name,
+    )
+    for i in by_kind[LeafKind.LARGE]:
+        noisy_leaf = noisy[i] if (refresh and noisy is not None) else None
+        dense_out[i], leaf_states[i] = large.update(
+            ctx, views[i], noisy_leaf, leaf_states[i], plan.leaves[i], refresh, axis_name
         )
+    one_d_out, one_d_states = one_d.update_all(
+        ctx,
+        pick(views, LeafKind.ONE_D),
+        pick(noisy, LeafKind.ONE_D) if refresh else None,
+        {i: leaf_states[i] for i in by_kind[LeafKind.ONE_D]},
+        refresh,
+    )
+    for i, out in {**dense_out, **one_d_out}.items():
+        outputs[i] = out
+    for i, s in one_d_states.items():
+        leaf_states[i] = s
     return outputs, dense_states, leaf_states
 
 
@@ -261,15 +293,20 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             rule=rule,
             lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
             balance=(t % 100) == 0,
-            noise_scale=config.noise_scale,
-            key=jax.random.fold_in(jax.random.key(_NOISE_SEED), t),
         )
         axis = config.pipeline_axis_name
 
         def step(refresh: bool):
-            return lambda: _precondition_all(
-                ctx, views, state.dense, leaf_states, plan, refresh, axis
-            )
+            def run():
+                noisy = None
+                if refresh:
+                    key = jax.random.fold_in(jax.random.key(_NOISE_SEED), t)
+                    noisy = _noisy_views(views, config.noise_scale, key)
+                return _precondition_all(
+                    ctx, views, noisy, state.dense, leaf_states, plan, refresh, axis
+                )
+
+            return run
 
         refresh = _refresh_due(config, t, state.update_counter)
         if refresh is True:

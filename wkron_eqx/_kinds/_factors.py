@@ -26,13 +26,11 @@ class Factors(NamedTuple):
 
 
 class StepContext(NamedTuple):
-    """What one update step knows beyond the entries: traced scalars and static flags."""
+    """What one update step knows beyond the entries."""
 
     rule: AbstractRule
     lr: Scalar  # the preconditioner step size, float32
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
-    noise_scale: float
-    key: Array
 
 
 def _gram(Q: Array) -> Array:
@@ -78,11 +76,10 @@ def _balance(Ql: Array, Qr: Array) -> tuple[Array, Array]:
     return Ql * left, Qr * right
 
 
-def _entry_step(ctx: StepContext, G, noise, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
+def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
     if Qr is not None:
         Ql, Qr = jax.lax.cond(ctx.balance, _balance, lambda a, b: (a, b), Ql, Qr)
-    Gn = G if noise is None else G + noise
-    Pg = _apply(Ql, Qr, Gn)
+    Pg = _apply(Ql, Qr, G if Gn is None else Gn)
     # c = numel / side: for the left factor that is the number of valid columns.
     has_rows, has_cols = valid_rows > 0, valid_cols > 0
     c_left = jnp.where(has_rows, valid_cols, 0).astype(jnp.float32)
@@ -95,36 +92,24 @@ def _entry_step(ctx: StepContext, G, noise, Ql, Qr, Ll, Lr, valid_rows, valid_co
     return _apply(new_Ql, Qr, G), (new_Ql, Qr, Ll, Lr)
 
 
-def _noise(
-    ctx: StepContext, G: Float[Array, "s r c"], valid_rows: Int[Array, " s"], valid_cols
-) -> Float[Array, "s r c"] | None:
-    if ctx.noise_scale == 0:
-        return None
-    _, rows, cols = G.shape
-    row_ok = jnp.arange(rows)[None, :] < valid_rows[:, None]
-    col_ok = jnp.arange(cols)[None, :] < valid_cols[:, None]
-    mask = row_ok[:, :, None] & col_ok[:, None, :]
-    eps = jax.random.normal(ctx.key, G.shape, G.dtype)
-    return jnp.where(mask, eps * jnp.asarray(ctx.noise_scale, G.dtype), 0)
-
-
 def update_stack(
     ctx: StepContext,
     G: Float[Array, "s r c"],
+    Gn: Float[Array, "s r c"] | None,
     factors: Factors,
     valid_rows: Int[Array, " s"],
     valid_cols: Int[Array, " s"],
 ) -> tuple[Float[Array, "s r c"], Factors]:
-    """Update every entry's factors from `G` (plus noise), then precondition `G`.
+    """Update every entry's factors from `Gn` (`G` plus noise; `None` for no noise),
+    then precondition `G` with the new factors.
 
     **Returns:**
 
     `(Pl' G Pr', new factors)` for the whole stack.
     """
-    noise = _noise(ctx, G, valid_rows, valid_cols)
     out, new = jax.vmap(
-        lambda g, n, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, n, ql, qr, ll, lr, vr, vc)
-    )(G, noise, *factors, valid_rows, valid_cols)
+        lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
+    )(G, Gn, *factors, valid_rows, valid_cols)
     return out, Factors(*new)
 
 

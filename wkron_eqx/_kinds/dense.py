@@ -6,7 +6,6 @@ them all. A tile's factors are sized to the tile (rounded up to `TILE_QUANTUM`),
 `block_size`.
 """
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -69,9 +68,17 @@ def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
     return tuple(states)
 
 
+def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None) -> Array:
+    stacked = jnp.concatenate([tiles[s.leaf][s.group] for s in bucket.segments], axis=0)
+    if bucket.stack > bucket.valid_count:
+        stacked = jnp.pad(stacked, ((0, bucket.stack - bucket.valid_count), (0, 0), (0, 0)))
+    return constrain_stack(stacked, axis_name)
+
+
 def update_buckets(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
+    noisy: dict[int, Float[Array, "B m n"]] | None,
     buckets: tuple[DenseState, ...],
     plan: TreePlan,
     refresh: bool,
@@ -82,6 +89,7 @@ def update_buckets(
     **Arguments:**
 
     - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
+    - `noisy`: the same plus noise, for the factor update (`None`: no noise).
     - `buckets`: the current `DenseState`s, in `plan.buckets` order.
 
     **Returns:**
@@ -89,17 +97,17 @@ def update_buckets(
     `(outputs, new buckets)`, the outputs keyed like `inputs`.
     """
     tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
+    noisy_tiles = None
+    if refresh and noisy is not None:
+        noisy_tiles = {i: list(tile(x, plan.leaves[i])) for i, x in noisy.items()}
     new_buckets = []
-    for index, (bucket, state) in enumerate(zip(plan.buckets, buckets, strict=True)):
-        stacked = jnp.concatenate([tiles[s.leaf][s.group] for s in bucket.segments], axis=0)
-        if bucket.stack > bucket.valid_count:
-            stacked = jnp.pad(stacked, ((0, bucket.stack - bucket.valid_count), (0, 0), (0, 0)))
-        stacked = constrain_stack(stacked, axis_name)
+    for bucket, state in zip(plan.buckets, buckets, strict=True):
+        stacked = _stack(tiles, bucket, axis_name)
         factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
         if refresh:
-            bucket_ctx = ctx._replace(key=jax.random.fold_in(ctx.key, index))
+            stacked_noisy = None if noisy_tiles is None else _stack(noisy_tiles, bucket, axis_name)
             out, factors = update_stack(
-                bucket_ctx, stacked, factors, state.valid_rows, state.valid_cols
+                ctx, stacked, stacked_noisy, factors, state.valid_rows, state.valid_cols
             )
             Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
             state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)

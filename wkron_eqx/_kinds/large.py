@@ -71,6 +71,7 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
 def update(
     ctx: StepContext,
     x: Float[Array, "B m n"],
+    noisy: Float[Array, "B m n"] | None,
     state: LeafState,
     plan: LeafPlan,
     refresh: bool,
@@ -82,7 +83,12 @@ def update(
     assert state.valid_rows is not None and state.valid_cols is not None
     factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
     if refresh:
-        out, factors = update_stack(ctx, strips, factors, state.valid_rows, state.valid_cols)
+        noisy_strips = (
+            None if noisy is None else constrain_stack(cut_strips(noisy, plan), axis_name)
+        )
+        out, factors = update_stack(
+            ctx, strips, noisy_strips, factors, state.valid_rows, state.valid_cols
+        )
         Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)  # pyright: ignore
         state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
     else:

@@ -1,17 +1,20 @@
 """ONE_D_PATH: vectors, scalars and any leaf whose merged shape is 1-D.
 
-Each layer gets one diagonal factor `q` (`[length]`). The step is the left half of the
-Kronecker step on the leaf viewed as a `[length, 1]` matrix: `Pg = q^2 (g + noise)`,
-`A = Pg^2`, `c = 1`, output `q'^2 g`.
+Each layer gets one diagonal factor `q` (`[length]`) and one Lipschitz estimate:
+`Pg = q^2 (g + noise)`, `A = Pg^2`, `c = 1`, `L <- max(0.95 L + 0.05 l, l)` with
+`l = max(A) + 1`, then the rule's diagonal step and the output `q'^2 g`.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._config import Config
 from .._layout import LeafPlan
+from .._rules import track_lipschitz
 from .._state import LeafState
-from ._factors import apply_stack, Factors, StepContext, update_stack
+from ._factors import StepContext
 
 
 def init(plan: LeafPlan, config: Config) -> LeafState:
@@ -37,23 +40,59 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
     )
 
 
-def update(
+def update_all(
     ctx: StepContext,
-    x: Float[Array, "B n"],
-    state: LeafState,
-    plan: LeafPlan,
+    inputs: dict[int, Float[Array, "B n"]],
+    noisy: dict[int, Float[Array, "B n"]] | None,
+    states: dict[int, LeafState],
     refresh: bool,
-    axis_name: str | None,
-) -> tuple[Float[Array, "B n"], LeafState]:
-    """Precondition a 1-D leaf; update its factor too when `refresh`."""
-    del plan, axis_name
-    assert state.Ql is not None and state.Ll is not None
-    assert state.valid_rows is not None and state.valid_cols is not None
-    column = x[:, :, None]
-    factors = Factors(state.Ql, None, state.Ll, None)
+) -> tuple[dict[int, Float[Array, "B n"]], dict[int, LeafState]]:
+    """Precondition every 1-D leaf at once; update the factors too when `refresh`.
+
+    All 1-D leaves (every layer of a scanned one is its own segment with its own
+    Lipschitz estimate) are concatenated into one vector, so the whole kind is one
+    fused computation however many leaves there are.
+
+    **Arguments:**
+
+    - `inputs`: leaf index -> the leaf viewed as `[B, n]` (non-empty leaves only).
+    - `noisy`: the same plus noise, for the factor update (`None`: no noise).
+    - `states`: leaf index -> its `LeafState`.
+
+    **Returns:**
+
+    `(outputs, new states)`, keyed like `inputs`.
+    """
+    order = sorted(inputs)
+    if not order:
+        return {}, {}
+    lengths = [inputs[i].shape[1] for i in order for _ in range(inputs[i].shape[0])]
+    segment = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    flat = lambda xs: jnp.concatenate([xs[i].reshape(-1) for i in order])
+    x = flat(inputs)
+    q = flat({i: states[i].Ql for i in order})
     if refresh:
-        out, factors = update_stack(ctx, column, factors, state.valid_rows, state.valid_cols)
-        state = state.replace(Ql=factors.Ql, Ll=factors.Ll)
-    else:
-        out = apply_stack(column, factors)
-    return out[:, :, 0], state
+        L = jnp.concatenate([states[i].Ll for i in order])  # pyright: ignore
+        xn = x if noisy is None else flat(noisy)
+        Pg = q * q * xn
+        A = Pg * Pg
+        ell = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths)) + 1
+        L = track_lipschitz(L, ell)
+        z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
+        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype))
+    out = q * q * x
+    outputs, new_states = {}, {}
+    offset, layer = 0, 0
+    for i in order:
+        batch, length = inputs[i].shape
+        size = batch * length
+        outputs[i] = out[offset : offset + size].reshape(batch, length)
+        if refresh:
+            new_states[i] = states[i].replace(
+                Ql=q[offset : offset + size].reshape(batch, length),
+                Ll=L[layer : layer + batch],  # pyright: ignore
+            )
+        else:
+            new_states[i] = states[i]
+        offset, layer = offset + size, layer + batch
+    return outputs, new_states

@@ -27,7 +27,11 @@ class AbstractRule(eqx.Module):
 
     @abc.abstractmethod
     def diag(
-        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+        self,
+        q: Float[Array, " n"],
+        A: Float[Array, " n"],
+        c: Float[Array, "*#n"],
+        z: Float[Array, "*#n"],
     ) -> Float[Array, " n"]:
         """Return the updated diagonal factor."""
 

@@ -1,5 +1,6 @@
 """A cheap lower bound of a matrix's spectral norm, for Lipschitz tracking."""
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
@@ -25,8 +26,11 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = 5) -> Scalar:
     safe = jnp.where(scale > 0, scale, 1)
     M = M / safe
     x = M[jnp.argmax(jnp.sum(M * M, axis=1))]
-    for _ in range(iters):
+
+    def power_step(_, x):
         x = x @ M
-        x = x / jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(M.dtype).tiny)
+        return x / jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(M.dtype).tiny)
+
+    x = jax.lax.fori_loop(0, iters, power_step, x)
     x = x / jnp.maximum(jnp.linalg.norm(x), jnp.finfo(M.dtype).tiny)
     return jnp.linalg.norm(x @ M) * scale

@@ -48,6 +48,10 @@ class Procrustes(AbstractRule):
         return procrustes_step(Q - z * (A @ Q - c * Q))
 
     def diag(
-        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+        self,
+        q: Float[Array, " n"],
+        A: Float[Array, " n"],
+        c: Float[Array, "*#n"],
+        z: Float[Array, "*#n"],
     ) -> Float[Array, " n"]:
         return q * (1 - z * (A - c))

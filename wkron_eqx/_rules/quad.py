@@ -22,6 +22,10 @@ class Quad(AbstractRule):
         return (P + P.T) / 2
 
     def diag(
-        self, q: Float[Array, " n"], A: Float[Array, " n"], c: Scalar, z: Scalar
+        self,
+        q: Float[Array, " n"],
+        A: Float[Array, " n"],
+        c: Float[Array, "*#n"],
+        z: Float[Array, "*#n"],
     ) -> Float[Array, " n"]:
         return q * jnp.square(1 - z * (A - c))

@@ -1,0 +1,49 @@
+"""Timing helpers shared by our process and the reference's (run in its own venv).
+
+Only jax, optax and numpy are used here, so the same file serves both interpreters.
+"""
+
+import statistics
+import time
+
+import jax
+import numpy as np
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def measure(tx, params, grads, repeats: int = 20, warmup: int = 3) -> dict:
+    """Compile time, median warm step time and state bytes of `tx.update`.
+
+    The update is jitted as `jax.jit(tx.update)`; the state passed in is never reused
+    after a call (the reference mutates its input state outside `jit`).
+    """
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    start = time.perf_counter()
+    compiled = update.lower(grads, state, params).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", float("nan")))
+    for _ in range(warmup):
+        out, state = compiled(grads, state, params)
+        jax.block_until_ready((out, state))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out, state = compiled(grads, state, params)
+        jax.block_until_ready((out, state))
+        times.append(time.perf_counter() - start)
+    finite = bool(all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(out)))
+    return {
+        "compile_s": compile_s,
+        "step_ms": 1e3 * statistics.median(times),
+        "state_bytes": tree_bytes(state),
+        "param_bytes": tree_bytes(params),
+        "flops": flops,
+        "finite": finite,
+    }

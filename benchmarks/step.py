@@ -1,0 +1,241 @@
+"""Step time, compile time and state memory: wkron_eqx against optax.adamw and eformer.
+
+    python benchmarks/step.py [--reference-python .refenv/bin/python] [--trees mlp,gpt]
+
+Prints a markdown table and writes `benchmarks/results/step.json`. Every ratio is
+measured in this one run on this machine. The reference (eformer 0.0.101's `quad` /
+`skew`) runs in its own virtual environment (`benchmarks/setup_reference.sh`), in a
+subprocess, on the same trees with the same keyword arguments.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _measure import measure, tree_bytes
+from _trees import TREES, broadcast_scanned, materialise
+
+import wkron_eqx as wk
+from wkron_eqx._layout import LeafKind, plan_tree
+
+
+OPTIMIZERS = ("quad", "skew")
+DTYPES = ("float32", "bfloat16")
+
+REFERENCE_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {here!r})
+import jax, jax.numpy as jnp
+from _measure import measure
+from _trees import TREES, broadcast_scanned, materialise
+from eformer.optimizers._tx import white_kron as ref
+
+out = {{}}
+for tree in {trees!r}:
+    spec = TREES[tree]()
+    params = jax.tree.map(jnp.asarray, materialise(spec["params"], 0))
+    grads = jax.tree.map(jnp.asarray, materialise(spec["params"], 1))
+    scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
+    for name in {optimizers!r}:
+        for dtype in {dtypes!r}:
+            tx = getattr(ref, name)(learning_rate=1e-3, dtype=getattr(jnp, dtype), scanned_layers=scanned)
+            out[f"{{tree}}/{{name}}/{{dtype}}"] = measure(tx, params, grads, repeats={repeats})
+            print(tree, name, dtype, out[f"{{tree}}/{{name}}/{{dtype}}"], file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) -> float:
+    """Median time (ms) of the batched matmuls of one of our steps, and nothing else."""
+    leaves = jax.tree.leaves(params)
+    flags = jax.tree.leaves(scanned) if scanned is not None else [False] * len(leaves)
+    plan = plan_tree(tuple(x.shape for x in leaves), tuple(flags), 256, 16384, 1)
+    rng = np.random.default_rng(0)
+    stacks = []  # (G, Ql or None, Qr or None)
+    for bucket in plan.buckets:
+        t, r, c = bucket.stack, bucket.rows, bucket.cols
+        stacks.append(((t, r, c), (t, r, r), (t, c, c)))
+    for p in plan.leaves:
+        if p.kind != LeafKind.LARGE or p.diag_left == p.diag_right:
+            continue
+        m, n = p.merged
+        w = p.strip_side
+        if p.diag_left:
+            stacks.append(((p.stack, m, w), None, (p.stack, w, w)))
+        else:
+            stacks.append(((p.stack, w, n), (p.stack, w, w), None))
+    arrays = [
+        tuple(None if s is None else jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
+        for shapes in stacks
+    ]
+    extra = 3 if rule == "skew" else 2  # factor-update matmuls per dense side
+
+    def side(Q, A):
+        P = jnp.swapaxes(Q, 1, 2) @ Q
+        for _ in range(extra):
+            Q = A @ Q
+        return P, Q
+
+    @jax.jit
+    def floor(arrays):
+        outs = []
+        for G, Ql, Qr in arrays:
+            X = G
+            if Ql is not None:
+                Pl = jnp.swapaxes(Ql, 1, 2) @ Ql
+                X = Pl @ X
+            if Qr is not None:
+                Pr = jnp.swapaxes(Qr, 1, 2) @ Qr
+                X = X @ Pr
+            if Ql is not None:
+                Pl2, Ql2 = side(Ql, X @ jnp.swapaxes(X, 1, 2))
+                G = Pl2 @ G
+                outs.append(Ql2)
+            if Qr is not None:
+                Pr2, Qr2 = side(Qr, jnp.swapaxes(X, 1, 2) @ X)
+                G = G @ Pr2
+                outs.append(Qr2)
+            outs.append(G)
+        return outs
+
+    compiled = floor.lower(arrays).compile()
+    jax.block_until_ready(compiled(arrays))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(arrays))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def run_ours(trees, repeats: int) -> dict:
+    out = {}
+    for tree in trees:
+        spec = TREES[tree]()
+        params = jax.tree.map(jnp.asarray, materialise(spec["params"], 0))
+        grads = jax.tree.map(jnp.asarray, materialise(spec["params"], 1))
+        scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
+        out[f"{tree}/adamw/float32"] = measure(optax.adamw(1e-3), params, grads, repeats)
+        for name in OPTIMIZERS:
+            for dtype in DTYPES:
+                tx = getattr(wk, name)(
+                    learning_rate=1e-3, dtype=getattr(jnp, dtype), scanned_layers=scanned
+                )
+                row = measure(tx, params, grads, repeats)
+                row["matmul_ms"] = matmul_floor(
+                    spec, params, scanned, getattr(jnp, dtype), name, repeats
+                )
+                out[f"{tree}/{name}/{dtype}"] = row
+                print(tree, name, dtype, row, file=sys.stderr, flush=True)
+        if "pup" in os.environ.get("BENCH_EXTRA", "pup"):
+            # preconditioner_update_probability=0.1: average over 100 consecutive steps
+            tx = wk.quad(
+                learning_rate=1e-3,
+                dtype=jnp.float32,
+                scanned_layers=scanned,
+                preconditioner_update_probability=0.1,
+            )
+            state = tx.init(params)
+            update = jax.jit(tx.update)
+            u, state = update(grads, state, params)
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            for _ in range(100):
+                u, state = update(grads, state, params)
+            jax.block_until_ready((u, state))
+            out[f"{tree}/quad-p0.1/float32"] = {"step_ms": 1e3 * (time.perf_counter() - start) / 100}
+    return out
+
+
+def run_reference(python: str, trees, repeats: int) -> dict:
+    script = REFERENCE_SCRIPT.format(
+        here=str(HERE), trees=list(trees), optimizers=OPTIMIZERS, dtypes=DTYPES, repeats=repeats
+    )
+    proc = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, env=os.environ.copy()
+    )
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError("the reference run failed")
+    return {f"{k}": v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def table(ours: dict, ref: dict, trees) -> str:
+    lines = [
+        "| tree | optimizer | dtype | step ms | vs adamw | vs reference | vs own matmuls "
+        "| compile s | vs ref compile | state/params | ref state/params | GFLOP/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tree in trees:
+        adam = ours[f"{tree}/adamw/float32"]
+        lines.append(
+            f"| {tree} | adamw | float32 | {adam['step_ms']:.2f} | 1.00 | | | "
+            f"{adam['compile_s']:.2f} | | {adam['state_bytes'] / adam['param_bytes']:.2f} | | |"
+        )
+        for name in OPTIMIZERS:
+            for dtype in DTYPES:
+                key = f"{tree}/{name}/{dtype}"
+                row, r = ours[key], ref.get(key)
+                fmt = lambda x: f"{x:.2f}" if x is not None else "n/a"
+                vs_ref = row["step_ms"] / r["step_ms"] if r else None
+                vs_ref_c = row["compile_s"] / r["compile_s"] if r else None
+                ref_mem = r["state_bytes"] / r["param_bytes"] if r else None
+                lines.append(
+                    f"| {tree} | {name} | {dtype} | {row['step_ms']:.2f} | "
+                    f"{row['step_ms'] / adam['step_ms']:.1f} | {fmt(vs_ref)} | "
+                    f"{row['step_ms'] / row['matmul_ms']:.2f} | {row['compile_s']:.2f} | "
+                    f"{fmt(vs_ref_c)} | {row['state_bytes'] / row['param_bytes']:.2f} | "
+                    f"{fmt(ref_mem)} | {row['flops'] / 1e9:.3f} |"
+                )
+        pup = ours.get(f"{tree}/quad-p0.1/float32")
+        if pup:
+            every = ours[f"{tree}/quad/float32"]["step_ms"]
+            lines.append(
+                f"| {tree} | quad p=0.1 (100-step mean) | float32 | {pup['step_ms']:.2f} | "
+                f"{pup['step_ms'] / adam['step_ms']:.1f} | | {pup['step_ms'] / every:.2f} x every-step "
+                "| | | | | |"
+            )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--reference-python", default=None)
+    parser.add_argument("--trees", default=",".join(TREES))
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    trees = args.trees.split(",")
+    default_ref = HERE.parent / ".refenv" / "bin" / "python"
+    ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
+    ours = run_ours(trees, args.repeats)
+    ref = run_reference(ref_python, trees, args.repeats) if ref_python else {}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    suffix = os.environ.get("BENCH_SUFFIX", "")
+    (HERE / "results" / f"step{suffix}.json").write_text(
+        json.dumps({"meta": meta, "ours": ours, "reference": ref}, indent=1)
+    )
+    print(f"{meta['date']}, {meta['machine']}, jax {meta['jax']} ({meta['backend']})\n")
+    print(table(ours, ref, trees))
+
+
+if __name__ == "__main__":
+    main()
