@@ -71,8 +71,6 @@ def broadcast_scanned(params_shapes, scanned):
     def build(node, flag):
         if is_shape(node):
             return bool(flag)
-        return {
-            k: build(v, flag[k] if isinstance(flag, dict) else flag) for k, v in node.items()
-        }
+        return {k: build(v, flag[k] if isinstance(flag, dict) else flag) for k, v in node.items()}
 
     return build(params_shapes, scanned if scanned is not None else False)

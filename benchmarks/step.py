@@ -156,7 +156,9 @@ def run_ours(trees, repeats: int) -> dict:
             for _ in range(100):
                 u, state = update(grads, state, params)
             jax.block_until_ready((u, state))
-            out[f"{tree}/quad-p0.1/float32"] = {"step_ms": 1e3 * (time.perf_counter() - start) / 100}
+            out[f"{tree}/quad-p0.1/float32"] = {
+                "step_ms": 1e3 * (time.perf_counter() - start) / 100
+            }
     return out
 
 

@@ -83,7 +83,9 @@ def plan_leaf(
     if len(merged) == 1:
         kind = "one_d"
         for b in range(batch):
-            entries.append(Entry(b, slice(0, merged[0]), slice(0, 1), np.full(merged[0], scale), None))
+            entries.append(
+                Entry(b, slice(0, merged[0]), slice(0, 1), np.full(merged[0], scale), None)
+            )
     else:
         m, n = merged
         diag_left, diag_right = m > max_size_dense, n > max_size_dense

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 
-def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = 5) -> Scalar:
+def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = 10) -> Scalar:
     """Estimate `||M||_2` from below by power iteration.
 
     The start vector is the row of `M` with the largest energy (for a PSD matrix it
