@@ -84,7 +84,9 @@ from parity import CASES, arrays, flat
 out = {{}}
 for case, (shapes, scanned, extra) in CASES.items():
     for rule in {rules!r}:
-        tx = {factory}(rule)(b1=0.95, dtype=jnp.float32, noise_scale=0.0, scanned_layers=scanned, **extra)
+        tx = {factory}(rule)(
+            b1=0.95, dtype=jnp.float32, noise_scale=0.0, scanned_layers=scanned, **extra
+        )
         params = jax.tree.map(jnp.asarray, arrays(shapes, 0))
         state = tx.init(params)
         update = jax.jit(tx.update)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _measure import measure, tree_bytes
+from _measure import measure
 from _trees import TREES, broadcast_scanned, materialise
 
 import wkron_eqx as wk
@@ -51,9 +51,12 @@ for tree in {trees!r}:
     scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
     for name in {optimizers!r}:
         for dtype in {dtypes!r}:
-            tx = getattr(ref, name)(learning_rate=1e-3, dtype=getattr(jnp, dtype), scanned_layers=scanned)
-            out[f"{{tree}}/{{name}}/{{dtype}}"] = measure(tx, params, grads, repeats={repeats})
-            print(tree, name, dtype, out[f"{{tree}}/{{name}}/{{dtype}}"], file=sys.stderr, flush=True)
+            tx = getattr(ref, name)(
+                learning_rate=1e-3, dtype=getattr(jnp, dtype), scanned_layers=scanned
+            )
+            key = f"{{tree}}/{{name}}/{{dtype}}"
+            out[key] = measure(tx, params, grads, repeats={repeats})
+            print(key, out[key], file=sys.stderr, flush=True)
 print(json.dumps(out))
 """
 
@@ -207,8 +210,8 @@ def table(ours: dict, ref: dict, trees) -> str:
             every = ours[f"{tree}/quad/float32"]["step_ms"]
             lines.append(
                 f"| {tree} | quad p=0.1 (100-step mean) | float32 | {pup['step_ms']:.2f} | "
-                f"{pup['step_ms'] / adam['step_ms']:.1f} | | {pup['step_ms'] / every:.2f} x every-step "
-                "| | | | | |"
+                f"{pup['step_ms'] / adam['step_ms']:.1f} | | "
+                f"{pup['step_ms'] / every:.2f} x every-step | | | | | |"
             )
     return "\n".join(lines)
 

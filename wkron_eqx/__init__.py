@@ -4,8 +4,8 @@ from ._config import Config as Config
 from ._layout import (
     DENSE_PATH as DENSE_PATH,
     LARGE_PATH as LARGE_PATH,
-    LeafKind as LeafKind,
     ONE_D_PATH as ONE_D_PATH,
+    LeafKind as LeafKind,
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
 from ._specs import get_opt_state_partition_specs as get_opt_state_partition_specs

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ._layout import bucket_tiles, leaf_plan, LeafKind
+from ._layout import LeafKind, bucket_tiles, leaf_plan
 from ._state import DenseState, LeafState, WhiteKronState
 
 

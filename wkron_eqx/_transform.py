@@ -11,11 +11,11 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
 
-from ._config import check_weight_decay, Config
+from ._config import Config, check_weight_decay
 from ._custom_types import Params, Updates
 from ._kinds import dense, large, one_d
 from ._kinds._factors import StepContext
-from ._layout import LeafKind, LeafPlan, plan_tree, TreePlan
+from ._layout import LeafKind, LeafPlan, TreePlan, plan_tree
 from ._rules import AbstractRule, Procrustes, Quad
 from ._sharding import constrain_like
 from ._state import DenseState, LeafState, WhiteKronState

@@ -14,7 +14,7 @@ from .._config import Config
 from .._layout import Bucket, LeafPlan, TreePlan
 from .._sharding import constrain_stack
 from .._state import DenseState, LeafState
-from ._factors import apply_stack, Factors, StepContext, update_stack
+from ._factors import Factors, StepContext, apply_stack, update_stack
 
 
 def init(plan: LeafPlan, config: Config) -> LeafState:
