@@ -77,7 +77,7 @@ def main():
         "adamw": optax.adamw(learning_rate=3e-3, weight_decay=1e-4),
     }
     results = {name: train(name, opt, data) for name, opt in optimizers.items()}
-    print("\nresult (MLP 64-128-128-10, %d steps of batch %d):" % (STEPS, BATCH))
+    print(f"\nresult (MLP 64-128-128-10, {STEPS} steps of batch {BATCH}):")
     print("| optimizer | train loss | test accuracy | time |")
     print("|---|---|---|---|")
     for name, (loss, acc, secs) in results.items():
