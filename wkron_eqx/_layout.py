@@ -192,6 +192,21 @@ class TreePlan(NamedTuple):
     leaves: tuple[LeafPlan, ...]
     buckets: tuple[Bucket, ...]
 
+    @property
+    def stacked_elements(self) -> int:
+        """Elements of every stacked gradient the factor update sees (noise is drawn for
+        exactly these): dense buckets, large-leaf strips and 1-D leaves."""
+        total = sum(b.stack * b.rows * b.cols for b in self.buckets)
+        for leaf in self.leaves:
+            if leaf.kind == LeafKind.ONE_D:
+                total += leaf.batch * leaf.merged[0]
+            elif leaf.kind == LeafKind.LARGE:
+                rows, cols = leaf.merged
+                strip_rows = rows if leaf.diag_left else leaf.strip_side
+                strip_cols = cols if leaf.diag_right else leaf.strip_side
+                total += leaf.stack * strip_rows * strip_cols
+        return total
+
 
 def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple[Bucket, ...]:
     """Group the dense tiles of `leaves` into buckets of equal stored size.

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
@@ -16,6 +15,7 @@ from ._custom_types import Params, Updates
 from ._kinds import dense, large, one_d
 from ._kinds._factors import StepContext
 from ._layout import LeafKind, LeafPlan, TreePlan, plan_tree
+from ._noise import NoiseSource
 from ._rules import AbstractRule, Procrustes, Quad
 from ._sharding import constrain_like
 from ._state import DenseState, LeafState, WhiteKronState
@@ -133,16 +133,20 @@ def _flatten_against_state(updates: Updates, state: WhiteKronState):
     return leaves, treedef, leaf_states
 
 
-def _rms_clip(u: Array) -> Array:
+def _rms_clip(u: Array) -> tuple[Array, Array]:
+    """`u * 1.1 / max(rms(u), 1.1)` and whether `u` is finite (from the same reduction:
+    a NaN/Inf anywhere makes the sum of squares non-finite)."""
     if u.size == 0:
-        return u
-    rms = jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32))))
-    return u * (_CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)).astype(u.dtype)
+        return u, jnp.array(True)
+    sum_sq = jnp.sum(jnp.square(u.astype(jnp.float32)))
+    rms = jnp.sqrt(sum_sq / u.size)
+    return u * (_CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)).astype(u.dtype), jnp.isfinite(sum_sq)
 
 
-def _all_finite(arrays) -> Array:
-    checks = [jnp.all(jnp.isfinite(a)) for a in arrays if a.size]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+def _all_finite(arrays: list[Array]) -> Array:
+    """One reduction over the concatenation (for small arrays such as the L's)."""
+    arrays = [a.reshape(-1) for a in arrays if a.size]
+    return jnp.all(jnp.isfinite(jnp.concatenate(arrays))) if arrays else jnp.array(True)
 
 
 def _refresh_due(config: Config, t: Array, counter: Array) -> Array | bool:
@@ -154,26 +158,10 @@ def _refresh_due(config: Config, t: Array, counter: Array) -> Array | bool:
     return (counter + 1).astype(jnp.float32) >= 1.0 / p
 
 
-def _noisy_views(views: list[Array], noise_scale: float, key: Array) -> list[Array] | None:
-    """`views` plus `noise_scale * N(0, 1)`, drawn in one call for the whole tree (one
-    random-number kernel, whatever the number of leaves). Padding added later by tiling
-    stays noise-free, so noise lands on valid elements only."""
-    if noise_scale == 0:
-        return None
-    sizes = [v.size for v in views]
-    total = sum(sizes)
-    if total == 0:
-        return None
-    dtype = views[0].dtype
-    eps = jax.random.normal(key, (total,), dtype) * jnp.asarray(noise_scale, dtype)
-    offsets = np.cumsum([0] + sizes)
-    return [v + eps[a:b].reshape(v.shape) for v, a, b in zip(views, offsets, offsets[1:])]
-
-
 def _precondition_all(
     ctx: StepContext,
     views: list[Array],
-    noisy: list[Array] | None,
+    noise: NoiseSource | None,
     dense_states: tuple[DenseState, ...],
     leaf_states: list[LeafState],
     plan: TreePlan,
@@ -187,26 +175,25 @@ def _precondition_all(
     for i, p in enumerate(plan.leaves):
         if views[i].size:
             by_kind[p.kind].append(i)
-    pick = lambda xs, kind: None if xs is None else {i: xs[i] for i in by_kind[kind]}
+    pick = lambda kind: {i: views[i] for i in by_kind[kind]}
 
     dense_out, dense_states = dense.update_buckets(
         ctx,
-        pick(views, LeafKind.DENSE),
-        pick(noisy, LeafKind.DENSE) if refresh else None,
+        pick(LeafKind.DENSE),
+        noise,
         dense_states,
         plan,
         refresh,
         axis_name,
     )
     for i in by_kind[LeafKind.LARGE]:
-        noisy_leaf = noisy[i] if (refresh and noisy is not None) else None
         dense_out[i], leaf_states[i] = large.update(
-            ctx, views[i], noisy_leaf, leaf_states[i], plan.leaves[i], refresh, axis_name
+            ctx, views[i], noise, leaf_states[i], plan.leaves[i], refresh, axis_name
         )
     one_d_out, one_d_states = one_d.update_all(
         ctx,
-        pick(views, LeafKind.ONE_D),
-        pick(noisy, LeafKind.ONE_D) if refresh else None,
+        pick(LeafKind.ONE_D),
+        noise,
         {i: leaf_states[i] for i in by_kind[LeafKind.ONE_D]},
         refresh,
     )
@@ -263,7 +250,6 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             [g.shape for g in grads],
             [bool(s.scanned) for s in leaf_states],
         )
-        grads_finite = _all_finite(grads)
         t = state.count + 1
         t_float = t.astype(jnp.float32)
 
@@ -298,12 +284,12 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
 
         def step(refresh: bool):
             def run():
-                noisy = None
-                if refresh:
-                    key = jax.random.fold_in(jax.random.key(_NOISE_SEED), t)
-                    noisy = _noisy_views(views, config.noise_scale, key)
+                noise = None
+                if refresh and config.noise_scale > 0 and plan.stacked_elements:
+                    key = jax.random.fold_in(jax.random.key(_NOISE_SEED, impl="rbg"), t)
+                    noise = NoiseSource(key, config.noise_scale, plan.stacked_elements, dtype)
                 return _precondition_all(
-                    ctx, views, noisy, state.dense, leaf_states, plan, refresh, axis
+                    ctx, views, noise, state.dense, leaf_states, plan, refresh, axis
                 )
 
             return run
@@ -316,17 +302,21 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             outputs, dense_states, new_leaf_states = jax.lax.cond(refresh, step(True), step(False))
             counter = jnp.where(refresh, 0, state.update_counter + 1)
 
-        new_updates = []
+        # A non-finite gradient reaches every output it touches (through the matmuls, or
+        # through a NaN/Inf factor), so checking the outputs and the L's catches both bad
+        # gradients and overflow in the maths, without another pass over the gradients.
+        new_updates, finite = [], []
         for out, g in zip(outputs, grads, strict=True):
-            u = _rms_clip(out.reshape(g.shape))
+            u, u_finite = _rms_clip(out.reshape(g.shape))
             if config.lr_style == "adam":
                 u = u / jnp.asarray(_ADAM_STYLE_DIVISOR, u.dtype)
             new_updates.append(u.astype(g.dtype))
+            finite.append(u_finite)
 
         lipschitz = [d.Ll for d in dense_states] + [d.Lr for d in dense_states]
         lipschitz += [s.Ll for s in new_leaf_states if s.Ll is not None]
         lipschitz += [s.Lr for s in new_leaf_states if s.Lr is not None]
-        ok = grads_finite & _all_finite(new_updates) & _all_finite(lipschitz)
+        ok = jnp.all(jnp.stack(finite)) & _all_finite(lipschitz) if finite else jnp.array(True)
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = WhiteKronState(

@@ -1,9 +1,9 @@
-"""The preconditioning of one stack of entries, shared by every leaf kind.
+"""The Kronecker step of one stack of entries, shared by the dense and large kinds.
 
-An entry is a matrix `G` (`[rows, cols]`) with a left factor and (except for 1-D
-leaves) a right factor, each dense (`[side, side]`) or diagonal (`[side]`). The whole
-stack is handled by one `vmap`, so a bucket of dense tiles or a leaf's strips is one
-batched computation.
+An entry is a matrix `G` (`[rows, cols]`) with a left and a right factor, each dense
+(`[side, side]`) or diagonal (`[side]`, for a side longer than `max_size_dense`). The
+whole stack is handled by one `vmap`, so a bucket of dense tiles or a leaf's strips is
+one batched computation.
 """
 
 from typing import NamedTuple
@@ -17,12 +17,12 @@ from .._rules.norms import spectral_norm_lower_bound
 
 
 class Factors(NamedTuple):
-    """The factors of a stack: `Qr`/`Lr` are `None` for 1-D leaves."""
+    """The factors of a stack and their Lipschitz estimates."""
 
     Ql: Float[Array, "stack *l"]
-    Qr: Float[Array, "stack *r"] | None
+    Qr: Float[Array, "stack *r"]
     Ll: Float[Array, " stack"]
-    Lr: Float[Array, " stack"] | None
+    Lr: Float[Array, " stack"]
 
 
 class StepContext(NamedTuple):
@@ -37,24 +37,17 @@ def _gram(Q: Array) -> Array:
     return Q * Q if Q.ndim == 1 else Q.T @ Q
 
 
-def _left(P: Array, X: Array) -> Array:
-    return P[:, None] * X if P.ndim == 1 else P @ X
-
-
-def _right(X: Array, P: Array | None) -> Array:
-    if P is None:
-        return X
-    return X * P[None, :] if P.ndim == 1 else X @ P
-
-
-def _apply(Ql: Array, Qr: Array | None, G: Array) -> Array:
-    return _right(_left(_gram(Ql), G), None if Qr is None else _gram(Qr))
+def _apply(Ql: Array, Qr: Array, G: Array) -> Array:
+    """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor)."""
+    Pl, Pr = _gram(Ql), _gram(Qr)
+    X = Pl[:, None] * G if Pl.ndim == 1 else Pl @ G
+    return X * Pr[None, :] if Pr.ndim == 1 else X @ Pr
 
 
 def _norm_bound(A: Array) -> Scalar:
     if A.ndim == 1:
         return jnp.max(A).astype(jnp.float32) if A.size else jnp.zeros((), jnp.float32)
-    return spectral_norm_lower_bound(A.astype(jnp.float32))
+    return spectral_norm_lower_bound(A)
 
 
 def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar):
@@ -66,30 +59,33 @@ def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar
     return Q, L
 
 
-def _balance(Ql: Array, Qr: Array) -> tuple[Array, Array]:
+def _balance_scales(Ql: Array, Qr: Array) -> tuple[Scalar, Scalar]:
+    """Scales that give `Ql` and `Qr` the same max-abs entry (their geometric mean)."""
     a = jnp.max(jnp.abs(Ql)).astype(jnp.float32)
     b = jnp.max(jnp.abs(Qr)).astype(jnp.float32)
     ok = (a > 0) & (b > 0)
     geo = jnp.sqrt(a * b)
-    left = jnp.where(ok, geo / jnp.where(ok, a, 1), 1).astype(Ql.dtype)
-    right = jnp.where(ok, geo / jnp.where(ok, b, 1), 1).astype(Qr.dtype)
-    return Ql * left, Qr * right
+    return jnp.where(ok, geo / jnp.where(ok, a, 1), 1), jnp.where(ok, geo / jnp.where(ok, b, 1), 1)
+
+
+def _no_scales(Ql: Array, Qr: Array) -> tuple[Scalar, Scalar]:
+    del Ql, Qr
+    return jnp.ones((), jnp.float32), jnp.ones((), jnp.float32)
 
 
 def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
-    if Qr is not None:
-        Ql, Qr = jax.lax.cond(ctx.balance, _balance, lambda a, b: (a, b), Ql, Qr)
+    # Balancing is two scalars; the max-abs reductions only run on balancing steps.
+    left_scale, right_scale = jax.lax.cond(ctx.balance, _balance_scales, _no_scales, Ql, Qr)
+    Ql, Qr = Ql * left_scale.astype(Ql.dtype), Qr * right_scale.astype(Qr.dtype)
     Pg = _apply(Ql, Qr, G if Gn is None else Gn)
     # c = numel / side: for the left factor that is the number of valid columns.
-    has_rows, has_cols = valid_rows > 0, valid_cols > 0
-    c_left = jnp.where(has_rows, valid_cols, 0).astype(jnp.float32)
-    c_right = jnp.where(has_cols, valid_rows, 0).astype(jnp.float32)
+    c_left = jnp.where(valid_rows > 0, valid_cols, 0).astype(jnp.float32)
+    c_right = jnp.where(valid_cols > 0, valid_rows, 0).astype(jnp.float32)
     A_left = jnp.sum(Pg * Pg, axis=1) if Ql.ndim == 1 else Pg @ Pg.T
-    new_Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
-    if Qr is not None:
-        A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
-        Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
-    return _apply(new_Ql, Qr, G), (new_Ql, Qr, Ll, Lr)
+    A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
+    Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
+    Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
+    return _apply(Ql, Qr, G), (Ql, Qr, Ll, Lr)
 
 
 def update_stack(

@@ -9,9 +9,10 @@ them all. A tile's factors are sized to the tile (rounded up to `TILE_QUANTUM`),
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._blocking import padded_identity, tile, untile
+from .._blocking import padded_identity, tile, untile, validity_mask
 from .._config import Config
 from .._layout import Bucket, LeafPlan, TreePlan
+from .._noise import NoiseSource
 from .._sharding import constrain_stack
 from .._state import DenseState, LeafState
 from ._factors import Factors, StepContext, apply_stack, update_stack
@@ -78,7 +79,7 @@ def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None)
 def update_buckets(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
-    noisy: dict[int, Float[Array, "B m n"]] | None,
+    noise: NoiseSource | None,
     buckets: tuple[DenseState, ...],
     plan: TreePlan,
     refresh: bool,
@@ -89,7 +90,7 @@ def update_buckets(
     **Arguments:**
 
     - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
-    - `noisy`: the same plus noise, for the factor update (`None`: no noise).
+    - `noise`: where the factor update's noise comes from (`None`: no noise).
     - `buckets`: the current `DenseState`s, in `plan.buckets` order.
 
     **Returns:**
@@ -97,15 +98,15 @@ def update_buckets(
     `(outputs, new buckets)`, the outputs keyed like `inputs`.
     """
     tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
-    noisy_tiles = None
-    if refresh and noisy is not None:
-        noisy_tiles = {i: list(tile(x, plan.leaves[i])) for i, x in noisy.items()}
     new_buckets = []
     for bucket, state in zip(plan.buckets, buckets, strict=True):
         stacked = _stack(tiles, bucket, axis_name)
         factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
         if refresh:
-            stacked_noisy = None if noisy_tiles is None else _stack(noisy_tiles, bucket, axis_name)
+            stacked_noisy = None
+            if noise is not None:
+                valid = validity_mask(state.valid_rows, state.valid_cols, bucket.rows, bucket.cols)
+                stacked_noisy = noise.add(stacked, valid)
             out, factors = update_stack(
                 ctx, stacked, stacked_noisy, factors, state.valid_rows, state.valid_cols
             )

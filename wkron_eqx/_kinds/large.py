@@ -9,9 +9,10 @@ are diagonal and each layer is one entry.
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._blocking import cut_strips, join_strips, padded_identity, side_sizes
+from .._blocking import cut_strips, join_strips, padded_identity, side_sizes, validity_mask
 from .._config import Config
 from .._layout import LeafPlan
+from .._noise import NoiseSource
 from .._sharding import constrain_stack
 from .._state import LeafState
 from ._factors import Factors, StepContext, apply_stack, update_stack
@@ -71,7 +72,7 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
 def update(
     ctx: StepContext,
     x: Float[Array, "B m n"],
-    noisy: Float[Array, "B m n"] | None,
+    noise: NoiseSource | None,
     state: LeafState,
     plan: LeafPlan,
     refresh: bool,
@@ -81,11 +82,14 @@ def update(
     strips = constrain_stack(cut_strips(x, plan), axis_name)
     assert state.Ql is not None and state.Ll is not None
     assert state.valid_rows is not None and state.valid_cols is not None
+    assert state.Qr is not None and state.Lr is not None
     factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
     if refresh:
-        noisy_strips = (
-            None if noisy is None else constrain_stack(cut_strips(noisy, plan), axis_name)
-        )
+        noisy_strips = None
+        if noise is not None:
+            rows, cols = strips.shape[1:]
+            valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
+            noisy_strips = noise.add(strips, valid)
         out, factors = update_stack(
             ctx, strips, noisy_strips, factors, state.valid_rows, state.valid_cols
         )

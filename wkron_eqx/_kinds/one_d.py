@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from .._config import Config
 from .._layout import LeafPlan
+from .._noise import NoiseSource
 from .._rules import track_lipschitz
 from .._state import LeafState
 from ._factors import StepContext
@@ -43,7 +44,7 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
 def update_all(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B n"]],
-    noisy: dict[int, Float[Array, "B n"]] | None,
+    noise: NoiseSource | None,
     states: dict[int, LeafState],
     refresh: bool,
 ) -> tuple[dict[int, Float[Array, "B n"]], dict[int, LeafState]]:
@@ -56,7 +57,7 @@ def update_all(
     **Arguments:**
 
     - `inputs`: leaf index -> the leaf viewed as `[B, n]` (non-empty leaves only).
-    - `noisy`: the same plus noise, for the factor update (`None`: no noise).
+    - `noise`: where the factor update's noise comes from (`None`: no noise).
     - `states`: leaf index -> its `LeafState`.
 
     **Returns:**
@@ -73,7 +74,7 @@ def update_all(
     q = flat({i: states[i].Ql for i in order})
     if refresh:
         L = jnp.concatenate([states[i].Ll for i in order])  # pyright: ignore
-        xn = x if noisy is None else flat(noisy)
+        xn = x if noise is None else noise.add(x)
         Pg = q * q * xn
         A = Pg * Pg
         ell = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths)) + 1

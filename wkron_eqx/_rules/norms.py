@@ -10,8 +10,8 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = 10) -> Scalar
 
     The start vector is the row of `M` with the largest energy (for a PSD matrix it
     already leans toward the top eigenvector), so no random draw is needed and the
-    estimate is deterministic. `M` is scaled by its max-abs entry first, so the
-    iteration cannot overflow; an all-zero `M` gives 0.
+    estimate is deterministic. The vector is renormalised every step, so `M` itself is
+    never copied or rescaled; products accumulate in float32 whatever `M`'s dtype.
 
     **Arguments:**
 
@@ -20,17 +20,16 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = 10) -> Scalar
 
     **Returns:**
 
-    A scalar `b` with `b <= ||M||_2` (up to rounding), in `M`'s dtype.
+    A float32 scalar `b` with `b <= ||M||_2` (up to rounding); 0 for `M = 0`.
     """
-    scale = jnp.max(jnp.abs(M))
-    safe = jnp.where(scale > 0, scale, 1)
-    M = M / safe
-    x = M[jnp.argmax(jnp.sum(M * M, axis=1))]
+    tiny = jnp.finfo(jnp.float32).tiny
+    energy = jnp.sum(jnp.square(M.astype(jnp.float32)), axis=1)
+    x = M[jnp.argmax(energy)].astype(jnp.float32)
 
-    def power_step(_, x):
-        x = x @ M
-        return x / jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(M.dtype).tiny)
+    def times_M(x: Array) -> Array:
+        x = x / jnp.maximum(jnp.max(jnp.abs(x)), tiny)
+        return jnp.matmul(x.astype(M.dtype), M, preferred_element_type=jnp.float32)
 
-    x = jax.lax.fori_loop(0, iters, power_step, x)
-    x = x / jnp.maximum(jnp.linalg.norm(x), jnp.finfo(M.dtype).tiny)
-    return jnp.linalg.norm(x @ M) * scale
+    x = jax.lax.fori_loop(0, iters, lambda _, x: times_M(x), x)
+    x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
+    return jnp.linalg.norm(jnp.matmul(x.astype(M.dtype), M, preferred_element_type=jnp.float32))

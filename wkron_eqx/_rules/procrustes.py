@@ -28,7 +28,7 @@ def procrustes_step(Q: Float[Array, "n n"]) -> Float[Array, "n n"]:
     RQ = R @ Q
     RRQ = R @ RQ
     tr_RQ, tr_RRQ = jnp.trace(RQ), jnp.trace(RRQ)
-    norm = spectral_norm_lower_bound(R.astype(jnp.float32))
+    norm = spectral_norm_lower_bound(R)
     a = (_MAX_ROTATION / jnp.where(norm > 0, norm, 1)).astype(Q.dtype)
     shortened = -tr_RQ / jnp.where(tr_RRQ < 0, tr_RRQ, -1)
     a = jnp.where(tr_RRQ < 0, jnp.minimum(a, shortened), a)
@@ -45,7 +45,9 @@ class Procrustes(AbstractRule):
     def dense(
         self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
     ) -> Float[Array, "n n"]:
-        return procrustes_step(Q - z * (A @ Q - c * Q))
+        # Q - z(AQ - cQ) = MQ with M = (1 + zc) I - z A.
+        M = (1 + z * c) * jnp.eye(A.shape[0], dtype=A.dtype) - z * A
+        return procrustes_step(M @ Q)
 
     def diag(
         self,

@@ -17,8 +17,9 @@ class Quad(AbstractRule):
     def dense(
         self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
     ) -> Float[Array, "n n"]:
-        P = Q - z * (A @ Q - c * Q)
-        P = P - z * (P @ A - c * P)
+        # P = Q - z(AQ - cQ) = MQ and P - z(PA - cP) = PM with M = (1 + zc) I - z A.
+        M = (1 + z * c) * jnp.eye(A.shape[0], dtype=A.dtype) - z * A
+        P = M @ Q @ M
         return (P + P.T) / 2
 
     def diag(
