@@ -30,7 +30,7 @@ def _canonical_dtype(dtype: Any) -> jnp.dtype:
         canonical = jnp.dtype(dtype)
     except TypeError:
         canonical = None
-    if canonical not in ALLOWED_DTYPES:
+    if canonical is None or canonical not in ALLOWED_DTYPES:
         allowed = ", ".join(d.name for d in ALLOWED_DTYPES)
         raise ValueError(f"`dtype` must be one of {allowed}, got {dtype!r}.")
     return canonical

@@ -80,13 +80,13 @@ def get_opt_state_partition_specs(params: Params, **kwargs) -> tuple:
 
     is_leaf_state = lambda x: isinstance(x, LeafState)
     specs = WhiteKronState(
-        count=replicated,
+        count=replicated,  # pyright: ignore[reportArgumentType]
         mu=None
         if shapes.mu is None
         else _mu_specs(params, scale_kwargs.get("params_partition_specs")),
         dense=tuple(jax.tree.map(stacked, d) for d in shapes.dense),
         leaves=jax.tree.map(leaf_specs, shapes.leaves, is_leaf=is_leaf_state),
-        update_counter=replicated,
-        skipped_steps=replicated,
+        update_counter=replicated,  # pyright: ignore[reportArgumentType]
+        skipped_steps=replicated,  # pyright: ignore[reportArgumentType]
     )
     return (specs, None, None) if weight_decay > 0 else (specs, None)

@@ -1,14 +1,14 @@
 """`preconditioner_stats`: a look inside the preconditioner, usable inside `jit`."""
 
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._layout import LeafKind, bucket_tiles, leaf_plan
-from ._state import DenseState, LeafState, WhiteKronState
+from ._state import LeafState, WhiteKronState
 
 
 def _find_state(state: Any) -> WhiteKronState:
@@ -44,20 +44,42 @@ def _condition(Q: Array, valid: Array) -> Array:
     return _diag_condition(Q, valid) if Q.ndim == 2 else _dense_condition(Q, valid)
 
 
-def _stats(Ql, Qr, Ll, Lr, vr, vc, rows: int, cols: int, kind: int) -> dict[str, Array]:
-    real = (vr * vc).astype(jnp.float32)
-    stored = jnp.full(real.shape, rows * cols, jnp.float32)
-    out = {
-        "kind": jnp.array(kind, jnp.int32),
-        "tiles": jnp.array(vr.shape[0], jnp.int32),
-        "padding_fraction": jnp.maximum(1 - jnp.sum(real) / jnp.maximum(jnp.sum(stored), 1), 0),
-        "Ll": Ll,
-        "cond_left": _condition(Ql, vr),
-    }
-    if Qr is not None:
-        out["Lr"] = Lr
-        out["cond_right"] = _condition(Qr, vc)
-    return out
+class _Stack(NamedTuple):
+    """One stack of entries of a leaf (`Qr`/`Lr` are `None` for a 1-D leaf)."""
+
+    Ql: Array
+    Qr: Array | None
+    Ll: Array
+    Lr: Array | None
+    valid_rows: Array
+    valid_cols: Array
+
+    def sliced(self, start: int, stop: int) -> "_Stack":
+        return _Stack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
+
+
+def _leaf_stats(kind: int, stacks: list[_Stack]) -> dict[str, Array]:
+    """Statistics of one leaf from its stacks (all with or all without a right factor)."""
+    has_right = not stacks or stacks[0].Qr is not None
+    real = jnp.zeros((), jnp.float32)
+    stored, tiles = 0, 0
+    out: dict[str, list[Array]] = {"Ll": [], "cond_left": [], "Lr": [], "cond_right": []}
+    for s in stacks:
+        tiles += s.valid_rows.shape[0]
+        real = real + jnp.sum((s.valid_rows * s.valid_cols).astype(jnp.float32))
+        cols = 1 if s.Qr is None else s.Qr.shape[-1]
+        stored += s.valid_rows.shape[0] * s.Ql.shape[-1] * cols
+        out["Ll"].append(s.Ll)
+        out["cond_left"].append(_condition(s.Ql, s.valid_rows))
+        if s.Qr is not None and s.Lr is not None:
+            out["Lr"].append(s.Lr)
+            out["cond_right"].append(_condition(s.Qr, s.valid_cols))
+    keys = ("Ll", "cond_left", "Lr", "cond_right") if has_right else ("Ll", "cond_left")
+    stats = {k: jnp.concatenate(out[k]) if out[k] else jnp.zeros((0,), jnp.float32) for k in keys}
+    stats["kind"] = jnp.array(kind, jnp.int32)
+    stats["tiles"] = jnp.array(tiles, jnp.int32)
+    stats["padding_fraction"] = jnp.maximum(1 - real / max(stored, 1), 0) if stored else real
+    return stats
 
 
 def preconditioner_stats(state: Any) -> Any:
@@ -101,64 +123,15 @@ def preconditioner_stats(state: Any) -> Any:
     out = []
     for i, s in enumerate(leaf_states):
         if s.kind == LeafKind.DENSE:
-            parts = []
-            for b, start, count in slices[i]:
-                d: DenseState = state.dense[b]
-                sl = slice(start, start + count)
-                parts.append(
-                    (d.Ql[sl], d.Qr[sl], d.Ll[sl], d.Lr[sl], d.valid_rows[sl], d.valid_cols[sl])
-                )
-            out.append(_dense_leaf_stats(parts, state.dense, slices[i]))
+            stacks = [
+                _Stack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols).sliced(start, start + n)
+                for b, start, n in slices[i]
+                for d in (state.dense[b],)
+            ]
         else:
+            assert s.Ql is not None and s.Ll is not None
+            assert s.valid_rows is not None and s.valid_cols is not None
             real = plans[i].strips if s.kind == LeafKind.LARGE else s.B
-            pick = lambda x: None if x is None else x[:real]
-            assert s.Ql is not None and s.valid_rows is not None and s.valid_cols is not None
-            rows = s.Ql.shape[-1]
-            cols = 1 if s.Qr is None else s.Qr.shape[-1]
-            out.append(
-                _stats(
-                    pick(s.Ql),
-                    pick(s.Qr),
-                    pick(s.Ll),
-                    pick(s.Lr),
-                    pick(s.valid_rows),
-                    pick(s.valid_cols),
-                    rows,
-                    cols,
-                    int(s.kind),
-                )  # fmt: skip
-            )
+            stacks = [_Stack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols).sliced(0, real)]
+        out.append(_leaf_stats(int(s.kind), stacks))
     return treedef.unflatten(out)
-
-
-def _dense_leaf_stats(parts, dense: tuple[DenseState, ...], slices) -> dict[str, Array]:
-    if not parts:
-        empty = jnp.zeros((0,), jnp.float32)
-        return {
-            "kind": jnp.array(int(LeafKind.DENSE), jnp.int32),
-            "tiles": jnp.array(0, jnp.int32),
-            "padding_fraction": jnp.array(0.0, jnp.float32),
-            "Ll": empty,
-            "cond_left": empty,
-            "Lr": empty,
-            "cond_right": empty,
-        }
-    groups = [
-        _stats(*p, dense[b].Ql.shape[-1], dense[b].Qr.shape[-1], int(LeafKind.DENSE))
-        for p, (b, _, _) in zip(parts, slices, strict=True)
-    ]
-    real = sum(jnp.sum((p[4] * p[5]).astype(jnp.float32)) for p in parts)
-    stored = sum(
-        p[4].shape[0] * dense[b].Ql.shape[-1] * dense[b].Qr.shape[-1]
-        for p, (b, _, _) in zip(parts, slices, strict=True)
-    )
-    cat = lambda k: jnp.concatenate([g[k] for g in groups])
-    return {
-        "kind": jnp.array(int(LeafKind.DENSE), jnp.int32),
-        "tiles": jnp.array(sum(p[4].shape[0] for p in parts), jnp.int32),
-        "padding_fraction": 1 - real / stored,
-        "Ll": cat("Ll"),
-        "cond_left": cat("cond_left"),
-        "Lr": cat("Lr"),
-        "cond_right": cat("cond_right"),
-    }
