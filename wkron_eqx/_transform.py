@@ -318,15 +318,17 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         lipschitz += [s.Lr for s in new_leaf_states if s.Lr is not None]
         ok = jnp.all(jnp.stack(finite)) & _all_finite(lipschitz) if finite else jnp.array(True)
 
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = WhiteKronState(
-            count=jnp.where(ok, t, state.count),
-            mu=None if new_mu is None else keep(treedef.unflatten(new_mu), state.mu),
-            dense=keep(dense_states, state.dense),
-            leaves=keep(treedef.unflatten(new_leaf_states), state.leaves),
-            update_counter=jnp.where(ok, counter, state.update_counter).astype(jnp.int32),
-            skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
+        stepped = WhiteKronState(
+            count=t,
+            mu=None if new_mu is None else treedef.unflatten(new_mu),
+            dense=dense_states,
+            leaves=treedef.unflatten(new_leaf_states),
+            update_counter=counter.astype(jnp.int32),
+            skipped_steps=state.skipped_steps,
         )
+        skipped = state._replace(skipped_steps=state.skipped_steps + 1)
+        # One conditional picks the whole state: no per-array select kernels.
+        new_state = jax.lax.cond(ok, lambda: stepped, lambda: skipped)
         new_updates = [jnp.where(ok, u, jnp.zeros_like(u)) for u in new_updates]
         return treedef.unflatten(new_updates), new_state
 
