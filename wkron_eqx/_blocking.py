@@ -48,7 +48,7 @@ def _put_group(
     return tiles.reshape(batch, row_part.count * row_part.size, col_part.count * col_part.size)
 
 
-def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "t R C"], ...]:
+def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "_ _ _"], ...]:
     """Cut a dense leaf into its tile groups, each zero-padded to its bucket's size.
 
     **Arguments:**
@@ -64,7 +64,7 @@ def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "t R 
     return tuple(_pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket) for g in plan.groups)
 
 
-def untile(tiles: tuple[Shaped[Array, "t R C"], ...], plan: LeafPlan) -> Shaped[Array, "B m n"]:
+def untile(tiles: tuple[Shaped[Array, "_ _ _"], ...], plan: LeafPlan) -> Shaped[Array, "B m n"]:
     """Inverse of `tile`: drop the padding and put the tiles back as `[B, m, n]`."""
     rows, cols = plan.merged
     if not plan.groups:
@@ -82,7 +82,7 @@ def untile(tiles: tuple[Shaped[Array, "t R C"], ...], plan: LeafPlan) -> Shaped[
 
 def _strips_along_cols(x: Shaped[Array, "B m n"], parts: tuple[Part, ...], side: int):
     batch, rows, _ = x.shape
-    pieces = []
+    pieces = [jnp.zeros((0, rows, side), x.dtype)]  # a 0-size side has no parts
     for part in parts:
         block = x[:, :, part.start : part.start + part.count * part.size]
         block = block.reshape(batch, rows, part.count, part.size).transpose(0, 2, 1, 3)
@@ -93,7 +93,7 @@ def _strips_along_cols(x: Shaped[Array, "B m n"], parts: tuple[Part, ...], side:
 
 def _join_along_cols(strips: Shaped[Array, "S m W"], batch: int, parts: tuple[Part, ...]):
     rows = strips.shape[1]
-    blocks, offset = [], 0
+    blocks, offset = [jnp.zeros((batch, rows, 0), strips.dtype)], 0
     for part in parts:
         block = strips[offset : offset + batch * part.count, :, : part.size]
         offset += batch * part.count

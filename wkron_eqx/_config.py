@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,55 @@ def _canonical_dtype(dtype: Any) -> jnp.dtype:
     return canonical
 
 
+# Not type-checked at run time, so that a wrong type under a runtime checker (jaxtyping +
+# beartype) still gets the `ValueError` naming the argument, as it does without one.
+@typing.no_type_check
+def check_arguments(
+    lr_style,
+    b1,
+    normalize_grads,
+    max_size_dense,
+    preconditioner_lr,
+    preconditioner_init_scale,
+    dtype,
+    scanned_layers,
+    block_size,
+    pipeline_axis_name,
+    pipeline_axis_size,
+    params_partition_specs,
+    noise_scale,
+    preconditioner_update_probability,
+):
+    """Raise `ValueError` naming the first argument of `scale_by_quad` that is out of range."""
+    del scanned_layers, params_partition_specs  # trees: checked against the params at init
+    if lr_style not in ("adam", None):
+        _fail("lr_style", lr_style, 'one of "adam" or None')
+    if not (_is_number(b1) and 0 <= b1 < 1):
+        _fail("b1", b1, "a float in [0, 1)")
+    if not isinstance(normalize_grads, bool):
+        _fail("normalize_grads", normalize_grads, "a bool")
+    _check_positive_int("max_size_dense", max_size_dense)
+    if not (_is_number(preconditioner_lr) and 0 < preconditioner_lr < math.inf):
+        _fail("preconditioner_lr", preconditioner_lr, "a finite float > 0")
+    scale = preconditioner_init_scale
+    if not (_is_number(scale) and 0 < scale < math.inf):
+        _fail("preconditioner_init_scale", scale, "a finite float > 0")
+    _canonical_dtype(dtype)
+    _check_positive_int("block_size", block_size)
+    if not (pipeline_axis_name is None or isinstance(pipeline_axis_name, str)):
+        _fail("pipeline_axis_name", pipeline_axis_name, "a str or None")
+    _check_positive_int("pipeline_axis_size", pipeline_axis_size)
+    if not (_is_number(noise_scale) and 0 <= noise_scale < math.inf):
+        _fail("noise_scale", noise_scale, "a finite float >= 0")
+    prob = preconditioner_update_probability
+    if not callable(prob) and not (_is_number(prob) and 0 < prob <= 1):
+        _fail(
+            "preconditioner_update_probability",
+            prob,
+            "a float in (0, 1] or a callable of the step",
+        )
+
+
 class Config(eqx.Module):
     """The validated hyperparameters of `scale_by_quad` / `scale_by_skew`.
 
@@ -46,49 +97,22 @@ class Config(eqx.Module):
     """
 
     lr_style: str | None = "adam"
-    b1: float = 0.95
+    b1: float | int = 0.95
     normalize_grads: bool = False
     max_size_dense: int = 16384
-    preconditioner_lr: float = 0.7
-    preconditioner_init_scale: float = 1.0
+    preconditioner_lr: float | int = 0.7
+    preconditioner_init_scale: float | int = 1.0
     dtype: Any = jnp.bfloat16
     scanned_layers: Any = None
     block_size: int = 256
     pipeline_axis_name: str | None = None
     pipeline_axis_size: int = 1
     params_partition_specs: Any = None
-    noise_scale: float = 1e-9
-    preconditioner_update_probability: float | Callable[[Any], Any] = 1.0
+    noise_scale: float | int = 1e-9
+    preconditioner_update_probability: float | int | Callable[[Any], Any] = 1.0
 
     def __check_init__(self):
-        if self.lr_style not in ("adam", None):
-            _fail("lr_style", self.lr_style, 'one of "adam" or None')
-        if not (_is_number(self.b1) and 0 <= self.b1 < 1):
-            _fail("b1", self.b1, "a float in [0, 1)")
-        if not isinstance(self.normalize_grads, bool):
-            _fail("normalize_grads", self.normalize_grads, "a bool")
-        _check_positive_int("max_size_dense", self.max_size_dense)
-        if not (_is_number(self.preconditioner_lr) and self.preconditioner_lr > 0):
-            _fail("preconditioner_lr", self.preconditioner_lr, "a finite float > 0")
-        if not math.isfinite(self.preconditioner_lr):
-            _fail("preconditioner_lr", self.preconditioner_lr, "a finite float > 0")
-        scale = self.preconditioner_init_scale
-        if not (_is_number(scale) and 0 < scale < math.inf):
-            _fail("preconditioner_init_scale", scale, "a finite float > 0")
-        _canonical_dtype(self.dtype)
-        _check_positive_int("block_size", self.block_size)
-        if not (self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)):
-            _fail("pipeline_axis_name", self.pipeline_axis_name, "a str or None")
-        _check_positive_int("pipeline_axis_size", self.pipeline_axis_size)
-        if not (_is_number(self.noise_scale) and 0 <= self.noise_scale < math.inf):
-            _fail("noise_scale", self.noise_scale, "a finite float >= 0")
-        prob = self.preconditioner_update_probability
-        if not callable(prob) and not (_is_number(prob) and 0 < prob <= 1):
-            _fail(
-                "preconditioner_update_probability",
-                prob,
-                "a float in (0, 1] or a callable of the step",
-            )
+        check_arguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -96,7 +120,8 @@ class Config(eqx.Module):
         return _canonical_dtype(self.dtype)
 
 
-def check_weight_decay(weight_decay: Any):
+@typing.no_type_check
+def check_weight_decay(weight_decay):
     """Validate the `weight_decay` argument of `quad` / `skew`."""
     if not (_is_number(weight_decay) and 0 <= weight_decay < math.inf):
         _fail("weight_decay", weight_decay, "a finite float >= 0")

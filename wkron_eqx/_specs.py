@@ -1,17 +1,20 @@
 """`get_opt_state_partition_specs`: the `PartitionSpec` tree of a `quad`/`skew` state."""
 
 import inspect
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 from jax.sharding import PartitionSpec
+from jaxtyping import ArrayLike, PyTree
 
 from ._config import check_weight_decay
-from ._custom_types import Params
 from ._layout import LeafKind
 from ._state import LeafState, WhiteKronState
-from ._transform import quad, scale_by_quad, scanned_flags
+from ._transform import quad, scale_by_quad
 
+
+# Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
+ParamsOrShapes: TypeAlias = PyTree[ArrayLike | jax.ShapeDtypeStruct]
 
 _QUAD_KWARGS = frozenset(inspect.signature(quad).parameters)
 _SCALE_KWARGS = frozenset(inspect.signature(scale_by_quad).parameters)
@@ -32,7 +35,7 @@ def _param_spec(p: Any) -> PartitionSpec:
     return spec if isinstance(spec, PartitionSpec) else PartitionSpec()
 
 
-def _mu_specs(params: Params, params_partition_specs: Any) -> Any:
+def _mu_specs(params: ParamsOrShapes, params_partition_specs: Any) -> Any:
     if params_partition_specs is None:
         return jax.tree.map(_param_spec, params)
     if isinstance(params_partition_specs, PartitionSpec):
@@ -40,7 +43,7 @@ def _mu_specs(params: Params, params_partition_specs: Any) -> Any:
     return params_partition_specs
 
 
-def get_opt_state_partition_specs(params: Params, **kwargs) -> tuple:
+def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     """The `PartitionSpec` tree of the state of `quad(**kwargs)` / `skew(**kwargs)`.
 
     Stacked factor arrays (every `DenseState` field, and a large leaf's factors) are
@@ -68,7 +71,7 @@ def get_opt_state_partition_specs(params: Params, **kwargs) -> tuple:
     )
     check_weight_decay(weight_decay)
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
-    scanned_flags(scale_kwargs.get("scanned_layers"), params)  # refuse bad trees early
+    # `init` refuses a bad `scanned_layers` tree with the same ValueError.
     shapes = jax.eval_shape(scale_by_quad(**scale_kwargs).init, params)
     stacked = _stacked(scale_kwargs.get("pipeline_axis_name"))
     replicated = PartitionSpec()

@@ -1,6 +1,7 @@
 """The optax transforms: momentum -> per-kind preconditioning -> RMS clip -> lr style."""
 
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
 
-from ._config import Config, check_weight_decay
+from ._config import Config, check_arguments, check_weight_decay
 from ._custom_types import Params, Updates
 from ._kinds import dense, large, one_d
 from ._kinds._factors import StepContext
@@ -364,6 +365,7 @@ _SCALE_DOC_ARGS = """
 
 
 def _factory(rule: AbstractRule):
+    @typing.no_type_check  # bad values get check_arguments' ValueError, checker or not
     def scale_by(
         lr_style: str | None = "adam",
         b1: float = 0.95,
@@ -380,7 +382,7 @@ def _factory(rule: AbstractRule):
         noise_scale: float = 1e-9,
         preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
     ) -> optax.GradientTransformation:
-        config = Config(
+        arguments = dict(
             lr_style=lr_style,
             b1=b1,
             normalize_grads=normalize_grads,
@@ -396,6 +398,8 @@ def _factory(rule: AbstractRule):
             noise_scale=noise_scale,
             preconditioner_update_probability=preconditioner_update_probability,
         )
+        check_arguments(**arguments)
+        config = Config(**arguments)
         return scale_by_white_kron(rule, config)
 
     return scale_by
@@ -435,6 +439,7 @@ scale_by_skew.__doc__ = (
 
 
 def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], name: str):
+    @typing.no_type_check  # bad values get a ValueError, runtime type checker or not
     def optimizer(
         learning_rate: float | Callable[[Any], Any] = 0.001,
         lr_style: str | None = "adam",

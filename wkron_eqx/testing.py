@@ -22,7 +22,7 @@ below, at and just above a multiple of `block_size`, and 3-D/4-D kernels.
 """
 
 import math
-from typing import Any
+from typing import Any, no_type_check
 
 import hypothesis.strategies as st
 import jax
@@ -42,7 +42,12 @@ __all__ = [
 
 _NONFINITE = (math.nan, math.inf, -math.inf)
 
+# Every function here is `@no_type_check`: these functions run while Hypothesis draws an
+# example, and beartype (switched on for this package by jaxtyping's import hook) samples
+# container items with the global `random` module, which Hypothesis refuses in a strategy.
 
+
+@no_type_check
 def block_sizes(min_value: int = 4, max_value: int = 16) -> st.SearchStrategy[int]:
     """Small block sizes, including ones that are not a multiple of 8.
 
@@ -59,6 +64,7 @@ def block_sizes(min_value: int = 4, max_value: int = 16) -> st.SearchStrategy[in
     return st.integers(min_value, max_value)
 
 
+@no_type_check
 def pipeline_sizes(max_value: int = 8) -> st.SearchStrategy[int]:
     """Values of `pipeline_axis_size`.
 
@@ -75,40 +81,39 @@ def pipeline_sizes(max_value: int = 8) -> st.SearchStrategy[int]:
     return st.integers(1, max_value)
 
 
-def _edge_sides(block_size: int, min_side: int, max_side: int) -> list[int]:
-    """0, 1, 2 and the sides just below, at and just above multiples of `block_size`."""
-    edges = {0, 1, 2}
+@no_type_check
+def _edge_sides(block_size: int, max_side: int) -> list[int]:
+    """1, 2 and the sides just below, at and just above multiples of `block_size`."""
+    edges = {1, 2}
     for multiple in range(block_size, max_side + 2, block_size):
         edges.update((multiple - 1, multiple, multiple + 1))
-    return sorted(e for e in edges if min_side <= e <= max_side)
+    return sorted(e for e in edges if 1 <= e <= max_side)
 
 
-def _sides(block_size: int, min_side: int, max_side: int) -> st.SearchStrategy[int]:
-    edges = _edge_sides(block_size, min_side, max_side)
-    anywhere = st.integers(min_side, max_side)
-    return st.one_of(st.sampled_from(edges), anywhere) if edges else anywhere
+@no_type_check
+def _sides(block_size: int, max_side: int) -> st.SearchStrategy[int]:
+    edges = _edge_sides(block_size, max_side)
+    return st.one_of(st.sampled_from(edges), st.integers(1, max_side))
 
 
 @st.composite
+@no_type_check
 def _kernel(
-    draw: st.DrawFn,
-    ndim: int,
-    block_size: int,
-    min_side: int,
-    max_side: int,
-    max_elements: int,
+    draw: st.DrawFn, ndim: int, block_size: int, max_side: int, max_elements: int
 ) -> tuple[int, ...]:
     # Sides are drawn against a budget of elements (a 4-D kernel of four sides of
     # `2.5 * block_size` would be far from small), then put in a random order.
     sides: list[int] = []
     for _ in range(ndim):
-        filled = math.prod(sides)
-        cap = max_side if filled == 0 else max(min_side, min(max_side, max_elements // filled))
-        sides.append(draw(_sides(block_size, min_side, cap)))
+        cap = max(1, min(max_side, max_elements // math.prod(sides)))
+        sides.append(draw(_sides(block_size, cap)))
     return tuple(draw(st.permutations(sides)))
 
 
+@st.composite
+@no_type_check
 def leaf_shapes(
+    draw: st.DrawFn,
     block_size: int = 8,
     *,
     min_dims: int = 0,
@@ -116,21 +121,21 @@ def leaf_shapes(
     max_side: int | None = None,
     max_elements: int | None = None,
     allow_empty: bool = True,
-) -> st.SearchStrategy[tuple[int, ...]]:
+) -> tuple[int, ...]:
     """Shapes of parameter leaves, biased towards the edge cases of the tile plan.
 
-    Each draw is one of: a 0-d scalar `()`, a vector `(n,)`, a row `(1, n)`, a column
-    `(n, 1)`, a matrix `(m, n)`, or a 3-D/4-D kernel; sides are drawn from `0`, `1`, `2`,
-    `k * block_size - 1`, `k * block_size`, `k * block_size + 1` and uniformly.
+    The number of dims is drawn first; a 2-D shape is a row `(1, n)`, a column `(n, 1)`
+    or a matrix `(m, n)`; 3-D/4-D kernels are drawn against a budget of elements. Sides
+    are drawn from `1`, `2`, `k * block_size - 1`, `k * block_size`, `k * block_size + 1`
+    and uniformly; with `allow_empty`, about one shape in eight has a side set to 0.
 
     **Arguments:**
 
     - `block_size`: the block size the edge cases are placed around.
     - `min_dims`, `max_dims`: the range of the number of dims (`0 <= min_dims <= max_dims`).
     - `max_side`: the largest side; defaults to `2.5 * block_size` (at least 3).
-    - `max_elements`: the largest number of elements of a 3-D/4-D kernel; defaults to
-        `max_side ** 2`.
-    - `allow_empty`: whether sides may be 0.
+    - `max_elements`: the most elements of a 3-D/4-D kernel; defaults to `max_side ** 2`.
+    - `allow_empty`: whether a side may be 0.
 
     **Returns:**
 
@@ -142,27 +147,30 @@ def leaf_shapes(
         raise ValueError(f"`block_size` must be an int >= 1, got {block_size!r}.")
     if max_side is None:
         max_side = max(3, (5 * block_size) // 2)
+    if max_side < 1:
+        raise ValueError(f"`max_side` must be an int >= 1, got {max_side!r}.")
     if max_elements is None:
         max_elements = max_side**2
-    min_side = 0 if allow_empty else 1
-    if max_side < max(min_side, 1):
-        raise ValueError(f"`max_side` must be >= 1, got {max_side!r}.")
-    side = _sides(block_size, min_side, max_side)
-    by_ndim: dict[int, list[st.SearchStrategy[tuple[int, ...]]]] = {
-        0: [st.just(())],
-        1: [st.tuples(side)],
-        2: [
-            st.tuples(st.just(1), side),
-            st.tuples(side, st.just(1)),
-            st.tuples(side, side),
-        ],
-    }
-    for ndim in range(3, max_dims + 1):
-        by_ndim[ndim] = [_kernel(ndim, block_size, min_side, max_side, max_elements)]
-    choices = [s for ndim, group in by_ndim.items() if min_dims <= ndim <= max_dims for s in group]
-    return st.one_of(choices)
+    side = _sides(block_size, max_side)
+    ndim = draw(st.sampled_from(range(min_dims, max_dims + 1)))
+    if ndim == 2:
+        form = draw(st.sampled_from(["row", "column", "matrix", "matrix"]))
+        shape = {
+            "row": lambda: (1, draw(side)),
+            "column": lambda: (draw(side), 1),
+            "matrix": lambda: (draw(side), draw(side)),
+        }[form]()
+    elif ndim > 2:
+        shape = draw(_kernel(ndim, block_size, max_side, max_elements))
+    else:
+        shape = tuple(draw(side) for _ in range(ndim))
+    if allow_empty and ndim and draw(st.integers(0, 7)) == 0:
+        empty = draw(st.integers(0, ndim - 1))
+        shape = shape[:empty] + (0,) + shape[empty + 1 :]
+    return shape
 
 
+@no_type_check
 def scanned_shapes(
     block_size: int = 8,
     *,
@@ -190,12 +198,14 @@ def scanned_shapes(
     return st.builds(lambda n, s: (n,) + s, st.integers(min_layers, max_layers), layer)
 
 
+@no_type_check
 def _array(shape: tuple[int, ...], seed: int, dtype: Any) -> Array:
     values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     return jnp.asarray(values, dtype)
 
 
 @st.composite
+@no_type_check
 def param_trees(
     draw: st.DrawFn,
     block_size: int = 8,
@@ -217,7 +227,7 @@ def param_trees(
     - `min_leaves`, `max_leaves`: the range of the number of leaves.
     - `allow_scanned`: whether scanned leaves may be drawn.
     - `dtype`: the dtype of every leaf.
-    - `**kwargs`: passed on to `leaf_shapes` / `scanned_shapes`.
+    - `**kwargs`: passed on to `leaf_shapes` (for a scanned leaf, for its layer's shape).
 
     **Returns:**
 
@@ -238,6 +248,7 @@ def param_trees(
 
 
 @st.composite
+@no_type_check
 def nonfinite_gradients(
     draw: st.DrawFn, grads: PyTree[Array], *, max_positions: int = 3
 ) -> PyTree[Array]:

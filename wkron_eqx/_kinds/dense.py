@@ -78,13 +78,13 @@ def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None)
 
 def update_buckets(
     ctx: StepContext,
-    inputs: dict[int, Float[Array, "B m n"]],
+    inputs: dict[int, Float[Array, "_ _ _"]],
     noise: NoiseSource | None,
     buckets: tuple[DenseState, ...],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B m n"]], tuple[DenseState, ...]]:
+) -> tuple[dict[int, Float[Array, "_ _ _"]], tuple[DenseState, ...]]:
     """Precondition every dense leaf; update the factors too when `refresh`.
 
     **Arguments:**

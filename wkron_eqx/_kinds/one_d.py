@@ -43,11 +43,11 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
 
 def update_all(
     ctx: StepContext,
-    inputs: dict[int, Float[Array, "B n"]],
+    inputs: dict[int, Float[Array, "_ _"]],
     noise: NoiseSource | None,
     states: dict[int, LeafState],
     refresh: bool,
-) -> tuple[dict[int, Float[Array, "B n"]], dict[int, LeafState]]:
+) -> tuple[dict[int, Float[Array, "_ _"]], dict[int, LeafState]]:
     """Precondition every 1-D leaf at once; update the factors too when `refresh`.
 
     All 1-D leaves (every layer of a scanned one is its own segment with its own

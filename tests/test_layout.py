@@ -1,0 +1,429 @@
+"""The static tile plan (`_layout.py`) against an independent re-derivation of SPEC section 2
+and section 6 (right-sized tiles), on arbitrary shapes. Pure Python, no jit."""
+
+import collections
+import fractions
+import math
+
+import hypothesis
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import wkron_eqx as wk
+import wkron_eqx.testing as wkt
+from wkron_eqx._layout import LeafKind, leaf_plan, merge_shape, plan_tree
+
+
+MANY = hypothesis.settings(max_examples=200, deadline=None)
+
+
+# ---------------------------------------------------------------------------------------
+# The rules of SPEC section 2, written out again (independently of the package).
+
+
+def expected_merge(shape: tuple[int, ...]) -> tuple[int, ...]:
+    size = math.prod(shape)
+    if len(shape) < 2:
+        return (size,)
+    if size == max(shape):
+        return (max(shape),)
+    if len(shape) == 2:
+        return tuple(shape)
+    splits = [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
+
+    def ratio(split):
+        small, large = min(split), max(split)
+        return fractions.Fraction(large, small) if small else math.inf
+
+    return min(splits, key=ratio)  # `min` keeps the first of equally good splits
+
+
+def expected_kind(merged: tuple[int, ...], max_size_dense: int) -> tuple[LeafKind, bool, bool]:
+    """(kind, diag_left, diag_right) of a merged shape (ONE_D reports no diagonal sides)."""
+    if len(merged) == 1:
+        return LeafKind.ONE_D, False, False
+    rows, cols = merged
+    if rows <= max_size_dense and cols <= max_size_dense:
+        return LeafKind.DENSE, False, False
+    return LeafKind.LARGE, rows > max_size_dense, cols > max_size_dense
+
+
+def expected_sides(length: int, block_size: int) -> list[int]:
+    """The valid side of every tile along an axis of `length`."""
+    return [min(block_size, length - start) for start in range(0, length, block_size)]
+
+
+def expected_stored(valid: int, block_size: int) -> int:
+    """Right-sized stored side: the valid side rounded up to a multiple of 8, at most bs."""
+    return min(block_size, 8 * math.ceil(valid / 8))
+
+
+def smallest_multiple_at_least(count: int, k: int) -> int:
+    return next(s for s in range(count, count + k) if s % k == 0)
+
+
+def parts_sides(parts) -> list[int]:
+    return [p.size for p in parts for _ in range(p.count)]
+
+
+def assert_parts_contiguous(parts, length: int):
+    start = 0
+    for part in parts:
+        assert part.start == start and part.count >= 1 and part.size >= 1
+        start += part.count * part.size
+    assert start == length
+
+
+# ---------------------------------------------------------------------------------------
+# merge_shape and kinds
+
+
+@MANY
+@hypothesis.given(shape=wkt.leaf_shapes(block_size=4, max_dims=5))
+def test_merge_shape_agrees_with_spec(shape):
+    merged = merge_shape(shape)
+    assert merged == expected_merge(shape)
+    assert math.prod(merged) == math.prod(shape)
+    assert len(merged) in (1, 2)
+
+
+@pytest.mark.parametrize(
+    "shape, merged",
+    [
+        ((), (1,)),
+        ((0,), (0,)),
+        ((7,), (7,)),
+        ((1, 7), (7,)),
+        ((7, 1), (7,)),
+        ((1, 1), (1,)),
+        ((0, 0), (0,)),
+        ((0, 5), (0, 5)),
+        ((5, 0), (5, 0)),
+        ((3, 4), (3, 4)),
+        ((1, 1, 9, 1), (9,)),
+        ((2, 3, 4), (6, 4)),  # ratios 12/2=6, 6/4=1.5
+        ((4, 3, 2), (4, 6)),  # ratios 6/4=1.5, 12/2=6
+        ((2, 2, 2, 2), (4, 4)),
+        ((3, 3, 8, 16), (72, 16)),  # ratios 384/3, 144/9, 72/16=4.5
+        ((2, 8, 2), (2, 16)),  # ties (2, 16) and (16, 2): the first wins
+        ((2, 0, 3), (2, 0)),  # every split has a 0 side: the first wins
+    ],
+)
+def test_merge_shape_closed_forms(shape, merged):
+    assert merge_shape(shape) == merged == expected_merge(shape)
+
+
+@MANY
+@hypothesis.given(
+    data=st.data(),
+    block_size=wkt.block_sizes(1, 16),
+    k=wkt.pipeline_sizes(),
+)
+def test_leaf_kind_rules(data, block_size, k):
+    shape = data.draw(wkt.leaf_shapes(block_size=block_size))
+    max_size_dense = data.draw(st.integers(1, 3 * block_size))
+    plan = leaf_plan(shape, False, block_size, max_size_dense, k)
+    merged = expected_merge(shape)
+    kind, diag_left, diag_right = expected_kind(merged, max_size_dense)
+    assert plan.kind == kind
+    assert plan.merged == merged and plan.shape == shape
+    assert plan.batch == 1 and not plan.scanned and plan.block_size == block_size
+    if kind == LeafKind.LARGE:
+        assert (plan.diag_left, plan.diag_right) == (diag_left, diag_right)
+    if kind == LeafKind.DENSE:
+        assert not plan.diag_left and not plan.diag_right
+
+
+def test_leaf_kind_values():
+    assert (wk.DENSE_PATH, wk.LARGE_PATH, wk.ONE_D_PATH) == (0, 1, 2)
+    assert isinstance(wk.DENSE_PATH, int)
+
+
+# ---------------------------------------------------------------------------------------
+# tile plans
+
+
+def _check_dense(plan, batch: int, block_size: int):
+    rows, cols = plan.merged
+    assert_parts_contiguous(plan.row_parts, rows)
+    assert_parts_contiguous(plan.col_parts, cols)
+    row_sides, col_sides = parts_sides(plan.row_parts), parts_sides(plan.col_parts)
+    assert row_sides == expected_sides(rows, block_size)
+    assert col_sides == expected_sides(cols, block_size)
+    # one group per (row part, col part), row-major
+    assert [(g.row_part, g.col_part) for g in plan.groups] == [
+        (rp, cp) for rp in plan.row_parts for cp in plan.col_parts
+    ]
+    tiles = batch * len(row_sides) * len(col_sides)
+    assert plan.tiles_per_layer == len(row_sides) * len(col_sides)
+    assert plan.strips == plan.stack == tiles
+    area = sum(
+        batch * g.row_part.count * g.col_part.count * g.row_part.size * g.col_part.size
+        for g in plan.groups
+    )
+    assert area == batch * rows * cols == batch * math.prod(plan.shape)
+    for g in plan.groups:
+        stored_rows, stored_cols = g.bucket
+        assert stored_rows == expected_stored(g.row_part.size, block_size)
+        assert stored_cols == expected_stored(g.col_part.size, block_size)
+        for valid, stored in ((g.row_part.size, stored_rows), (g.col_part.size, stored_cols)):
+            assert valid <= stored <= block_size
+            assert stored == block_size or stored % 8 == 0
+            assert stored - valid < 8
+
+
+def _check_large(plan, batch: int, block_size: int, k: int):
+    rows, cols = plan.merged
+    if plan.diag_left and plan.diag_right:
+        assert plan.row_parts == plan.col_parts == ()
+        assert plan.strip_side == 0
+        assert plan.strips == batch
+        area = batch * rows * cols
+    elif plan.diag_left:
+        assert plan.row_parts == ()
+        assert_parts_contiguous(plan.col_parts, cols)
+        assert parts_sides(plan.col_parts) == expected_sides(cols, block_size)
+        assert plan.strips == batch * math.ceil(cols / block_size)
+        assert plan.strip_side == expected_stored(min(cols, block_size), block_size)
+        area = batch * rows * sum(parts_sides(plan.col_parts))
+    else:
+        assert plan.col_parts == ()
+        assert_parts_contiguous(plan.row_parts, rows)
+        assert parts_sides(plan.row_parts) == expected_sides(rows, block_size)
+        assert plan.strips == batch * math.ceil(rows / block_size)
+        assert plan.strip_side == expected_stored(min(rows, block_size), block_size)
+        area = batch * cols * sum(parts_sides(plan.row_parts))
+    assert area == batch * math.prod(plan.shape)
+    assert plan.stack == smallest_multiple_at_least(plan.strips, k)
+    assert plan.groups == ()
+
+
+def _check_leaf(plan, batch: int, block_size: int, k: int):
+    if plan.kind == LeafKind.DENSE:
+        _check_dense(plan, batch, block_size)
+    elif plan.kind == LeafKind.LARGE:
+        _check_large(plan, batch, block_size, k)
+    else:
+        assert plan.merged == (math.prod(plan.shape),)
+        assert plan.groups == () and plan.strips == 0
+        assert plan.stack == batch  # 1-D leaves are not stacked across leaves
+
+
+@MANY
+@hypothesis.given(
+    data=st.data(),
+    block_size=wkt.block_sizes(1, 16),
+    k=wkt.pipeline_sizes(),
+)
+def test_leaf_plan_tiles_cover_the_leaf(data, block_size, k):
+    shape = data.draw(wkt.leaf_shapes(block_size=block_size))
+    max_size_dense = data.draw(st.integers(1, 3 * block_size))
+    plan = leaf_plan(shape, False, block_size, max_size_dense, k)
+    _check_leaf(plan, 1, block_size, k)
+
+
+@MANY
+@hypothesis.given(
+    data=st.data(),
+    block_size=wkt.block_sizes(1, 16),
+    k=wkt.pipeline_sizes(),
+)
+def test_scanned_plan_is_the_layer_plan_stacked(data, block_size, k):
+    shape = data.draw(wkt.scanned_shapes(block_size=block_size, min_layers=0, max_layers=4))
+    max_size_dense = data.draw(st.integers(1, 3 * block_size))
+    plan = leaf_plan(shape, True, block_size, max_size_dense, k)
+    layer = leaf_plan(shape[1:], False, block_size, max_size_dense, k)
+    assert plan.scanned and plan.batch == shape[0] and plan.shape == shape[1:]
+    assert (plan.kind, plan.merged, plan.diag_left, plan.diag_right) == (
+        layer.kind,
+        layer.merged,
+        layer.diag_left,
+        layer.diag_right,
+    )
+    assert (plan.row_parts, plan.col_parts, plan.groups, plan.strip_side) == (
+        layer.row_parts,
+        layer.col_parts,
+        layer.groups,
+        layer.strip_side,
+    )
+    if plan.kind != LeafKind.ONE_D:
+        assert plan.strips == shape[0] * layer.strips
+    _check_leaf(plan, shape[0], block_size, k)
+
+
+@pytest.mark.parametrize(
+    "shape, scanned, kind, merged, tiles",
+    [
+        ((), False, LeafKind.ONE_D, (1,), 0),
+        ((0,), False, LeafKind.ONE_D, (0,), 0),
+        ((0, 0), False, LeafKind.ONE_D, (0,), 0),
+        ((0, 5), False, LeafKind.DENSE, (0, 5), 0),
+        ((5, 0), False, LeafKind.DENSE, (5, 0), 0),
+        ((1, 0), False, LeafKind.DENSE, (1, 0), 0),
+        ((3, 0, 2, 2), False, LeafKind.DENSE, (3, 0), 0),
+        ((0, 4, 5), True, LeafKind.DENSE, (4, 5), 0),
+        ((3,), True, LeafKind.ONE_D, (1,), 0),
+        ((2, 0, 7), True, LeafKind.DENSE, (0, 7), 0),
+        ((9, 20), False, LeafKind.DENSE, (9, 20), 3 * 5),
+        ((2, 9, 20), True, LeafKind.DENSE, (9, 20), 2 * 3 * 5),
+    ],
+)
+def test_empty_and_scalar_leaves_are_planned(shape, scanned, kind, merged, tiles):
+    plan = leaf_plan(shape, scanned, 4, 100, 3)
+    assert (plan.kind, plan.merged, plan.strips) == (kind, merged, tiles)
+    tree = plan_tree((shape, (6, 6)), (scanned, False), 4, 100, 3)
+    assert sum(b.valid_count for b in tree.buckets) == tiles + 4
+
+
+@pytest.mark.parametrize("shape", [(0, 40), (40, 0), (40, 0, 3)])
+def test_empty_large_leaves_have_no_strips(shape):
+    plan = leaf_plan(shape, False, 4, 10, 3)
+    assert plan.kind == LeafKind.LARGE
+    assert plan.strips == plan.stack == 0
+
+
+def test_scanned_scalar_leaf_raises():
+    with pytest.raises(ValueError, match="scanned"):
+        leaf_plan((), True, 4, 100, 1)
+    with pytest.raises(ValueError, match="scanned"):
+        plan_tree(((3, 4), ()), (False, True), 4, 100, 1)
+    tx = wk.scale_by_quad(scanned_layers={"a": False, "b": True}, block_size=4)
+    with pytest.raises(ValueError, match="`scanned_layers`"):
+        tx.init({"a": jnp.zeros((3, 4)), "b": jnp.zeros(())})
+
+
+# ---------------------------------------------------------------------------------------
+# buckets and pipeline dummies over whole trees
+
+
+@st.composite
+def _trees(draw):
+    block_size = draw(wkt.block_sizes(1, 16))
+    max_size_dense = draw(st.integers(1, 3 * block_size))
+    k = draw(wkt.pipeline_sizes())
+    count = draw(st.integers(1, 6))
+    shapes, flags = [], []
+    for _ in range(count):
+        scanned = draw(st.booleans())
+        strategy = wkt.scanned_shapes if scanned else wkt.leaf_shapes
+        shapes.append(draw(strategy(block_size=block_size)))
+        flags.append(scanned)
+    return tuple(shapes), tuple(flags), block_size, max_size_dense, k
+
+
+@MANY
+@hypothesis.given(tree=_trees())
+def test_buckets_hold_every_real_tile_once_plus_dummies(tree):
+    shapes, flags, block_size, max_size_dense, k = tree
+    plan = plan_tree(shapes, flags, block_size, max_size_dense, k)
+    assert len(plan.leaves) == len(shapes)
+
+    # Every real dense tile, re-derived: (stored rows, stored cols, valid rows, valid cols).
+    expected = collections.Counter()
+    for shape, scanned in zip(shapes, flags, strict=True):
+        batch, layer = (shape[0], shape[1:]) if scanned else (1, shape)
+        merged = expected_merge(layer)
+        if expected_kind(merged, max_size_dense)[0] != LeafKind.DENSE:
+            continue
+        for r in expected_sides(merged[0], block_size):
+            for c in expected_sides(merged[1], block_size):
+                key = (expected_stored(r, block_size), expected_stored(c, block_size), r, c)
+                expected[key] += batch
+
+    got = collections.Counter()
+    seen_groups = set()
+    for bucket in plan.buckets:
+        assert bucket.valid_count == sum(s.count for s in bucket.segments) > 0
+        # pipeline dummies: the smallest multiple of k that holds the real tiles
+        assert bucket.stack == smallest_multiple_at_least(bucket.valid_count, k)
+        for seg in bucket.segments:
+            leaf = plan.leaves[seg.leaf]
+            group = leaf.groups[seg.group]
+            assert leaf.kind == LeafKind.DENSE
+            assert group.bucket == (bucket.rows, bucket.cols)
+            assert seg.count == leaf.batch * group.row_part.count * group.col_part.count
+            assert (seg.leaf, seg.group) not in seen_groups
+            seen_groups.add((seg.leaf, seg.group))
+            got[(bucket.rows, bucket.cols, group.row_part.size, group.col_part.size)] += seg.count
+    assert got == expected
+    sizes = [(b.rows, b.cols) for b in plan.buckets]
+    assert sizes == sorted(set(sizes))
+    assert sum(b.valid_count for b in plan.buckets) == sum(
+        p.strips for p in plan.leaves if p.kind == LeafKind.DENSE
+    )
+    for leaf in plan.leaves:
+        _check_leaf(leaf, leaf.batch, block_size, k)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_pipeline_dummies_closed_form(k):
+    # 20x20 with bs=8: valid sides 8, 8, 4 along each axis, all stored as 8 (a multiple of
+    # 8 capped at bs), so one bucket of 9 real 8x8 tiles.
+    plan = plan_tree(((20, 20),), (False,), 8, 100, k)
+    (bucket,) = plan.buckets
+    assert (bucket.rows, bucket.cols, bucket.valid_count) == (8, 8, 9)
+    assert bucket.stack == {1: 9, 2: 10, 3: 9, 8: 16}[k]
+    # a large 50x3 leaf (max_size_dense=10): one strip [50, 3] stored [50, 8]
+    plan = plan_tree(((50, 3),), (False,), 8, 10, k)
+    (leaf,) = plan.leaves
+    assert (leaf.diag_left, leaf.diag_right, leaf.strips, leaf.strip_side) == (True, False, 1, 8)
+    assert leaf.stack == k
+
+
+# ---------------------------------------------------------------------------------------
+# the public strategies of `wkron_eqx.testing` keep their promises
+
+
+@MANY
+@hypothesis.given(
+    data=st.data(),
+    block_size=wkt.block_sizes(1, 16),
+    dims=st.tuples(st.integers(0, 5), st.integers(0, 5)).map(sorted),
+    allow_empty=st.booleans(),
+)
+def test_leaf_shapes_strategy_bounds(data, block_size, dims, allow_empty):
+    min_dims, max_dims = dims
+    shape = data.draw(
+        wkt.leaf_shapes(
+            block_size=block_size, min_dims=min_dims, max_dims=max_dims, allow_empty=allow_empty
+        )
+    )
+    max_side = max(3, 5 * block_size // 2)
+    assert min_dims <= len(shape) <= max_dims
+    assert all(0 <= d <= max_side for d in shape)
+    assert allow_empty or 0 not in shape
+    if len(shape) > 2:
+        assert math.prod(shape) <= max_side**2
+
+
+@MANY
+@hypothesis.given(
+    data=st.data(), layers=st.tuples(st.integers(0, 4), st.integers(0, 4)).map(sorted)
+)
+def test_scanned_shapes_strategy_bounds(data, layers):
+    shape = data.draw(wkt.scanned_shapes(block_size=4, min_layers=layers[0], max_layers=layers[1]))
+    assert layers[0] <= shape[0] <= layers[1] and len(shape) <= 4
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(data=st.data(), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
+def test_param_trees_and_nonfinite_gradients_strategies(data, dtype):
+    params, scanned = data.draw(wkt.param_trees(block_size=4, max_leaves=3, dtype=dtype))
+    assert list(params) == list(scanned) and 1 <= len(params) <= 3
+    for name, x in params.items():
+        assert x.dtype == dtype and isinstance(scanned[name], bool)
+        assert not scanned[name] or x.ndim >= 1
+    hypothesis.assume(any(x.size for x in params.values()))
+    poisoned = data.draw(wkt.nonfinite_gradients(params))
+    assert list(poisoned) == list(params)
+    bad = 0
+    for name, x in params.items():
+        y = poisoned[name]
+        assert y.shape == x.shape and y.dtype == x.dtype
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        finite = np.isfinite(y)
+        np.testing.assert_array_equal(y[finite], x[finite])
+        bad += int((~finite).sum())
+    assert bad >= 1
