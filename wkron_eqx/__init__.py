@@ -8,6 +8,7 @@ from ._layout import (
     LeafKind as LeafKind,
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
+from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
 from ._specs import get_opt_state_partition_specs as get_opt_state_partition_specs
 from ._state import (
     DenseState as DenseState,
