@@ -60,8 +60,8 @@ def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
                 Qr=constrain_stack(padded_identity(valid_cols, bucket.cols, scale, dtype), axis),
                 Ll=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
                 Lr=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
-                valid_rows=valid_rows,
-                valid_cols=valid_cols,
+                valid_rows=constrain_stack(valid_rows, axis),
+                valid_cols=constrain_stack(valid_cols, axis),
                 valid_count=bucket.valid_count,
                 block_size=config.block_size,
             )

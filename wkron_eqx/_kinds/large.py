@@ -64,8 +64,8 @@ def init(plan: LeafPlan, config: Config) -> LeafState:
         Qr=constrain_stack(_factor(valid_cols, right_side, plan.diag_right, config), axis),
         Ll=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
         Lr=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
-        valid_rows=valid_rows,
-        valid_cols=valid_cols,
+        valid_rows=constrain_stack(valid_rows, axis),
+        valid_cols=constrain_stack(valid_cols, axis),
     )
 
 

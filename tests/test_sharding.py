@@ -1,0 +1,233 @@
+"""Pipeline sharding: dummies, `get_opt_state_partition_specs`, and a 4-device mesh.
+
+The multi-device checks need `--xla_force_host_platform_device_count=4` before jax is
+imported, so they run once in a subprocess (`_sharded_run.py`, which prints its
+measurements as JSON) and the tests below assert on that report. The dummy and spec
+properties need no mesh and run here.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import wkron_eqx as wk
+import wkron_eqx.testing as wkt
+
+
+_HERE = pathlib.Path(__file__).parent
+_AXIS = "pp"
+
+
+@pytest.fixture(scope="module")
+def sharded_report() -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "")
+        + " --xla_force_host_platform_device_count=4"
+        + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    ).strip()
+    env.pop("JAX_PLATFORMS", None)
+    done = subprocess.run(
+        [sys.executable, str(_HERE / "_sharded_run.py")],
+        env=env,
+        cwd=_HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_updates_match_single_device(sharded_report):
+    cosines = sharded_report["min_cosine"]
+    assert sharded_report["devices"] == 4
+    assert set(cosines) == {
+        "dense", "conv", "large", "huge", "bias", "scalar", "stack", "stack_large"
+    }  # fmt: skip
+    for name, cosine in cosines.items():
+        assert cosine > 0.9999, name
+    assert sharded_report["finite_updates"]
+
+
+def test_stacked_factors_spread_over_four_devices(sharded_report):
+    placement = sharded_report["placement"]
+    # Every field of every dense bucket and of the three large leaves.
+    fields: dict[str, set[str]] = {}
+    for key in placement:
+        owner, field = key.split(".")
+        fields.setdefault(owner, set()).add(field)
+    assert {"leaves[large]", "leaves[huge]", "leaves[stack_large]"} < set(fields)
+    assert sum(owner.startswith("dense[") for owner in fields) >= 2
+    for owner, names in fields.items():
+        assert names == {"Ql", "Qr", "Ll", "Lr", "valid_rows", "valid_cols"}, owner
+    for name, p in placement.items():
+        stack = p["stack"]
+        assert stack % 4 == 0, name
+        assert p["devices"] == 4, name
+        assert p["shard_rows"] == [stack // 4] * 4, name
+        assert p["starts"] == [i * stack // 4 for i in range(4)], name
+        assert p["spec"].startswith(f"P('{_AXIS}'"), name
+
+
+def test_dummies_stay_zero_and_finite_on_the_mesh(sharded_report):
+    assert sharded_report["dummies_inert"]
+
+
+def test_momentum_follows_params_partition_specs(sharded_report):
+    mu = sharded_report["mu_spec"]
+    assert mu.pop("dense") == f"P('{_AXIS}', None)"
+    assert set(mu.values()) == {"P()"}
+
+
+def test_constraints_alone_agree_with_specs(sharded_report):
+    # Jitted without out_shardings, the state's own constraints place every array.
+    assert sharded_report["constraint_mismatch"] == {"init": [], "update": []}
+
+
+def test_constraints_alone_place_the_factors(sharded_report):
+    for where, paths in sharded_report["constraint_mismatch"].items():
+        assert all(p.endswith(("valid_rows", "valid_cols")) for p in paths), where
+
+
+def test_deprecated_with_mesh_context_is_detected(sharded_report):
+    assert f"P('{_AXIS}',)" in sharded_report["legacy_mesh_specs"]
+
+
+def test_explicit_mesh(sharded_report):
+    # `jax.make_mesh` defaults to Explicit axes: a clear error, and `auto_axes` works.
+    assert "need Auto axes" in sharded_report["explicit_error"]
+    auto = sharded_report["explicit_auto_axes"]
+    assert auto["min_cosine"] > 0.9999
+    assert all(spec.startswith(f"P('{_AXIS}'") for spec in auto["specs"])
+
+
+def test_serialised_sharded_state_resumes_bit_identically(sharded_report):
+    assert sharded_report["restored_shardings_equal"]
+    assert sharded_report["resume_bit_identical"]
+
+
+# -- dummies change nothing (no mesh needed) -------------------------------------------
+
+_DUMMY_CONFIG = dict(dtype=jnp.float32, noise_scale=0.0, max_size_dense=24, block_size=8, b1=0.0)
+
+
+@st.composite
+def _trees(draw):
+    """Shapes and scanned flags of a drawn params tree plus one large leaf."""
+    params, scanned = draw(wkt.param_trees(block_size=8, max_leaves=3))
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    shapes["large"], scanned["large"] = (draw(st.integers(25, 40)), draw(st.integers(2, 20))), False
+    return shapes, scanned
+
+
+def _run(shapes: dict, scanned: dict, pipeline_axis_size: int, grads: list):
+    tx = wk.scale_by_quad(
+        scanned_layers=scanned, pipeline_axis_size=pipeline_axis_size, **_DUMMY_CONFIG
+    )
+    state = tx.init({k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()})
+    update = jax.jit(tx.update)
+    outputs = []
+    for g in grads:
+        u, state = update(g, state)
+        outputs.append(u)
+    return outputs, state
+
+
+@hypothesis.settings(max_examples=4)
+@hypothesis.given(tree=_trees(), size=st.integers(2, 8))  # 1 is the baseline
+def test_dummies_change_nothing(tree, size):
+    shapes, scanned = tree
+    rng = np.random.default_rng(0)
+    grads = [
+        {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+        for _ in range(2)
+    ]
+    plain, plain_state = _run(shapes, scanned, 1, grads)
+    padded, padded_state = _run(shapes, scanned, size, grads)
+    for x in jax.tree.leaves((padded, padded_state)):
+        assert np.all(np.isfinite(x))
+    for u, v in zip(plain, padded, strict=True):
+        for k in shapes:
+            np.testing.assert_allclose(v[k], u[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    for a, b in zip(plain_state.dense, padded_state.dense, strict=True):
+        assert b.Ql.shape[0] % size == 0 and b.valid_count == a.valid_count
+        real = slice(None, a.valid_count)
+        for x, y in [(a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)]:
+            np.testing.assert_allclose(y[real], x[real], rtol=1e-6, atol=1e-6)
+            assert np.all(np.asarray(y[a.valid_count :]) == 0)
+    large, padded_large = plain_state.leaves["large"], padded_state.leaves["large"]
+    assert padded_large.stack % size == 0
+    for field in ("Ql", "Qr", "Ll", "Lr"):
+        x, y = getattr(large, field), getattr(padded_large, field)
+        np.testing.assert_allclose(y[: large.stack], x, rtol=1e-6, atol=1e-6)
+        assert np.all(np.asarray(y[large.stack :]) == 0)
+
+
+# -- get_opt_state_partition_specs mirrors the state -----------------------------------
+
+_SPEC_PARAMS = {
+    "dense": jax.ShapeDtypeStruct((40, 24), jnp.float32),
+    "large": jax.ShapeDtypeStruct((100, 20), jnp.float32),
+    "bias": jax.ShapeDtypeStruct((24,), jnp.float32),
+    "scalar": jax.ShapeDtypeStruct((), jnp.float32),
+    "stack": [jax.ShapeDtypeStruct((3, 16, 8), jnp.float32)],
+}
+
+
+def _mirror(specs, state, axis_name: str | None) -> int:
+    """Assert `specs` has the structure of `state` with PartitionSpec/None leaves;
+    return the number of arrays put on `axis_name`."""
+    sharded = []
+
+    def check(spec, x):
+        if spec is None:
+            assert jax.tree.leaves(x) == []
+            return
+        assert isinstance(x, jax.ShapeDtypeStruct)
+        assert len(spec) <= x.ndim
+        if axis_name is not None and len(spec) and spec[0] == axis_name:
+            sharded.append(x)
+
+    # `specs` must be a prefix of `state` whose every PartitionSpec meets one array and
+    # every None a leafless subtree (optax's EmptyState): the same structure.
+    jax.tree.map(check, specs, state, is_leaf=lambda x: isinstance(x, P) or x is None)
+    return len(sharded)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("scanned", [None, {"stack": True}])
+@pytest.mark.parametrize("pipeline", [None, _AXIS])
+def test_specs_mirror_state(weight_decay, scanned, pipeline):
+    kwargs = dict(weight_decay=weight_decay, max_size_dense=64, block_size=16)
+    if scanned is not None:
+        kwargs["scanned_layers"] = {k: k in scanned for k in _SPEC_PARAMS}
+    if pipeline is not None:
+        kwargs |= dict(pipeline_axis_name=pipeline, pipeline_axis_size=4)
+    specs = wk.get_opt_state_partition_specs(_SPEC_PARAMS, **kwargs)
+    state = jax.eval_shape(wk.quad(**kwargs).init, _SPEC_PARAMS)
+    assert len(specs) == len(state) == (3 if weight_decay > 0 else 2)
+    assert all(s is None for s in specs[1:])
+    sharded = _mirror(specs, state, pipeline)
+    inner = state[0]
+    stacked = sum(len(jax.tree.leaves(d)) for d in inner.dense)
+    stacked += len(jax.tree.leaves(inner.leaves["large"]))
+    assert sharded == (0 if pipeline is None else stacked)
+
+
+def test_specs_default_arguments():
+    specs = wk.get_opt_state_partition_specs(_SPEC_PARAMS)
+    state = jax.eval_shape(wk.quad().init, _SPEC_PARAMS)
+    assert len(specs) == len(state) == 3
+    assert _mirror(specs, state, None) == 0
+    assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
