@@ -2,15 +2,21 @@
 section 3 in `numpy_reference.py`, over several steps, on every leaf kind.
 
 Tolerances. Ours runs in float32 (`dtype=jnp.float32`, `noise_scale=0`), the reference in
-float64, so updates and factors should agree to a few float32 ulps amplified by a few steps:
-`TOL` (relative to each array's max-abs) below. The one *algorithmic* difference is the
-Lipschitz statistic of a dense factor: ours bounds `||A||_2` from below by a few power
-iterations, the reference takes the exact norm. Power iteration converges geometrically in
-`lambda_2 / lambda_1`, so the "spiked" gradients (a fixed rank-1 direction plus small noise)
-used for the tight comparisons make `A` have a dominant eigenvalue and the bound exact to
-float32 precision. `test_generic_gradients` then uses plain Gaussian gradients, where the gap is
-small (the bound can be off by a few percent): there we assert the bound is a lower bound
-of the exact norm and that updates still agree to `GENERIC_TOL`, which is what the bound costs.
+float64, so updates, factors and Lipschitz estimates agree to float32 rounding amplified by a
+few steps: `TOL`, relative to each array's max-abs (observed: below 6e-6).
+
+The one *algorithmic* difference is the Lipschitz statistic of a dense factor: ours bounds
+`||A||_2` from below by power iteration, the reference takes the exact norm. Power iteration
+converges like `(lambda_2 / lambda_1)^k`, so the tight comparisons use "spiked" gradients (a
+fixed rank-1 direction per layer plus 3% noise) whose every tile has a dominant eigenvalue.
+That dominance fades as the preconditioner whitens the gradient (by the 4th step some
+estimates are 3e-5 low, up to 5e-4 for narrow edge tiles), hence `STEPS = 3`. Gaussian
+gradients give tiles whose top eigenvalues are close; there the bound is up to ~10% low, each
+step `lr / L` correspondingly longer, and the updates drift from the exact-norm derivation by
+a few percent (observed: 2.3% here, 4% with 8-wide tiles), which is `GENERIC_TOL`;
+`test_generic_gradients` checks that the bound is a lower bound and the updates stay within
+it. (Replacing the exact norm by the same power iteration in float64
+brings the Gaussian case down to 1e-6: the bound is the whole difference.)
 """
 
 import functools
@@ -22,12 +28,12 @@ import pytest
 
 import wkron_eqx as wk
 
-from .numpy_reference import merge_shape, ReferenceOptimizer
+from .numpy_reference import ReferenceOptimizer, merge_shape
 
 
 TOL = 2e-5
-GENERIC_TOL = 3e-2
-STEPS = 4
+GENERIC_TOL = 5e-2
+STEPS = 3
 
 _SCALE_BY = {"quad": wk.scale_by_quad, "skew": wk.scale_by_skew}
 
@@ -51,7 +57,7 @@ def _spiked(rng: np.random.Generator, shape, scanned: bool):
 
     def sample():
         scale = 1 + 0.3 * rng.standard_normal((batch, 1, 1))
-        g = scale * u * v + 0.003 * rng.standard_normal((batch, rows, cols))
+        g = scale * u * v + 0.03 * rng.standard_normal((batch, rows, cols))
         return g.reshape(shape).astype(np.float32)
 
     return sample
@@ -74,8 +80,8 @@ def _factor(Q, valid: int, diagonal: bool) -> np.ndarray:
 
 
 def _our_entries(state: wk.WhiteKronState, leaf_index: int):
-    """The factors of one leaf's entries in our state, as `(Ql, Qr, Ll, Lr)` cut to their
-    valid sizes (dense leaves: every real tile of every bucket, keyed by valid size)."""
+    """The factors of a leaf's entries in our state, as `(Ql, Qr, Ll, Lr)` cut to their valid
+    sizes. For a dense leaf: every real tile of every bucket, that is of all dense leaves."""
     leaf = jax.tree.leaves(state.leaves, is_leaf=lambda x: isinstance(x, wk.LeafState))[leaf_index]
     entries = []
     if leaf.kind == wk.DENSE_PATH:
@@ -142,6 +148,11 @@ def _match_entries(state, ref: ReferenceOptimizer, leaf_indices):
     return pairs
 
 
+def _cosine(a, b) -> float:
+    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **config):
     """Run ours and the reference side by side for `steps` steps from `count`.
 
@@ -153,7 +164,8 @@ def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **
 
     **Returns:**
 
-    `(worst update error, matched entry pairs)`.
+    `(worst update error, matched entry pairs)`; `_run.cosine` keeps the lowest cosine
+    similarity of an update with its reference.
     """
     shapes = [s for s, _ in leaves]
     scanned = tuple(f for _, f in leaves)
@@ -166,7 +178,7 @@ def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **
     ref = ReferenceOptimizer(rule, shapes, list(scanned), count=count, **config)
     if adjust is not None:
         state = adjust(state, ref)
-    worst = 0.0
+    worst, _run.cosine = 0.0, 1.0
     for _ in range(steps):
         grads = [sample() for sample in samplers]
         updates, state = update(tuple(jnp.asarray(g) for g in grads), state)
@@ -174,6 +186,8 @@ def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **
         for u, e in zip(updates, expected, strict=True):
             assert u.shape == e.shape and u.dtype == jnp.float32
             worst = max(worst, _rel(u, e))
+            if np.any(e):
+                _run.cosine = min(_run.cosine, _cosine(u, e))
     assert int(state.count) == count + steps
     return worst, _match_entries(state, ref, range(len(shapes)))
 
@@ -189,24 +203,24 @@ def _factor_errors(pairs) -> tuple[float, float]:
     return factor, lipschitz
 
 
-# Every leaf kind in one tree, so one compile per rule covers them all. With `block_size=8`
-# and `max_size_dense=24`:
+# Every leaf kind in one tree, so one compile per rule covers them all. With `block_size=16`
+# and `max_size_dense=32`:
 MIXED_LEAVES = (
     ((5, 7), False),  # dense, smaller than a tile
-    ((21, 19), False),  # dense, 3 x 3 tiles with edge tiles of 5 rows and 3 cols
-    ((3, 3, 2, 4), False),  # conv kernel, merged to 9 x 8
-    ((4, 6, 10), False),  # 3-D, merged to 24 x 10: 3 x 2 tiles
+    ((29, 21), False),  # dense, 2 x 2 tiles of 16 and 13 rows by 16 and 5 cols
+    ((3, 3, 4, 8), False),  # conv kernel, merged to 9 x 32: two tiles
+    ((4, 6, 10), False),  # 3-D, merged to 24 x 10: two tiles
     ((3, 20, 12), True),  # a scanned stack of three 20 x 12 layers
-    ((40, 10), False),  # large: diagonal left, dense strips of 8 and 2 columns
-    ((10, 40), False),  # large: diagonal right, dense strips of 8 and 2 rows
-    ((30, 40), False),  # large: both sides diagonal
+    ((40, 20), False),  # large: diagonal left, dense strips of 16 and 4 columns
+    ((10, 40), False),  # large: diagonal right, one dense strip of 10 rows
+    ((36, 40), False),  # large: both sides diagonal
     ((2, 40, 10), True),  # a scanned stack of large leaves
     ((13,), False),  # 1-D
     ((), False),  # 0-d
     ((1, 9), False),  # merged to 1-D
-    ((30,), False),  # 1-D, longer than max_size_dense
+    ((40,), False),  # 1-D, longer than max_size_dense
 )
-MIXED_CONFIG = dict(block_size=8, max_size_dense=24, b1=0.9)
+MIXED_CONFIG = dict(block_size=16, max_size_dense=32, b1=0.9)
 RULES = ("quad", "skew")
 
 
@@ -214,19 +228,11 @@ RULES = ("quad", "skew")
 def test_every_kind(rule):
     worst_update, pairs = _run(rule, MIXED_LEAVES, _spiked, **MIXED_CONFIG)
     worst_factor, worst_lipschitz = _factor_errors(pairs)
+    # dense tiles: 1 + 4 + 2 + 2 + 3 * 2; large: 2 + 1 + 1 + 2; 1-D: 4
+    assert len(pairs) == 15 + 6 + 4
     assert worst_update < TOL
     assert worst_factor < TOL
     assert worst_lipschitz < TOL
-
-
-@pytest.mark.parametrize("rule", RULES)
-def test_dense_tiles_of_block_size_16(rule):
-    # The 37 x 21 leaf of 3 x 2 tiles with a block size that is not the tile quantum.
-    leaves = (((37, 21), False), ((16, 16), False), ((17,), False))
-    worst_update, pairs = _run(rule, leaves, _spiked, block_size=16)
-    worst_factor, worst_lipschitz = _factor_errors(pairs)
-    assert len(pairs) == 3 * 2 + 1 + 1
-    assert max(worst_update, worst_factor, worst_lipschitz) < TOL
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -235,8 +241,8 @@ def test_options(rule):
     # `preconditioner_lr=0.3`, below 0.4: the step size stays 0.3 (the floor is min(lr, 0.4)).
     leaves = (((20, 12), False), ((40, 6), False), ((7,), False), ((), False))
     config = dict(
-        block_size=8,
-        max_size_dense=24,
+        block_size=16,
+        max_size_dense=32,
         b1=0.0,
         normalize_grads=True,
         lr_style=None,
@@ -290,12 +296,17 @@ def test_step_size_floor(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_generic_gradients(rule):
-    # Gaussian gradients: the top eigenvalues of a tile's statistic are close, so the power
-    # iteration bound of ||A||_2 is a few percent low. It must stay a lower bound (a larger
-    # estimate would mean a step past the Lipschitz limit) and the updates stay close.
-    worst_update, pairs = _run(rule, MIXED_LEAVES, _gaussian, **MIXED_CONFIG)
+    # Gaussian gradients: the top eigenvalues of a tile's statistic can be close, and the
+    # power-iteration bound of ||A||_2 then comes out up to ~10% low. After one step from
+    # L = 0, L is that bound itself and A is the same in both (up to float32 rounding): it
+    # must be a lower bound (a larger one would step past the Lipschitz limit), not far off.
+    _, pairs = _run(rule, MIXED_LEAVES, _gaussian, steps=1, **MIXED_CONFIG)
     for (_, _, Ll, Lr), e in pairs:
         assert 0.8 * e.Ll <= Ll <= (1 + TOL) * e.Ll
         if Lr is not None:
             assert 0.8 * e.Lr <= Lr <= (1 + TOL) * e.Lr
+    # A low L means a step `z = lr / L` up to ~10% longer, so factors and updates drift from
+    # the exact-norm derivation by a few percent; the updates still point the same way.
+    worst_update, pairs = _run(rule, MIXED_LEAVES, _gaussian, steps=4, **MIXED_CONFIG)
     assert worst_update < GENERIC_TOL
+    assert _run.cosine > 0.999

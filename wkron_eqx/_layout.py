@@ -194,9 +194,10 @@ class TreePlan(NamedTuple):
 
     @property
     def stacked_elements(self) -> int:
-        """Elements of every stacked gradient the factor update sees (noise is drawn for
-        exactly these): dense buckets, large-leaf strips and 1-D leaves."""
-        total = sum(b.stack * b.rows * b.cols for b in self.buckets)
+        """Elements of every real stacked entry the factor update sees (noise is drawn
+        for exactly these; pipeline dummies get none): dense tiles, large-leaf strips and
+        1-D leaves."""
+        total = sum(b.valid_count * b.rows * b.cols for b in self.buckets)
         for leaf in self.leaves:
             if leaf.kind == LeafKind.ONE_D:
                 total += leaf.batch * leaf.merged[0]
@@ -204,7 +205,7 @@ class TreePlan(NamedTuple):
                 rows, cols = leaf.merged
                 strip_rows = rows if leaf.diag_left else leaf.strip_side
                 strip_cols = cols if leaf.diag_right else leaf.strip_side
-                total += leaf.stack * strip_rows * strip_cols
+                total += leaf.strips * strip_rows * strip_cols
         return total
 
 

@@ -17,10 +17,21 @@ class NoiseSource:
         self._eps = jax.random.normal(key, (total,), dtype) * jnp.asarray(scale, dtype)
         self._cursor = 0
 
-    def add(self, x: Array, valid: Bool[Array, "..."] | None = None) -> Array:
-        """`x` plus the next `x.size` noise values, only where `valid` (default: all)."""
-        start, self._cursor = self._cursor, self._cursor + x.size
+    def add(
+        self, x: Array, valid: Bool[Array, "..."] | None = None, real: int | None = None
+    ) -> Array:
+        """`x` plus the next noise values, only where `valid` (default: everywhere).
+
+        Only the first `real` entries of the stack (default: all) draw noise; the rest
+        are pipeline dummies and get none, so padding never shifts the noise of a later
+        stack (a leaf's result does not depend on `pipeline_axis_size`).
+        """
+        real = x.shape[0] if real is None else real
+        size = real * x[0].size if x.ndim else x.size
+        start, self._cursor = self._cursor, self._cursor + size
         if self._cursor > self._eps.size:
             raise ValueError("NoiseSource ran out of noise; the plan's size is wrong.")
-        eps = self._eps[start : self._cursor].reshape(x.shape)
+        eps = self._eps[start : self._cursor].reshape((real,) + x.shape[1:])
+        if real < x.shape[0]:
+            eps = jnp.pad(eps, [(0, x.shape[0] - real)] + [(0, 0)] * (x.ndim - 1))
         return x + (eps if valid is None else jnp.where(valid, eps, 0))

@@ -106,7 +106,7 @@ def update_buckets(
             stacked_noisy = None
             if noise is not None:
                 valid = validity_mask(state.valid_rows, state.valid_cols, bucket.rows, bucket.cols)
-                stacked_noisy = noise.add(stacked, valid)
+                stacked_noisy = noise.add(stacked, valid, bucket.valid_count)
             out, factors = update_stack(
                 ctx, stacked, stacked_noisy, factors, state.valid_rows, state.valid_cols
             )

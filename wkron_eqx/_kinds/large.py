@@ -89,7 +89,7 @@ def update(
         if noise is not None:
             rows, cols = strips.shape[1:]
             valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
-            noisy_strips = noise.add(strips, valid)
+            noisy_strips = noise.add(strips, valid, plan.strips)
         out, factors = update_stack(
             ctx, strips, noisy_strips, factors, state.valid_rows, state.valid_cols
         )
