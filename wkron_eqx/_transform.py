@@ -87,9 +87,8 @@ def _partition_specs(config: Config, params: Params) -> list[PartitionSpec | Non
         return [None] * len(leaves)
     if isinstance(specs, PartitionSpec):
         return [specs] * len(leaves)
-    is_spec = lambda x: isinstance(x, PartitionSpec) or x is None
     try:
-        return list(treedef.flatten_up_to(jax.tree.map(lambda s: s, specs, is_leaf=is_spec)))
+        return list(treedef.flatten_up_to(specs))
     except (ValueError, TypeError) as e:
         raise ValueError(
             f"`params_partition_specs` must be a PartitionSpec or a tree of them matching "
@@ -169,28 +168,21 @@ def _precondition_all(
     refresh: bool,
     axis_name: str | None,
 ):
-    """Dispatch every non-empty leaf to its kind; return outputs and new factor states."""
-    outputs: list[Array] = list(views)
-    leaf_states = list(leaf_states)
+    """Dispatch every non-empty leaf to its kind; return outputs and new factor states.
+
+    Dense leaves go through the shared tile buckets, 1-D leaves through one fused
+    computation, large leaves one by one (each has its own stack of strips).
+    """
+    outputs, leaf_states = list(views), list(leaf_states)
     by_kind: dict[LeafKind, list[int]] = {kind: [] for kind in LeafKind}
     for i, p in enumerate(plan.leaves):
-        if views[i].size:
+        if views[i].size:  # zero-size leaves pass through unchanged
             by_kind[p.kind].append(i)
     pick = lambda kind: {i: views[i] for i in by_kind[kind]}
 
     dense_out, dense_states = dense.update_buckets(
-        ctx,
-        pick(LeafKind.DENSE),
-        noise,
-        dense_states,
-        plan,
-        refresh,
-        axis_name,
+        ctx, pick(LeafKind.DENSE), noise, dense_states, plan, refresh, axis_name
     )
-    for i in by_kind[LeafKind.LARGE]:
-        dense_out[i], leaf_states[i] = large.update(
-            ctx, views[i], noise, leaf_states[i], plan.leaves[i], refresh, axis_name
-        )
     one_d_out, one_d_states = one_d.update_all(
         ctx,
         pick(LeafKind.ONE_D),
@@ -202,6 +194,10 @@ def _precondition_all(
         outputs[i] = out
     for i, s in one_d_states.items():
         leaf_states[i] = s
+    for i in by_kind[LeafKind.LARGE]:
+        outputs[i], leaf_states[i] = large.update(
+            ctx, views[i], noise, leaf_states[i], plan.leaves[i], refresh, axis_name
+        )
     return outputs, dense_states, leaf_states
 
 
