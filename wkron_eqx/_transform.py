@@ -100,9 +100,13 @@ def _leaf_view(x: Array, plan: LeafPlan) -> Array:
     return x.reshape((plan.batch,) + plan.merged)
 
 
+def _expected_shape(s: LeafState) -> tuple[int, ...]:
+    return ((s.B,) if s.scanned else ()) + tuple(s.shape or ())
+
+
 def _check_matches(updates: Updates, leaf_states: list[LeafState], names: list[str]):
     for name, g, s in zip(names, jax.tree.leaves(updates), leaf_states, strict=True):
-        expected = ((s.B,) if s.scanned else ()) + tuple(s.shape or ())
+        expected = _expected_shape(s)
         if tuple(g.shape) != expected:
             raise ValueError(
                 f"The update at {name} has shape {tuple(g.shape)}, but the optimizer state "
@@ -114,20 +118,37 @@ def _check_matches(updates: Updates, leaf_states: list[LeafState], names: list[s
             )
 
 
+def _structure_mismatch(updates: Updates, state_leaves: Any) -> ValueError:
+    """An error naming the leaves that one tree has and the other lacks."""
+    is_leaf_state = lambda x: isinstance(x, LeafState)
+    flat_state = jax.tree_util.tree_flatten_with_path(state_leaves, is_leaf=is_leaf_state)[0]
+    want = {jax.tree_util.keystr(p): _expected_shape(s) for p, s in flat_state}
+    have = {
+        jax.tree_util.keystr(p): tuple(jnp.shape(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(updates)[0]
+    }
+    details = []
+    if missing := [f"{k} (shape {v})" for k, v in want.items() if k not in have]:
+        details.append("it lacks " + ", ".join(missing))
+    if extra := [f"{k} (shape {v})" for k, v in have.items() if k not in want]:
+        details.append("the state has no leaf " + ", ".join(extra))
+    if not details:  # the same paths in other containers (a tuple for a list, ...)
+        state_def = jax.tree.structure(state_leaves, is_leaf=is_leaf_state)
+        details.append(f"its containers {jax.tree.structure(updates)} are not {state_def}")
+    return ValueError(
+        "The updates tree does not have the structure of the params the optimizer state "
+        f"was initialised with: {'; '.join(details)}."
+    )
+
+
 def _flatten_against_state(updates: Updates, state: WhiteKronState):
     leaves, treedef = jax.tree.flatten(updates)
     try:
         leaf_states = treedef.flatten_up_to(state.leaves)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "The updates tree does not have the structure of the params the optimizer state "
-            f"was initialised with: {e}"
-        ) from None
+    except (ValueError, TypeError):
+        raise _structure_mismatch(updates, state.leaves) from None
     if not all(isinstance(s, LeafState) for s in leaf_states):
-        raise ValueError(
-            "The updates tree does not have the structure of the params the optimizer state "
-            "was initialised with."
-        )
+        raise _structure_mismatch(updates, state.leaves)
     names = _path_names(updates)
     _check_matches(updates, leaf_states, names)
     return leaves, treedef, leaf_states
@@ -434,6 +455,22 @@ scale_by_skew.__doc__ = (
 )
 
 
+def _skip_whole_step(
+    chain: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+    """On a step the preconditioner skipped (non-finite gradient), the whole update is zero
+    (no weight decay) and the later transforms keep their state (a schedule's count)."""
+
+    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra_args):
+        new_updates, new_state = chain.update(updates, state, params, **extra_args)
+        skipped = new_state[0].skipped_steps != state[0].skipped_steps
+        new_updates = jax.tree.map(lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
+        rest = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), state[1:], new_state[1:])
+        return new_updates, (new_state[0], *rest)
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)  # pyright: ignore
+
+
 def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], name: str):
     @typing.no_type_check  # bad values get a ValueError, runtime type checker or not
     def optimizer(
@@ -482,7 +519,7 @@ def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], na
         if weight_decay > 0:
             parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
         parts.append(optax.scale_by_learning_rate(learning_rate))
-        return optax.chain(*parts)
+        return _skip_whole_step(optax.chain(*parts))
 
     optimizer.__name__ = optimizer.__qualname__ = name
     return optimizer
