@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from ._custom_types import ALLOWED_DTYPES
@@ -19,7 +20,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _fail(name: str, value: Any, allowed: str):
-    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+    hint = ""
+    if isinstance(value, jax.Array):
+        hint = (
+            " With `optax.inject_hyperparams`, name every argument but the injected ones in "
+            "`static_args` (array values of this one cannot be traced)."
+        )
+    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.{hint}")
 
 
 def _check_positive_int(name: str, value: Any):
@@ -122,6 +129,11 @@ class Config(eqx.Module):
 
 @typing.no_type_check
 def check_weight_decay(weight_decay):
-    """Validate the `weight_decay` argument of `quad` / `skew`."""
+    """Validate the `weight_decay` argument of `quad` / `skew`. A 0-d floating array
+    (e.g. injected by `optax.inject_hyperparams`, possibly traced) is accepted as is."""
+    if isinstance(weight_decay, jax.Array):
+        if weight_decay.ndim != 0 or not jnp.issubdtype(weight_decay.dtype, jnp.floating):
+            _fail("weight_decay", weight_decay, "a finite float >= 0 or a 0-d float array")
+        return
     if not (_is_number(weight_decay) and 0 <= weight_decay < math.inf):
         _fail("weight_decay", weight_decay, "a finite float >= 0")

@@ -12,17 +12,15 @@ from ._state import LeafState, WhiteKronState
 
 
 def _find_state(state: Any) -> WhiteKronState:
-    if isinstance(state, WhiteKronState):
-        return state
-    if isinstance(state, tuple):
-        for part in state:
-            try:
-                return _find_state(part)
-            except TypeError:
-                pass
+    """The one `WhiteKronState` anywhere in `state` (chains, wrappers, partitions)."""
+    is_state = lambda x: isinstance(x, WhiteKronState)
+    found = [x for x in jax.tree.leaves(state, is_leaf=is_state) if is_state(x)]
+    if len(found) == 1:
+        return found[0]
     raise TypeError(
-        "`preconditioner_stats` needs the state of `scale_by_quad`/`scale_by_skew`/"
-        f"`quad`/`skew` (a WhiteKronState, or a tuple holding one), got {type(state)}."
+        "`preconditioner_stats` needs an optimizer state that holds exactly one state of "
+        "`scale_by_quad`/`scale_by_skew`/`quad`/`skew` (a WhiteKronState); found "
+        f"{len(found)} in {type(state)}. Pass the part of the state you want."
     )
 
 
@@ -42,6 +40,18 @@ def _diag_condition(q: Float[Array, "s n"], valid: Int[Array, " s"]) -> Float[Ar
 
 def _condition(Q: Array, valid: Array) -> Array:
     return _diag_condition(Q, valid) if Q.ndim == 2 else _dense_condition(Q, valid)
+
+
+def _replan_max_size_dense(s: LeafState) -> int:
+    """A `max_size_dense` under which re-planning the leaf gives back its own kind and
+    diagonal sides (the configured value is not stored in the state)."""
+    if s.kind == LeafKind.DENSE:
+        return sys.maxsize
+    if s.kind == LeafKind.ONE_D or (s.diag_left and s.diag_right):
+        return 0
+    rows, cols = s.merged or (0, 0)
+    # one side is diagonal (longer than the configured limit), the other is not
+    return cols if s.diag_left else rows
 
 
 class _Stack(NamedTuple):
@@ -106,7 +116,7 @@ def preconditioner_stats(state: Any) -> Any:
             ((s.B,) if s.scanned else ()) + tuple(s.shape or ()),
             bool(s.scanned),
             int(s.block_size or 1),
-            sys.maxsize if s.kind == LeafKind.DENSE else 0,
+            _replan_max_size_dense(s),
             1,
         )
         for s in leaf_states

@@ -475,10 +475,10 @@ def _skip_whole_step(
 def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], name: str):
     @typing.no_type_check  # bad values get a ValueError, runtime type checker or not
     def optimizer(
-        learning_rate: float | Callable[[Any], Any] = 0.001,
+        learning_rate: float | Array | Callable[[Any], Any] = 0.001,
         lr_style: str | None = "adam",
         b1: float = 0.95,
-        weight_decay: float = 0.1,
+        weight_decay: float | Array = 0.1,
         weight_decay_mask: Any = None,
         normalize_grads: bool = False,
         max_size_dense: int = 16384,
@@ -517,7 +517,8 @@ def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], na
                 preconditioner_update_probability=preconditioner_update_probability,
             )
         ]
-        if weight_decay > 0:
+        # An array (from `optax.inject_hyperparams`) may be traced: always add it.
+        if isinstance(weight_decay, jax.Array) or weight_decay > 0:
             parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
         parts.append(optax.scale_by_learning_rate(learning_rate))
         return _skip_whole_step(optax.chain(*parts))
