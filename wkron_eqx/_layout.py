@@ -119,13 +119,14 @@ class LeafPlan(NamedTuple):
         return sum(g.row_part.count * g.col_part.count for g in self.groups)
 
 
-def _leaf_plan(
+def leaf_plan(
     shape: tuple[int, ...],
     scanned: bool,
     block_size: int,
     max_size_dense: int,
     pipeline_axis_size: int,
 ) -> LeafPlan:
+    """Plan one leaf: its kind, merged view and tiles or strips (see `plan_tree`)."""
     if scanned:
         if len(shape) == 0:
             raise ValueError("a scanned leaf needs a leading axis, got a 0-d leaf.")
@@ -232,17 +233,6 @@ def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple
     return tuple(buckets)
 
 
-def leaf_plan(
-    shape: tuple[int, ...],
-    scanned: bool,
-    block_size: int,
-    max_size_dense: int,
-    pipeline_axis_size: int,
-) -> LeafPlan:
-    """Plan one leaf (see `plan_tree`)."""
-    return _leaf_plan(shape, scanned, block_size, max_size_dense, pipeline_axis_size)
-
-
 @functools.lru_cache(maxsize=512)
 def plan_tree(
     shapes: tuple[tuple[int, ...], ...],
@@ -264,7 +254,7 @@ def plan_tree(
     A `TreePlan`: one `LeafPlan` per leaf and the dense tile buckets (`bucket_tiles`).
     """
     leaves = tuple(
-        _leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
+        leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
         for s, f in zip(shapes, scanned, strict=True)
     )
     return TreePlan(leaves, bucket_tiles(leaves, pipeline_axis_size))
