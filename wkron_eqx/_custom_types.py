@@ -1,4 +1,4 @@
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
@@ -6,7 +6,6 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 Params: TypeAlias = PyTree[ArrayLike]
 Updates: TypeAlias = PyTree[Array]
-DType: TypeAlias = Any
 Scalar: TypeAlias = Array
 
 ALLOWED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
