@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int, Shaped
 from ._layout import LeafPlan, Part
 
 
-def _pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
+def pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
     """Append zero entries along the leading (stack) axis up to `stack` entries."""
     extra = stack - x.shape[0]
     if extra == 0:
@@ -115,7 +115,7 @@ def cut_strips(x: Shaped[Array, "B m n"], plan: LeafPlan) -> Shaped[Array, "stac
     else:
         xt = jnp.swapaxes(x, 1, 2)
         strips = jnp.swapaxes(_strips_along_cols(xt, plan.row_parts, plan.strip_side), 1, 2)
-    return _pad_stack(strips, plan.stack)
+    return pad_stack(strips, plan.stack)
 
 
 def join_strips(strips: Shaped[Array, "stack r c"], plan: LeafPlan) -> Shaped[Array, "B m n"]:

@@ -9,7 +9,7 @@ them all. A tile's factors are sized to the tile (rounded up to `TILE_QUANTUM`),
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._blocking import padded_identity, tile, untile, validity_mask
+from .._blocking import pad_stack, padded_identity, tile, untile, validity_mask
 from .._config import Config
 from .._layout import Bucket, LeafPlan, TreePlan
 from .._noise import NoiseSource
@@ -71,9 +71,7 @@ def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
 
 def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None) -> Array:
     stacked = jnp.concatenate([tiles[s.leaf][s.group] for s in bucket.segments], axis=0)
-    if bucket.stack > bucket.valid_count:
-        stacked = jnp.pad(stacked, ((0, bucket.stack - bucket.valid_count), (0, 0), (0, 0)))
-    return constrain_stack(stacked, axis_name)
+    return constrain_stack(pad_stack(stacked, bucket.stack), axis_name)
 
 
 def update_buckets(
