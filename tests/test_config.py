@@ -6,7 +6,9 @@ import math
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import wkron_eqx as wk
@@ -164,3 +166,25 @@ def test_importing_the_package_does_not_import_hypothesis():
         "assert 'hypothesis' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_numpy_scalars_are_accepted_as_their_python_values():
+    params = {"w": jnp.ones((6, 5)), "b": jnp.ones(5)}
+    numpy_args = dict(
+        block_size=np.int64(8),
+        b1=np.float32(0.5),
+        learning_rate=np.float32(1e-2),
+        weight_decay=np.float32(0.1),
+        normalize_grads=np.bool_(True),
+        dtype=jnp.float32,
+    )
+    python_args = {k: v.item() if isinstance(v, np.generic) else v for k, v in numpy_args.items()}
+    with jax.numpy_dtype_promotion("standard"):  # optax's decay mixes Python floats
+        for make in (wk.quad, wk.skew):
+            a, b = make(**numpy_args), make(**python_args)
+            ua, _ = a.update(params, a.init(params), params)
+            ub, _ = b.update(params, b.init(params), params)
+            for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub), strict=True):
+                np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(ValueError, match="`block_size`"):
+        wk.quad(block_size=np.int64(0))

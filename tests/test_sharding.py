@@ -231,3 +231,11 @@ def test_specs_default_arguments():
     assert len(specs) == len(state) == 3
     assert _mirror(specs, state, None) == 0
     assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+
+
+def test_specs_follow_an_array_weight_decay():
+    # quad/skew always chain the decay for an array weight_decay (it may be injected)
+    params = {"w": jnp.ones((6, 5))}
+    for wd in (jnp.array(0.0), jnp.array(0.1), 0.0, 0.1):
+        specs = wk.get_opt_state_partition_specs(params, weight_decay=wd)
+        assert len(specs) == len(wk.quad(weight_decay=wd).init(params))

@@ -7,8 +7,15 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._custom_types import ALLOWED_DTYPES
+
+
+def python_scalar(x: Any) -> Any:
+    """A NumPy scalar (`np.float32(0.9)`, `np.int64(8)`, `np.bool_(True)`) as the Python
+    number it holds; anything else unchanged."""
+    return x.item() if isinstance(x, np.generic) else x
 
 
 def _is_number(x: Any) -> bool:

@@ -6,6 +6,5 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 Params: TypeAlias = PyTree[ArrayLike]
 Updates: TypeAlias = PyTree[Array]
-Scalar: TypeAlias = Array
 
 ALLOWED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))

@@ -7,7 +7,7 @@ import jax
 from jax.sharding import PartitionSpec
 from jaxtyping import ArrayLike, PyTree
 
-from ._config import check_weight_decay
+from ._config import check_weight_decay, python_scalar
 from ._layout import LeafKind
 from ._state import LeafState, WhiteKronState
 from ._transform import quad, scale_by_quad
@@ -66,8 +66,8 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     unknown = set(kwargs) - _QUAD_KWARGS
     if unknown:
         raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
-    weight_decay = kwargs.get(
-        "weight_decay", inspect.signature(quad).parameters["weight_decay"].default
+    weight_decay = python_scalar(
+        kwargs.get("weight_decay", inspect.signature(quad).parameters["weight_decay"].default)
     )
     check_weight_decay(weight_decay)
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
@@ -92,4 +92,6 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
         update_counter=replicated,  # pyright: ignore[reportArgumentType]
         skipped_steps=replicated,  # pyright: ignore[reportArgumentType]
     )
-    return (specs, None, None) if weight_decay > 0 else (specs, None)
+    # quad/skew always add the decay for an array weight_decay (it may be injected)
+    has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0
+    return (specs, None, None) if has_decay else (specs, None)

@@ -105,7 +105,8 @@ class LeafState(_Serialisable):
     - `nr`, `nc`: tile (or strip) counts along rows and cols.
     - `block_size`: the configured block size.
     - `diag_left`, `diag_right`: whether a side is diagonal.
-    - `stack`: entries in this leaf's stacked factors (strips plus pipeline dummies).
+    - `stack`: for a large leaf, entries in its stacked factors (strips plus pipeline
+      dummies); for a dense leaf, its real tiles; for a 1-D leaf, `B`.
     - `Ql`, `Qr`, `Ll`, `Lr`, `valid_rows`, `valid_cols`: the leaf's own factors
       (`None` where the kind has none). A diagonal factor is `[stack, length]`, a
       dense one `[stack, side, side]`.

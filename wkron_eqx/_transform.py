@@ -11,7 +11,7 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array
 
-from ._config import Config, check_arguments, check_weight_decay
+from ._config import Config, check_arguments, check_weight_decay, python_scalar
 from ._custom_types import Params, Updates
 from ._kinds import dense, large, one_d
 from ._kinds._factors import StepContext
@@ -415,6 +415,9 @@ def _factory(rule: AbstractRule):
             noise_scale=noise_scale,
             preconditioner_update_probability=preconditioner_update_probability,
         )
+        arguments = {k: python_scalar(v) for k, v in arguments.items()}
+        # Checked before building the Config, so that a value of the wrong type gets this
+        # ValueError even where a runtime type checker guards Config's annotations.
         check_arguments(**arguments)
         config = Config(**arguments)
         return scale_by_white_kron(rule, config)
@@ -493,6 +496,7 @@ def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], na
         noise_scale: float = 1e-9,
         preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
     ) -> optax.GradientTransformation:
+        weight_decay, learning_rate = python_scalar(weight_decay), python_scalar(learning_rate)
         check_weight_decay(weight_decay)
         if not callable(learning_rate) and not isinstance(learning_rate, jax.Array):
             if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate)):

@@ -1,9 +1,11 @@
 """LARGE_PATH: 2-D leaves with a side longer than `max_size_dense`.
 
 The long side gets a diagonal factor. If the other side is short, the leaf is cut
-into strips of `block_size` along it and each strip gets a dense factor for that
-side (sized to the strip, not to `block_size`); if both sides are long, both factors
-are diagonal and each layer is one entry.
+into strips of `block_size` along it and each strip gets a dense factor for that side;
+all strips of a leaf share one stack, so their width is the short side rounded up to
+`TILE_QUANTUM` when it is under `block_size` (a 50000x128 table gets 128x128 factors,
+not 256x256) and `block_size` otherwise (the last strip is then zero-padded). If both
+sides are long, both factors are diagonal and each layer is one entry.
 """
 
 import jax.numpy as jnp
