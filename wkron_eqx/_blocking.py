@@ -135,12 +135,21 @@ def side_sizes(parts: tuple[Part, ...], batch: int, stack: int) -> tuple[int, ..
     return sizes + (0,) * (stack - len(sizes))
 
 
+def valid_prefix(valid: Int[Array, " n"], side: int) -> Bool[Array, "n side"]:
+    """True on the first `valid[i]` of `side` positions of entry `i`."""
+    return jnp.arange(side)[None, :] < valid[:, None]
+
+
+def padded_ones(valid: Int[Array, " n"], side: int, scale: float, dtype) -> Float[Array, "n side"]:
+    """A diagonal factor: `scale` on the first `valid[i]` positions, exactly 0 elsewhere."""
+    return valid_prefix(valid, side).astype(dtype) * jnp.asarray(scale, dtype)
+
+
 def padded_identity(
     valid: Int[Array, " n"], side: int, scale: float, dtype
 ) -> Float[Array, "n side side"]:
     """`scale * I` on the first `valid[i]` rows/cols of entry `i`, exactly 0 elsewhere."""
-    index = jnp.arange(side)
-    diagonal = (index[None, :] < valid[:, None]).astype(dtype) * jnp.asarray(scale, dtype)
+    diagonal = padded_ones(valid, side, scale, dtype)
     return diagonal[:, :, None] * jnp.eye(side, dtype=dtype)[None]
 
 
@@ -148,6 +157,4 @@ def validity_mask(
     valid_rows: Int[Array, " n"], valid_cols: Int[Array, " n"], rows: int, cols: int
 ) -> Bool[Array, "n rows cols"]:
     """True exactly on the real (unpadded) elements of each `[rows, cols]` entry."""
-    row_ok = jnp.arange(rows)[None, :] < valid_rows[:, None]
-    col_ok = jnp.arange(cols)[None, :] < valid_cols[:, None]
-    return row_ok[:, :, None] & col_ok[:, None, :]
+    return valid_prefix(valid_rows, rows)[:, :, None] & valid_prefix(valid_cols, cols)[:, None, :]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from ._blocking import valid_prefix
 from ._layout import LeafKind, bucket_tiles, leaf_plan
 from ._state import LeafState, WhiteKronState
 
@@ -33,7 +34,7 @@ def _dense_condition(Q: Float[Array, "s n n"], valid: Int[Array, " s"]) -> Float
 
 
 def _diag_condition(q: Float[Array, "s n"], valid: Int[Array, " s"]) -> Float[Array, " s"]:
-    mask = jnp.arange(q.shape[1])[None, :] < valid[:, None]
+    mask = valid_prefix(valid, q.shape[1])
     a = jnp.abs(q.astype(jnp.float32))
     return jnp.max(jnp.where(mask, a, 0), axis=1) / jnp.min(jnp.where(mask, a, jnp.inf), axis=1)
 

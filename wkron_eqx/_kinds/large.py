@@ -11,7 +11,14 @@ sides are long, both factors are diagonal and each layer is one entry.
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._blocking import cut_strips, join_strips, padded_identity, side_sizes, validity_mask
+from .._blocking import (
+    cut_strips,
+    join_strips,
+    padded_identity,
+    padded_ones,
+    side_sizes,
+    validity_mask,
+)
 from .._config import Config
 from .._layout import LeafPlan
 from .._noise import NoiseSource
@@ -35,11 +42,7 @@ def _valid_sides(plan: LeafPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
     dtype, scale = config.compute_dtype, config.preconditioner_init_scale
-    if diagonal:
-        return (jnp.arange(side)[None, :] < valid[:, None]).astype(dtype) * jnp.asarray(
-            scale, dtype
-        )
-    return padded_identity(valid, side, scale, dtype)
+    return (padded_ones if diagonal else padded_identity)(valid, side, scale, dtype)
 
 
 def init(plan: LeafPlan, config: Config) -> LeafState:
