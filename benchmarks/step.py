@@ -85,12 +85,13 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
         for shapes in stacks
     ]
     extra = 3 if rule == "skew" else 2  # factor-update matmuls per dense side
+    # QUAD keeps its factors symmetric, so its grams are `Q Q`; Procrustes needs `Q^T Q`.
+    gram = (lambda Q: Q @ Q) if rule == "quad" else (lambda Q: jnp.swapaxes(Q, 1, 2) @ Q)
 
     def side(Q, A):
-        P = jnp.swapaxes(Q, 1, 2) @ Q
         for _ in range(extra):
             Q = A @ Q
-        return P, Q
+        return gram(Q), Q  # the output uses the gram of the NEW factor
 
     @jax.jit
     def floor(arrays):
@@ -98,11 +99,9 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
         for G, Ql, Qr in arrays:
             X = G
             if Ql is not None:
-                Pl = jnp.swapaxes(Ql, 1, 2) @ Ql
-                X = Pl @ X
+                X = gram(Ql) @ X
             if Qr is not None:
-                Pr = jnp.swapaxes(Qr, 1, 2) @ Qr
-                X = X @ Pr
+                X = X @ gram(Qr)
             if Ql is not None:
                 Pl2, Ql2 = side(Ql, X @ jnp.swapaxes(X, 1, 2))
                 G = Pl2 @ G

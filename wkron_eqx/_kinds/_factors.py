@@ -33,13 +33,16 @@ class StepContext(NamedTuple):
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
 
 
-def _gram(Q: Array) -> Array:
-    return Q * Q if Q.ndim == 1 else Q.T @ Q
+def _gram(Q: Array, symmetric: bool) -> Array:
+    if Q.ndim == 1:
+        return Q * Q
+    return Q @ Q if symmetric else Q.T @ Q
 
 
-def _apply(Ql: Array, Qr: Array, G: Array) -> Array:
-    """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor)."""
-    Pl, Pr = _gram(Ql), _gram(Qr)
+def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
+    """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor); `symmetric` says
+    that each dense `Q` equals its transpose."""
+    Pl, Pr = _gram(Ql, symmetric), _gram(Qr, symmetric)
     X = Pl[:, None] * G if Pl.ndim == 1 else Pl @ G
     return X * Pr[None, :] if Pr.ndim == 1 else X @ Pr
 
@@ -59,25 +62,25 @@ def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar
     return Q, L
 
 
-def _balance_scales(Ql: Array, Qr: Array) -> tuple[Scalar, Scalar]:
-    """Scales that give `Ql` and `Qr` the same max-abs entry (their geometric mean)."""
+def _balance(Ql: Array, Qr: Array) -> tuple[Array, Array]:
+    """Scale `Ql` and `Qr` to the same max-abs entry (the geometric mean of theirs)."""
     a = jnp.max(jnp.abs(Ql)).astype(jnp.float32)
     b = jnp.max(jnp.abs(Qr)).astype(jnp.float32)
     ok = (a > 0) & (b > 0)
     geo = jnp.sqrt(a * b)
-    return jnp.where(ok, geo / jnp.where(ok, a, 1), 1), jnp.where(ok, geo / jnp.where(ok, b, 1), 1)
+    left = jnp.where(ok, geo / jnp.where(ok, a, 1), 1).astype(Ql.dtype)
+    right = jnp.where(ok, geo / jnp.where(ok, b, 1), 1).astype(Qr.dtype)
+    return Ql * left, Qr * right
 
 
-def _no_scales(Ql: Array, Qr: Array) -> tuple[Scalar, Scalar]:
-    del Ql, Qr
-    return jnp.ones((), jnp.float32), jnp.ones((), jnp.float32)
+def _balance_stack(balance: Bool[Array, ""], Ql: Array, Qr: Array) -> tuple[Array, Array]:
+    # One `cond` for the whole stack: on the 99 steps in 100 that do not balance, the
+    # factors go to the matmuls untouched instead of through a full-size multiply.
+    return jax.lax.cond(balance, jax.vmap(_balance), lambda ql, qr: (ql, qr), Ql, Qr)
 
 
 def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
-    # Balancing is two scalars; the max-abs reductions only run on balancing steps.
-    left_scale, right_scale = jax.lax.cond(ctx.balance, _balance_scales, _no_scales, Ql, Qr)
-    Ql, Qr = Ql * left_scale.astype(Ql.dtype), Qr * right_scale.astype(Qr.dtype)
-    Pg = _apply(Ql, Qr, G if Gn is None else Gn)
+    Pg = _apply(Ql, Qr, G if Gn is None else Gn, ctx.rule.symmetric)
     # c = numel / side: for the left factor that is the number of valid columns.
     c_left = jnp.where(valid_rows > 0, valid_cols, 0).astype(jnp.float32)
     c_right = jnp.where(valid_cols > 0, valid_rows, 0).astype(jnp.float32)
@@ -85,7 +88,7 @@ def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols)
     A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
     Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
     Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
-    return _apply(Ql, Qr, G), (Ql, Qr, Ll, Lr)
+    return _apply(Ql, Qr, G, ctx.rule.symmetric), (Ql, Qr, Ll, Lr)
 
 
 def update_stack(
@@ -103,12 +106,15 @@ def update_stack(
 
     `(Pl' G Pr', new factors)` for the whole stack.
     """
+    Ql, Qr = _balance_stack(ctx.balance, factors.Ql, factors.Qr)
     out, new = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
-    )(G, Gn, *factors, valid_rows, valid_cols)
+    )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
     return out, Factors(*new)
 
 
-def apply_stack(G: Float[Array, "s r c"], factors: Factors) -> Float[Array, "s r c"]:
+def apply_stack(
+    rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors
+) -> Float[Array, "s r c"]:
     """Precondition with the current factors only (no noise, no factor update)."""
-    return jax.vmap(_apply)(factors.Ql, factors.Qr, G)
+    return jax.vmap(lambda ql, qr, g: _apply(ql, qr, g, rule.symmetric))(factors.Ql, factors.Qr, G)

@@ -111,7 +111,7 @@ def update_buckets(
             Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
             state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
         else:
-            out = apply_stack(stacked, factors)
+            out = apply_stack(ctx.rule, stacked, factors)
         offset = 0
         for seg in bucket.segments:
             tiles[seg.leaf][seg.group] = out[offset : offset + seg.count]

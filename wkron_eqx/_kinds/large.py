@@ -101,5 +101,5 @@ def update(
         Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)  # pyright: ignore
         state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
     else:
-        out = apply_stack(strips, factors)
+        out = apply_stack(ctx.rule, strips, factors)
     return join_strips(out, plan), state

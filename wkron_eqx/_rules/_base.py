@@ -18,6 +18,10 @@ class AbstractRule(eqx.Module):
 
     # `z = step_scale * lr / L`: QUAD takes half steps, Procrustes full ones.
     step_scale: eqx.AbstractClassVar[float]
+    # Whether `dense` returns a bitwise-symmetric `Q` whenever it is given one (the
+    # padded identity it starts from is). Then `Q^T Q` is computed as `Q Q`, which XLA's
+    # CPU matmul runs about 30% faster than a product with a transposed operand.
+    symmetric: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def dense(

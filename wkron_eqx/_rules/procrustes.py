@@ -41,6 +41,7 @@ class Procrustes(AbstractRule):
     Diagonal: `q <- q (1 - z(A - c))`, with `z = lr / L`."""
 
     step_scale: ClassVar[float] = 1.0
+    symmetric: ClassVar[bool] = False
 
     def dense(
         self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar

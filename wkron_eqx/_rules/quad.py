@@ -13,6 +13,8 @@ class Quad(AbstractRule):
     Diagonal: `q <- q (1 - z(A - c))^2`, with `z = lr / (2L)`."""
 
     step_scale: ClassVar[float] = 0.5
+    # `(P + P^T) / 2` is symmetric bit for bit: float addition commutes.
+    symmetric: ClassVar[bool] = True
 
     def dense(
         self, Q: Float[Array, "n n"], A: Float[Array, "n n"], c: Scalar, z: Scalar
