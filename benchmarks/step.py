@@ -68,8 +68,9 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
     plan = plan_tree(tuple(x.shape for x in leaves), tuple(flags), 256, 16384, 1)
     rng = np.random.default_rng(0)
     stacks = []  # (G, Ql or None, Qr or None)
-    for bucket in plan.buckets:
-        t, r, c = bucket.stack, bucket.rows, bucket.cols
+    for group in plan.groups:  # the batched computations, as the step runs them
+        t = sum(plan.buckets[m.bucket].stack for m in group.members)
+        r, c = group.rows, group.cols
         stacks.append(((t, r, c), (t, r, r), (t, c, c)))
     for p in plan.leaves:
         if p.kind != LeafKind.LARGE or p.diag_left == p.diag_right:
@@ -85,31 +86,35 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
         for shapes in stacks
     ]
     extra = 3 if rule == "skew" else 2  # factor-update matmuls per dense side
-    # QUAD keeps its factors symmetric, so its grams are `Q Q`; Procrustes needs `Q^T Q`.
-    gram = (lambda Q: Q @ Q) if rule == "quad" else (lambda Q: jnp.swapaxes(Q, 1, 2) @ Q)
+    # QUAD keeps its factors symmetric (`Q^T` is `Q`); Procrustes needs the transpose.
+    T = (lambda Q: Q) if rule == "quad" else (lambda Q: jnp.swapaxes(Q, 1, 2))
 
-    def side(Q, A):
+    # `P X` and `X P` with `P = Q^T Q`, in the cheaper order for the shapes (as the step).
+    def left(Q, X):
+        return T(Q) @ (Q @ X) if X.shape[2] < X.shape[1] else (T(Q) @ Q) @ X
+
+    def right(X, Q):
+        return (X @ T(Q)) @ Q if X.shape[1] < X.shape[2] else X @ (T(Q) @ Q)
+
+    def update(Q, A):
         for _ in range(extra):
             Q = A @ Q
-        return gram(Q), Q  # the output uses the gram of the NEW factor
+        return Q
 
     @jax.jit
     def floor(arrays):
         outs = []
         for G, Ql, Qr in arrays:
-            X = G
+            X = G if Ql is None else left(Ql, G)
+            X = X if Qr is None else right(X, Qr)
             if Ql is not None:
-                X = gram(Ql) @ X
+                Ql = update(Ql, X @ jnp.swapaxes(X, 1, 2))
+                G = left(Ql, G)  # the output uses the NEW factors
+                outs.append(Ql)
             if Qr is not None:
-                X = X @ gram(Qr)
-            if Ql is not None:
-                Pl2, Ql2 = side(Ql, X @ jnp.swapaxes(X, 1, 2))
-                G = Pl2 @ G
-                outs.append(Ql2)
-            if Qr is not None:
-                Pr2, Qr2 = side(Qr, jnp.swapaxes(X, 1, 2) @ X)
-                G = G @ Pr2
-                outs.append(Qr2)
+                Qr = update(Qr, jnp.swapaxes(X, 1, 2) @ X)
+                G = right(G, Qr)
+                outs.append(Qr)
             outs.append(G)
         return outs
 

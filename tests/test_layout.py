@@ -427,3 +427,60 @@ def test_param_trees_and_nonfinite_gradients_strategies(data, dtype):
         np.testing.assert_array_equal(y[finite], x[finite])
         bad += int((~finite).sum())
     assert bad >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# Compute groups (buckets merged into padded batched computations)
+
+
+def _multiply_adds(rows: int, cols: int) -> int:
+    """Multiply-adds of one tile's factor update, re-derived: each side applied twice in
+    the cheaper order, both statistics, and two factor products per side."""
+    left = min(rows**3 + rows**2 * cols, 2 * rows**2 * cols)
+    right = min(cols**3 + rows * cols**2, 2 * rows * cols**2)
+    return 2 * (left + right) + rows**2 * cols + rows * cols**2 + 2 * (rows**3 + cols**3)
+
+
+@MANY
+@hypothesis.given(
+    sides=st.lists(
+        st.tuples(st.integers(1, 32), st.integers(1, 32), st.integers(1, 5)),
+        min_size=1,
+        max_size=10,
+        unique_by=lambda s: s[:2],
+    )
+)
+def test_groups_partition_buckets_within_budget(sides):
+    from wkron_eqx._layout import MERGE_BUDGET, Bucket, group_buckets
+
+    buckets = tuple(Bucket(8 * r, 8 * c, (), n, n) for r, c, n in sides)
+    groups = group_buckets(buckets)
+    members = [m for g in groups for m in g.members]
+    assert sorted(m.bucket for m in members) == list(range(len(buckets)))
+    padded = 0
+    for g in groups:
+        assert g.rows <= g.cols
+        for m in g.members:
+            b = buckets[m.bucket]
+            assert m.transposed == (b.rows > b.cols)
+            rows, cols = (b.cols, b.rows) if m.transposed else (b.rows, b.cols)
+            assert rows <= g.rows and cols <= g.cols
+        padded += sum(buckets[m.bucket].stack for m in g.members) * _multiply_adds(g.rows, g.cols)
+    exact = sum(b.stack * _multiply_adds(b.rows, b.cols) for b in buckets)
+    assert padded <= (1 + MERGE_BUDGET) * exact
+    # A bucket that is alone in its group is not padded.
+    for g in groups:
+        if len(g.members) == 1:
+            b = buckets[g.members[0].bucket]
+            assert (g.rows, g.cols) == (min(b.rows, b.cols), max(b.rows, b.cols))
+
+
+def test_groups_of_the_benchmark_trees():
+    # MLP 784-512-512-10: the 16x256 and 256x16 edge tiles share one computation.
+    mlp = plan_tree(((784, 512), (512, 512), (512, 10)), (False,) * 3, 256, 16384, 1)
+    assert [(g.rows, g.cols, len(g.members)) for g in mlp.groups] == [(16, 256, 2), (256, 256, 1)]
+    # Conv kernels 3-32-64-128-256 and a 256x10 head: eight buckets, three computations.
+    shapes = ((3, 3, 3, 32), (3, 3, 32, 64), (3, 3, 64, 128), (3, 3, 128, 256), (256, 10))
+    conv = plan_tree(shapes, (False,) * 5, 256, 16384, 1)
+    assert len(conv.buckets) == 8
+    assert sorted((g.rows, g.cols) for g in conv.groups) == [(64, 128), (128, 256), (256, 256)]

@@ -417,3 +417,52 @@ def test_scanned_layers_that_do_not_fit_raise(scanned_layers, path):
     with pytest.raises(ValueError, match=path) as info:
         wk.scale_by_quad(scanned_layers=scanned_layers).init(_layered_params())
     assert "scanned_layers" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# (h) compute groups: merging buckets into padded, possibly transposed, batched
+# computations is the same maths as one computation per bucket
+
+
+_GROUPED = {"a": (30, 5), "b": (5, 30), "c": (16, 16), "d": (3, 40), "e": (2, 12, 6)}
+_GROUPED_SCANNED = {"a": False, "b": False, "c": False, "d": False, "e": True}
+
+
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+def test_compute_groups_change_nothing(rule, monkeypatch):
+    from wkron_eqx import _layout
+
+    params = _zeros(_GROUPED)
+    grads = _gradients(params, steps=12)
+
+    def run():
+        _layout.plan_tree.cache_clear()
+        tx = SCALE_BY[rule](
+            dtype=jnp.float32,
+            block_size=16,
+            max_size_dense=64,
+            noise_scale=1e-3,
+            scanned_layers=_GROUPED_SCANNED,
+        )
+        return _run_steps(tx, grads)
+
+    grouped_updates, grouped_state = run()
+    plan = _layout.plan_tree(
+        tuple(x.shape for x in jax.tree.leaves(params)),
+        tuple(jax.tree.leaves(_GROUPED_SCANNED)),
+        16,
+        64,
+        1,
+    )
+    # The case really merges buckets, one of them transposed.
+    assert len(plan.groups) < len(plan.buckets)
+    assert any(m.transposed for g in plan.groups for m in g.members)
+    monkeypatch.setattr(_layout, "MERGE_BUDGET", -1.0)  # no merges at all
+    single_updates, single_state = run()
+    _layout.plan_tree.cache_clear()
+    for key, single in single_updates.items():
+        scale = float(jnp.max(jnp.abs(single)))
+        np.testing.assert_allclose(grouped_updates[key], single, rtol=1e-5, atol=1e-5 * scale)
+    for a, b in zip(grouped_state.dense, single_state.dense, strict=True):
+        for x, y in ((a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

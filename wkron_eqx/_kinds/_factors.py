@@ -33,18 +33,33 @@ class StepContext(NamedTuple):
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
 
 
-def _gram(Q: Array, symmetric: bool) -> Array:
+def _left(Q: Array, X: Array, symmetric: bool) -> Array:
+    """`Pl X` with `Pl = Q^T Q` (`q^2` for a diagonal factor).
+
+    The order of the products is chosen from the static shapes: with `X` of `n x m`,
+    `(Q^T Q) X` costs `n^3 + n^2 m` multiply-adds and `Q^T (Q X)` costs `2 n^2 m`, so a
+    factor wider than `X` is applied twice instead of forming its gram.
+    """
     if Q.ndim == 1:
-        return Q * Q
-    return Q @ Q if symmetric else Q.T @ Q
+        return (Q * Q)[:, None] * X
+    Qt = Q if symmetric else Q.T
+    n, m = X.shape
+    return Qt @ (Q @ X) if m < n else (Qt @ Q) @ X
+
+
+def _right(X: Array, Q: Array, symmetric: bool) -> Array:
+    """`X Pr` with `Pr = Q^T Q` (`q^2` for a diagonal factor); see `_left`."""
+    if Q.ndim == 1:
+        return X * (Q * Q)[None, :]
+    Qt = Q if symmetric else Q.T
+    m, n = X.shape
+    return (X @ Qt) @ Q if m < n else X @ (Qt @ Q)
 
 
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
     """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor); `symmetric` says
-    that each dense `Q` equals its transpose."""
-    Pl, Pr = _gram(Ql, symmetric), _gram(Qr, symmetric)
-    X = Pl[:, None] * G if Pl.ndim == 1 else Pl @ G
-    return X * Pr[None, :] if Pr.ndim == 1 else X @ Pr
+    that each dense `Q` equals its transpose, so `Q^T` is `Q` itself."""
+    return _right(_left(Ql, G, symmetric), Qr, symmetric)
 
 
 def _norm_bound(A: Array) -> Scalar:

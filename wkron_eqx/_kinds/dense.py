@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from .._blocking import pad_stack, padded_identity, tile, untile, validity_mask
 from .._config import Config
-from .._layout import Bucket, LeafPlan, TreePlan
+from .._layout import Bucket, ComputeGroup, LeafPlan, TreePlan
 from .._noise import NoiseSource
 from .._sharding import constrain_stack
 from .._state import DenseState, LeafState
@@ -74,6 +74,42 @@ def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None)
     return constrain_stack(pad_stack(stacked, bucket.stack), axis_name)
 
 
+def _fit(x: Array, transposed: bool, rows: int, cols: int) -> Array:
+    """A bucket's `[s, r, c]` stack (or `[s, c, r]` if `transposed`) zero-padded to the
+    group's `[s, rows, cols]`."""
+    if transposed:
+        x = jnp.swapaxes(x, 1, 2)
+    if x.shape[1:] == (rows, cols):
+        return x
+    return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
+
+
+def _unfit(x: Array, transposed: bool, rows: int, cols: int) -> Array:
+    """Undo `_fit` for a bucket whose stored stack is `[s, rows, cols]`."""
+    if transposed:
+        return jnp.swapaxes(x[:, :cols, :rows], 1, 2)
+    return x[:, :rows, :cols]
+
+
+def _group_inputs(group: ComputeGroup, states: tuple[DenseState, ...], arrays) -> list:
+    """Concatenate the members' `G`, `Gn`, factors and valid sides for one group, with
+    the left and right roles swapped for transposed members."""
+    parts = []
+    for m in group.members:
+        state = states[m.bucket]
+        left = (state.Ql, state.Ll, state.valid_rows)
+        right = (state.Qr, state.Lr, state.valid_cols)
+        if m.transposed:
+            left, right = right, left
+        G, Gn = (None if x is None else _fit(x, m.transposed, group.rows, group.cols)
+                 for x in arrays[m.bucket])  # fmt: skip
+        Ql = _fit(left[0], False, group.rows, group.rows)
+        Qr = _fit(right[0], False, group.cols, group.cols)
+        parts.append((G, Gn, Ql, Qr, left[1], right[1], left[2], right[2]))
+    join = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+    return [None if xs[0] is None else join(xs) for xs in zip(*parts, strict=True)]
+
+
 def update_buckets(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "_ _ _"]],
@@ -84,6 +120,9 @@ def update_buckets(
     axis_name: str | None,
 ) -> tuple[dict[int, Float[Array, "_ _ _"]], tuple[DenseState, ...]]:
     """Precondition every dense leaf; update the factors too when `refresh`.
+
+    Buckets are stored right-sized; each compute group of `plan.groups` is one batched
+    computation over its members, zero-padded to the group's size.
 
     **Arguments:**
 
@@ -96,26 +135,45 @@ def update_buckets(
     `(outputs, new buckets)`, the outputs keyed like `inputs`.
     """
     tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
-    new_buckets = []
+    arrays = []  # per bucket: (G, G + noise or None)
     for bucket, state in zip(plan.buckets, buckets, strict=True):
         stacked = _stack(tiles, bucket, axis_name)
-        factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
+        noisy = None
+        if refresh and noise is not None:
+            # Noise per bucket, before any grouping: a tile's noise is the same
+            # whichever group it is computed in.
+            valid = validity_mask(state.valid_rows, state.valid_cols, bucket.rows, bucket.cols)
+            noisy = noise.add(stacked, valid, bucket.valid_count)
+        arrays.append((stacked, noisy))
+    new_buckets = list(buckets)
+    for group in plan.groups:
+        G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols = _group_inputs(group, buckets, arrays)
+        factors = Factors(*(constrain_stack(f, axis_name) for f in (Ql, Qr, Ll, Lr)))
+        G = constrain_stack(G, axis_name)
         if refresh:
-            stacked_noisy = None
-            if noise is not None:
-                valid = validity_mask(state.valid_rows, state.valid_cols, bucket.rows, bucket.cols)
-                stacked_noisy = noise.add(stacked, valid, bucket.valid_count)
-            out, factors = update_stack(
-                ctx, stacked, stacked_noisy, factors, state.valid_rows, state.valid_cols
-            )
-            Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
-            state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
+            out, factors = update_stack(ctx, G, Gn, factors, valid_rows, valid_cols)
         else:
-            out = apply_stack(ctx.rule, stacked, factors)
+            out = apply_stack(ctx.rule, G, factors)
         offset = 0
-        for seg in bucket.segments:
-            tiles[seg.leaf][seg.group] = out[offset : offset + seg.count]
-            offset += seg.count
-        new_buckets.append(state)
+        for m in group.members:
+            bucket, state = plan.buckets[m.bucket], buckets[m.bucket]
+            part = slice(offset, offset + bucket.stack)
+            offset += bucket.stack
+            result = _unfit(out[part], m.transposed, bucket.rows, bucket.cols)
+            start = 0
+            for seg in bucket.segments:
+                tiles[seg.leaf][seg.group] = result[start : start + seg.count]
+                start += seg.count
+            if refresh:
+                left, right = bucket.rows, bucket.cols
+                if m.transposed:
+                    left, right = right, left
+                Ql = factors.Ql[part, :left, :left]
+                Qr = factors.Qr[part, :right, :right]
+                Ll, Lr = factors.Ll[part], factors.Lr[part]
+                if m.transposed:
+                    Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
+                Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in (Ql, Qr, Ll, Lr))
+                new_buckets[m.bucket] = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
     outputs = {i: untile(tuple(tiles[i]), plan.leaves[i]) for i in inputs}
     return outputs, tuple(new_buckets)
