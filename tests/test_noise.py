@@ -73,29 +73,41 @@ def test_streams_keys_and_entries_are_uncorrelated():
 def test_noise_source_masks_invalid_entries_and_dummies(dtype):
     x = jnp.zeros((4, 3, 5), dtype)
     valid = jnp.zeros((4, 3, 5), bool).at[:, :2, :4].set(True)
-    source = NoiseSource(jnp.int32(7), 0x5EED, 0.5)
-    out = np.asarray(source.add(x, valid, real=3), np.float32)
-    assert out.dtype == np.float32 and out.shape == (4, 3, 5)
+    total = 2 * 3 * 3 * 5  # two stacks of three real entries
+
+    def source():
+        return NoiseSource(jnp.int32(7), 0x5EED, 0.5, total)
+
+    first = source()
+    out = np.asarray(first.add(x, valid, real=3), np.float32)
+    assert out.shape == (4, 3, 5)
     assert np.all(out[:3, :2, :4] != 0)
     assert np.all(out[3] == 0) and np.all(out[:, 2, :] == 0) and np.all(out[:, :, 4] == 0)
-    # The next stack draws from a fresh stream; the same step gives the same values.
-    again = NoiseSource(jnp.int32(7), 0x5EED, 0.5)
-    np.testing.assert_array_equal(np.asarray(again.add(x, valid, real=3), np.float32), out)
-    assert not np.array_equal(np.asarray(source.add(x, valid, real=3), np.float32), out)
+    # The real entries' values are the scaled draw, in order.
+    draw = 0.5 * np.asarray(
+        standard_normal(jnp.uint32(0x5EED), jnp.uint32(7), 0, (total,), jnp.float32)
+    )
+    expected = draw[: 3 * 15].reshape(3, 3, 5)[:, :2, :4].astype(dtype)
+    np.testing.assert_array_equal(out[:3, :2, :4], np.asarray(expected, np.float32))
+    # The next stack continues the draw; the same step gives the same values.
+    np.testing.assert_array_equal(np.asarray(source().add(x, valid, real=3), np.float32), out)
+    second = np.asarray(first.add(x, valid, real=3), np.float32)
+    assert not np.array_equal(second, out)
     # A dummy appended at the end does not move a real entry's noise.
-    wider = NoiseSource(jnp.int32(7), 0x5EED, 0.5).add(
+    wider = source().add(
         jnp.zeros((6, 3, 5), dtype), jnp.pad(valid, ((0, 2), (0, 0), (0, 0))), real=3
     )
     np.testing.assert_array_equal(np.asarray(wider, np.float32)[:4], out)
+    with pytest.raises(ValueError, match="ran out of noise"):
+        first.add(x, valid, real=3)
 
 
-def test_noise_is_fused_not_drawn_by_jax_random():
-    """The compiled step has no separate random-bits kernel: no `threefry2x32` call and
-    no array-sized while loop."""
+def test_noise_is_one_fused_kernel_not_jax_random():
+    """The compiled draw has no `threefry2x32` call and no array-sized while loop."""
     x = jnp.zeros((8, 64, 64))
 
     def f(x, t):
-        return NoiseSource(t, 1, 1e-3).add(x)
+        return NoiseSource(t, 1, 1e-3, x.size).add(x)
 
     text = jax.jit(f).lower(x, jnp.int32(0)).as_text()
     assert "threefry" not in text and "while" not in text

@@ -1,12 +1,10 @@
-"""The exploration noise of a factor update, generated where it is added.
+"""The exploration noise of a factor update: one fused draw per step for the whole tree.
 
 `jax.random.normal` over every stacked entry was the single most expensive part of a
-step on CPU (its Threefry rounds run as a rolled loop that writes two full-size arrays
-per round, and it hashes once per output word). Here each entry's noise is a pure
-function of `(step, stream, flat index)`: a Threefry-2x32 hash written out as plain
-integer ops, so XLA fuses hash, inverse-CDF transform, mask and add into the one
-elementwise pass that forms `G + noise`. Nothing of the size of the stack is written
-besides the result.
+step on CPU: its Threefry rounds run as a rolled loop that writes two full-size arrays
+per round, and it hashes once per output word anyway. Here entry `i` of a step's draw
+is a pure function of `(step, i)`: a Threefry-2x32 hash written out as plain integer
+ops, which XLA fuses with the inverse-CDF transform into one elementwise kernel.
 """
 
 import math
@@ -73,30 +71,32 @@ def standard_normal(
 
 
 class NoiseSource:
-    """`noise_scale * N(0, 1)` for each stack of one step.
+    """Hands out consecutive slices of one `noise_scale * N(0, 1)` draw per step.
 
-    Stacks are numbered in the order they ask (`stream`); the order is fixed by the
-    static plan, so the result is a pure function of the step. Pipeline dummies sit at
-    the end of a stack and are masked out, so padding never changes a real entry's
-    noise.
+    The draw is one fused kernel (hash, inverse CDF, scale) over every real stacked
+    entry, so its code is compiled once however many stacks there are. The cursor is
+    trace-time bookkeeping: the slices are static, so the result is a pure function of
+    the step. Pipeline dummies sit at the end of a stack and draw nothing, so padding
+    never changes a real entry's noise.
     """
 
-    def __init__(self, step: Array, seed: int, scale: float):
-        self._k0 = jnp.uint32(seed)
-        self._k1 = jnp.asarray(step).astype(jnp.uint32)
-        self._scale = scale
-        self._stream = 0
+    def __init__(self, step: Array, seed: int, scale: float, total: int):
+        k1 = jnp.asarray(step).astype(jnp.uint32)
+        self._eps = standard_normal(jnp.uint32(seed), k1, 0, (total,), jnp.float32)
+        self._eps = self._eps * np.float32(scale)
+        self._cursor = 0
 
     def add(
         self, x: Array, valid: Bool[Array, "..."] | None = None, real: int | None = None
     ) -> Array:
-        """`x` plus noise, only where `valid` (default: everywhere) and only in the
-        first `real` entries of the stack (default: all)."""
-        eps = standard_normal(self._k0, self._k1, self._stream, x.shape, jnp.float32)
-        self._stream += 1
-        keep = valid
-        if real is not None and real < x.shape[0]:
-            live = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) < real
-            keep = live if keep is None else keep & live
-        eps = (eps * np.float32(self._scale)).astype(x.dtype)
-        return x + (eps if keep is None else jnp.where(keep, eps, 0))
+        """`x` plus the next noise values, only where `valid` (default: everywhere) and
+        only in the first `real` entries of the stack (default: all)."""
+        real = x.shape[0] if real is None else real
+        size = real * math.prod(x.shape[1:])
+        start, self._cursor = self._cursor, self._cursor + size
+        if self._cursor > self._eps.size:
+            raise ValueError("NoiseSource ran out of noise; the plan's size is wrong.")
+        eps = self._eps[start : self._cursor].reshape((real,) + x.shape[1:]).astype(x.dtype)
+        if real < x.shape[0]:
+            eps = jnp.pad(eps, [(0, x.shape[0] - real)] + [(0, 0)] * (x.ndim - 1))
+        return x + (eps if valid is None else jnp.where(valid, eps, 0))

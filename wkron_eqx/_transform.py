@@ -304,7 +304,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             def run():
                 noise = None
                 if refresh and config.noise_scale > 0 and plan.stacked_elements:
-                    noise = NoiseSource(t, _NOISE_SEED, config.noise_scale)
+                    noise = NoiseSource(t, _NOISE_SEED, config.noise_scale, plan.stacked_elements)
                 return _precondition_all(
                     ctx, views, noise, state.dense, leaf_states, plan, refresh, axis
                 )

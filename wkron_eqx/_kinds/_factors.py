@@ -58,7 +58,8 @@ def _right(X: Array, Q: Array, symmetric: bool) -> Array:
 
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
     """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor); `symmetric` says
-    that each dense `Q` equals its transpose, so `Q^T` is `Q` itself."""
+    that each dense `Q` equals its transpose, so `Q^T` is `Q` itself.
+    """
     return _right(_left(Ql, G, symmetric), Qr, symmetric)
 
 
