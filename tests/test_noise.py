@@ -111,3 +111,22 @@ def test_noise_is_one_fused_kernel_not_jax_random():
 
     text = jax.jit(f).lower(x, jnp.int32(0)).as_text()
     assert "threefry" not in text and "while" not in text
+
+
+def test_a_step_hashes_once_however_many_stacks():
+    """The compiled step holds one copy of the hash: XLA must not fuse it into each
+    stack's consumer (that multiplied compile time by the number of stacks)."""
+    import wkron_eqx as wk
+
+    params = {
+        "a": jnp.zeros((30, 5)),
+        "b": jnp.zeros((5, 30)),
+        "c": jnp.zeros((16, 16)),
+        "d": jnp.zeros((200, 3)),
+        "e": jnp.zeros((7,)),
+    }
+    tx = wk.scale_by_quad(block_size=16, max_size_dense=64, dtype=jnp.float32)
+    state = tx.init(params)
+    text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+    hashing = [block for block in text.split("\n\n") if " xor(" in block]
+    assert len(hashing) == 1

@@ -81,9 +81,18 @@ class NoiseSource:
     """
 
     def __init__(self, step: Array, seed: int, scale: float, total: int):
-        k1 = jnp.asarray(step).astype(jnp.uint32)
-        self._eps = standard_normal(jnp.uint32(seed), k1, 0, (total,), jnp.float32)
-        self._eps = self._eps * np.float32(scale)
+        step = jnp.asarray(step)
+
+        def draw():
+            k1 = step.astype(jnp.uint32)
+            eps = standard_normal(jnp.uint32(seed), k1, 0, (total,), jnp.float32)
+            return eps * np.float32(scale)
+
+        # The draw sits in its own computation (a `cond` whose other branch is never
+        # taken: steps count up from 0) so that it is materialised once. Inline, XLA
+        # fuses the whole hash into every consumer slice and compiles and runs it once
+        # per stack; `optimization_barrier` does not stop that on CPU.
+        self._eps = jax.lax.cond(step >= 0, draw, lambda: jnp.zeros((total,), jnp.float32))
         self._cursor = 0
 
     def add(
