@@ -89,20 +89,16 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
     # QUAD keeps its factors symmetric (`Q^T` is `Q`); Procrustes needs the transpose.
     T = (lambda Q: Q) if rule == "quad" else (lambda Q: jnp.swapaxes(Q, 1, 2))
 
-    # Products accumulate in float32 and are rounded to the dtype, as the step's.
-    def mm(a, b):
-        return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
-
     # `P X` and `X P` with `P = Q^T Q`, in the cheaper order for the shapes (as the step).
     def left(Q, X):
-        return mm(T(Q), mm(Q, X)) if X.shape[2] < X.shape[1] else mm(mm(T(Q), Q), X)
+        return T(Q) @ (Q @ X) if X.shape[2] < X.shape[1] else (T(Q) @ Q) @ X
 
     def right(X, Q):
-        return mm(mm(X, T(Q)), Q) if X.shape[1] < X.shape[2] else mm(X, mm(T(Q), Q))
+        return (X @ T(Q)) @ Q if X.shape[1] < X.shape[2] else X @ (T(Q) @ Q)
 
     def update(Q, A):
         for _ in range(extra):
-            Q = mm(A, Q)
+            Q = A @ Q
         return Q
 
     @jax.jit
@@ -112,11 +108,11 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
             X = G if Ql is None else left(Ql, G)
             X = X if Qr is None else right(X, Qr)
             if Ql is not None:
-                Ql = update(Ql, mm(X, jnp.swapaxes(X, 1, 2)))
+                Ql = update(Ql, X @ jnp.swapaxes(X, 1, 2))
                 G = left(Ql, G)  # the output uses the NEW factors
                 outs.append(Ql)
             if Qr is not None:
-                Qr = update(Qr, mm(jnp.swapaxes(X, 1, 2), X))
+                Qr = update(Qr, jnp.swapaxes(X, 1, 2) @ X)
                 G = right(G, Qr)
                 outs.append(Qr)
             outs.append(G)

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
-from .._linalg import mm
 from .._rules import AbstractRule, track_lipschitz
 from .._rules.norms import spectral_norm_lower_bound
 
@@ -45,7 +44,7 @@ def _left(Q: Array, X: Array, symmetric: bool) -> Array:
         return (Q * Q)[:, None] * X
     Qt = Q if symmetric else Q.T
     n, m = X.shape
-    return mm(Qt, mm(Q, X)) if m < n else mm(mm(Qt, Q), X)
+    return Qt @ (Q @ X) if m < n else (Qt @ Q) @ X
 
 
 def _right(X: Array, Q: Array, symmetric: bool) -> Array:
@@ -54,7 +53,7 @@ def _right(X: Array, Q: Array, symmetric: bool) -> Array:
         return X * (Q * Q)[None, :]
     Qt = Q if symmetric else Q.T
     m, n = X.shape
-    return mm(mm(X, Qt), Q) if m < n else mm(X, mm(Qt, Q))
+    return (X @ Qt) @ Q if m < n else X @ (Qt @ Q)
 
 
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
@@ -101,8 +100,8 @@ def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols)
     # c = numel / side: for the left factor that is the number of valid columns.
     c_left = jnp.where(valid_rows > 0, valid_cols, 0).astype(jnp.float32)
     c_right = jnp.where(valid_cols > 0, valid_rows, 0).astype(jnp.float32)
-    A_left = jnp.sum(Pg * Pg, axis=1) if Ql.ndim == 1 else mm(Pg, Pg.T)
-    A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else mm(Pg.T, Pg)
+    A_left = jnp.sum(Pg * Pg, axis=1) if Ql.ndim == 1 else Pg @ Pg.T
+    A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
     Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
     Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
     return _apply(Ql, Qr, G, ctx.rule.symmetric), (Ql, Qr, Ll, Lr)

@@ -5,7 +5,6 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from .._linalg import mm
 from ._base import AbstractRule
 from .norms import spectral_norm_lower_bound
 
@@ -26,8 +25,8 @@ def procrustes_step(Q: Float[Array, "n n"]) -> Float[Array, "n n"]:
     size = jnp.max(jnp.abs(R))
     active = size > jnp.finfo(Q.dtype).tiny
     R = R / jnp.where(active, size, 1)
-    RQ = mm(R, Q)
-    RRQ = mm(R, RQ)
+    RQ = R @ Q
+    RRQ = R @ RQ
     tr_RQ, tr_RRQ = jnp.trace(RQ), jnp.trace(RRQ)
     norm = spectral_norm_lower_bound(R)
     a = (_MAX_ROTATION / jnp.where(norm > 0, norm, 1)).astype(Q.dtype)
@@ -49,7 +48,7 @@ class Procrustes(AbstractRule):
     ) -> Float[Array, "n n"]:
         # Q - z(AQ - cQ) = MQ with M = (1 + zc) I - z A.
         M = (1 + z * c) * jnp.eye(A.shape[0], dtype=A.dtype) - z * A
-        return procrustes_step(mm(M, Q))
+        return procrustes_step(M @ Q)
 
     def diag(
         self,

@@ -5,7 +5,6 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from .._linalg import mm
 from ._base import AbstractRule
 
 
@@ -22,7 +21,7 @@ class Quad(AbstractRule):
     ) -> Float[Array, "n n"]:
         # P = Q - z(AQ - cQ) = MQ and P - z(PA - cP) = PM with M = (1 + zc) I - z A.
         M = (1 + z * c) * jnp.eye(A.shape[0], dtype=A.dtype) - z * A
-        P = mm(mm(M, Q), M)
+        P = M @ Q @ M
         return (P + P.T) / 2
 
     def diag(
