@@ -152,7 +152,7 @@ def run_ours(trees, repeats: int) -> dict:
     return out
 
 
-def update_probability(tree: str, params, grads, scanned, rounds: int = 3) -> dict:
+def update_probability(tree: str, params, grads, scanned, rounds: int = 2) -> dict:
     """Mean step time over 100 consecutive steps with `preconditioner_update_probability`
     0.1 and 1.0, measured alternately; each is the best of `rounds` such means."""
     runs = {}
