@@ -466,3 +466,23 @@ def test_compute_groups_change_nothing(rule, monkeypatch):
     for a, b in zip(grouped_state.dense, single_state.dense, strict=True):
         for x, y in ((a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quad_factors_stay_symmetric_bit_for_bit(dtype):
+    """QUAD computes `Q^T Q` as `Q Q`; that is exact only because every dense factor it
+    produces equals its transpose bit for bit (balancing steps included)."""
+    params = _zeros({"a": (30, 5), "b": (5, 30), "c": (16, 16), "big": (200, 12)})
+    grads = _gradients(params, steps=101)  # step 100 balances
+    tx = wk.scale_by_quad(dtype=dtype, block_size=16, max_size_dense=64, noise_scale=1e-3)
+    _, state = _run_steps(tx, grads)
+    factors = [q for b in state.dense for q in (b.Ql, b.Qr)]
+    is_leaf_state = lambda x: isinstance(x, wk.LeafState)
+    for leaf in jax.tree.leaves(state.leaves, is_leaf=is_leaf_state):
+        if leaf.kind == wk.LARGE_PATH:
+            factors += [q for q in (leaf.Ql, leaf.Qr) if q is not None and q.ndim == 3]
+    assert len(factors) >= 5
+    for q in factors:
+        q = np.asarray(q.astype(jnp.float32))
+        assert not np.allclose(q, np.eye(q.shape[-1]))  # the factors really moved
+        np.testing.assert_array_equal(q, np.swapaxes(q, -1, -2))
