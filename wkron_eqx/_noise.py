@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Shaped, UInt32
+from jaxtyping import Array, Bool, Float32, UInt32
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -42,32 +42,23 @@ def threefry2x32(
     return x0, x1
 
 
-def _flat_index(shape: tuple[int, ...]) -> UInt32[Array, "*s"]:
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-        stride *= shape[axis]
-    return index
-
-
 def standard_normal(
-    k0: UInt32[Array, ""], k1: UInt32[Array, ""], stream: int, shape: tuple[int, ...], dtype
-) -> Shaped[Array, "*s"]:
-    """`N(0, 1)` values, one per entry of `shape`, from the key `(k0, k1)`.
+    k0: UInt32[Array, ""], k1: UInt32[Array, ""], size: int
+) -> Float32[Array, " n"]:
+    """`size` float32 `N(0, 1)` values from the key `(k0, k1)`.
 
-    Entry `i` (row-major flat index) hashes the counter `(i, stream)`; the top 23 bits
-    of the hash give a uniform `u` in `(-1, 1)` on a grid of step `2^-22`, and the
-    value is `sqrt(2) erfinv(u)` (the inverse CDF, as `jax.random.normal` does), in
-    float32 and then cast to `dtype`.
+    Entry `i` hashes the counter `(i, 0)`; the top 23 bits of the hash give a uniform
+    `u` in `(-1, 1)` on a grid of step `2^-22`, and the value is `sqrt(2) erfinv(u)`
+    (the inverse CDF, as `jax.random.normal` does).
     """
-    if math.prod(shape) >= 2**32:
-        raise ValueError(f"cannot draw noise for a stack of shape {shape}: over 2**32 entries")
-    word, _ = threefry2x32(k0, k1, _flat_index(shape), jnp.full(shape, stream, jnp.uint32))
+    if size >= 2**32:
+        raise ValueError(f"cannot draw {size} noise values in one step: over 2**32")
+    index = jax.lax.iota(jnp.uint32, size)
+    word, _ = threefry2x32(k0, k1, index, jnp.zeros_like(index))
     # (word >> 9) is uniform on 0 .. 2^23 - 1; offset by 1/2 (exact in float32), the
     # grid is symmetric and stops 2^-23 short of +-1, so erfinv stays finite.
     u = ((word >> np.uint32(9)).astype(jnp.float32) + 0.5) * np.float32(2.0**-22) - 1
-    return (np.float32(math.sqrt(2)) * jax.lax.erf_inv(u)).astype(dtype)
+    return np.float32(math.sqrt(2)) * jax.lax.erf_inv(u)
 
 
 class NoiseSource:
@@ -85,7 +76,7 @@ class NoiseSource:
 
         def draw():
             k1 = step.astype(jnp.uint32)
-            eps = standard_normal(jnp.uint32(seed), k1, 0, (total,), jnp.float32)
+            eps = standard_normal(jnp.uint32(seed), k1, total)
             return eps * np.float32(scale)
 
         # The draw sits in its own computation (a `cond` whose other branch is never
