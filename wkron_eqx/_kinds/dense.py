@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from .._blocking import pad_stack, padded_identity, tile, untile, validity_mask
 from .._config import Config
-from .._layout import Bucket, ComputeGroup, LeafPlan, TreePlan
+from .._layout import Bucket, ComputeGroup, GroupMember, LeafPlan, TreePlan
 from .._noise import NoiseSource
 from .._sharding import constrain_stack
 from .._state import DenseState, LeafState
@@ -91,16 +91,20 @@ def _unfit(x: Array, transposed: bool, rows: int, cols: int) -> Array:
     return x[:, :rows, :cols]
 
 
+def _oriented(member: GroupMember, left, right) -> tuple:
+    """`(left, right)` as the group sees them: swapped for a transposed member."""
+    return (right, left) if member.transposed else (left, right)
+
+
 def _group_inputs(group: ComputeGroup, states: tuple[DenseState, ...], arrays) -> list:
     """Concatenate the members' `G`, `Gn`, factors and valid sides for one group, with
     the left and right roles swapped for transposed members."""
     parts = []
     for m in group.members:
         state = states[m.bucket]
-        left = (state.Ql, state.Ll, state.valid_rows)
-        right = (state.Qr, state.Lr, state.valid_cols)
-        if m.transposed:
-            left, right = right, left
+        left, right = _oriented(
+            m, (state.Ql, state.Ll, state.valid_rows), (state.Qr, state.Lr, state.valid_cols)
+        )
         G, Gn = (None if x is None else _fit(x, m.transposed, group.rows, group.cols)
                  for x in arrays[m.bucket])  # fmt: skip
         Ql = _fit(left[0], False, group.rows, group.rows)
@@ -165,14 +169,12 @@ def update_buckets(
                 tiles[seg.leaf][seg.group] = result[start : start + seg.count]
                 start += seg.count
             if refresh:
-                left, right = bucket.rows, bucket.cols
-                if m.transposed:
-                    left, right = right, left
-                Ql = factors.Ql[part, :left, :left]
-                Qr = factors.Qr[part, :right, :right]
-                Ll, Lr = factors.Ll[part], factors.Lr[part]
-                if m.transposed:
-                    Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
+                left, right = _oriented(m, bucket.rows, bucket.cols)
+                (Ql, Ll), (Qr, Lr) = _oriented(
+                    m,
+                    (_unfit(factors.Ql[part], False, left, left), factors.Ll[part]),
+                    (_unfit(factors.Qr[part], False, right, right), factors.Lr[part]),
+                )
                 Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in (Ql, Qr, Ll, Lr))
                 new_buckets[m.bucket] = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
     outputs = {i: untile(tuple(tiles[i]), plan.leaves[i]) for i in inputs}
