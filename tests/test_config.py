@@ -48,6 +48,8 @@ BAD = [
     ("preconditioner_update_probability", 0.0),
     ("preconditioner_update_probability", 0),
     ("preconditioner_update_probability", 1.5),
+    ("matmul_dtype", jnp.float16),
+    ("matmul_dtype", "int8"),
 ]
 
 
@@ -134,7 +136,7 @@ _OPTIMIZER_REFERENCE = [
     ("weight_decay_mask", None),
     *_SCALE_BY_REFERENCE[2:],
 ]
-_ADDED = {"preconditioner_update_probability": 1.0}
+_ADDED = {"preconditioner_update_probability": 1.0, "matmul_dtype": None}
 
 
 @pytest.mark.parametrize("factory", FACTORIES)

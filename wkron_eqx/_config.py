@@ -41,14 +41,14 @@ def _check_positive_int(name: str, value: Any):
         _fail(name, value, "an int >= 1")
 
 
-def _canonical_dtype(dtype: Any) -> jnp.dtype:
+def _canonical_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     try:
         canonical = jnp.dtype(dtype)
     except TypeError:
         canonical = None
     if canonical is None or canonical not in ALLOWED_DTYPES:
         allowed = ", ".join(d.name for d in ALLOWED_DTYPES)
-        raise ValueError(f"`dtype` must be one of {allowed}, got {dtype!r}.")
+        raise ValueError(f"`{name}` must be one of {allowed}, got {dtype!r}.")
     return canonical
 
 
@@ -70,6 +70,7 @@ def check_arguments(
     params_partition_specs,
     noise_scale,
     preconditioner_update_probability,
+    matmul_dtype,
 ):
     """Raise `ValueError` naming the first argument of `scale_by_quad` that is out of range."""
     del scanned_layers, params_partition_specs  # trees: checked against the params at init
@@ -99,15 +100,17 @@ def check_arguments(
             prob,
             "a float in (0, 1] or a callable of the step",
         )
+    if matmul_dtype is not None:
+        _canonical_dtype(matmul_dtype, "matmul_dtype")
 
 
 class Config(eqx.Module):
     """The validated hyperparameters of `scale_by_quad` / `scale_by_skew`.
 
     Every field has the name and default of the reference (eformer's `white_kron`),
-    plus `preconditioner_update_probability`. Python-number fields are checked when
-    the Config is built, so a bad value fails at construction with a `ValueError`
-    naming the argument and its allowed range.
+    plus `preconditioner_update_probability` and `matmul_dtype`. Python-number fields
+    are checked when the Config is built, so a bad value fails at construction with a
+    `ValueError` naming the argument and its allowed range.
     """
 
     lr_style: str | None = "adam"
@@ -124,14 +127,32 @@ class Config(eqx.Module):
     params_partition_specs: Any = None
     noise_scale: float | int = 1e-9
     preconditioner_update_probability: float | int | Callable[[Any], Any] = 1.0
+    matmul_dtype: Any = None
 
     def __check_init__(self):
         check_arguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @property
     def compute_dtype(self) -> jnp.dtype:
-        """The dtype the preconditioner maths runs and is stored in."""
+        """The dtype the factors and the momentum are stored in, and the elementwise
+        maths of the diagonal factors runs in."""
         return _canonical_dtype(self.dtype)
+
+    @property
+    def product_dtype(self) -> jnp.dtype:
+        """The dtype the Kronecker products of the dense and strip stacks run in.
+
+        `matmul_dtype` when given. Otherwise `dtype`, except bfloat16 on a CPU backend,
+        which gets float32: XLA's CPU backend has no bfloat16 matrix multiply; it runs
+        each one in float32 and rounds the result back, which costs a conversion pass
+        per product (and its compile time) and loses precision for nothing.
+        """
+        if self.matmul_dtype is not None:
+            return _canonical_dtype(self.matmul_dtype, "matmul_dtype")
+        storage = self.compute_dtype
+        if storage.itemsize < 4 and jax.default_backend() == "cpu":
+            return jnp.dtype(jnp.float32)
+        return storage
 
 
 @typing.no_type_check

@@ -297,6 +297,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             rule=rule,
             lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
             balance=(t % 100) == 0,
+            dtype=config.product_dtype,
         )
         axis = config.pipeline_axis_name
 
@@ -377,6 +378,11 @@ _SCALE_DOC_ARGS = """
     - `preconditioner_update_probability`: a float in `(0, 1]` or a schedule `step -> p`;
         the factors are updated once every `1/p` steps (deterministic counter), other
         steps only apply them. `1.0` updates every step.
+    - `matmul_dtype`: the dtype the Kronecker products (and the factor updates of dense
+        and strip factors) run in; the factors are still stored in `dtype`. `None`
+        (default): `dtype`, except `jnp.float32` when `dtype` is bfloat16 and the default
+        backend is the CPU (which has no bfloat16 matmul: it would compute in float32
+        anyway and round every product). `jnp.bfloat16` rounds as the reference does.
 """
 
 
@@ -397,6 +403,7 @@ def _factory(rule: AbstractRule):
         params_partition_specs: Any = None,
         noise_scale: float = 1e-9,
         preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
+        matmul_dtype: Any = None,
     ) -> optax.GradientTransformation:
         arguments = dict(
             lr_style=lr_style,
@@ -413,6 +420,7 @@ def _factory(rule: AbstractRule):
             params_partition_specs=params_partition_specs,
             noise_scale=noise_scale,
             preconditioner_update_probability=preconditioner_update_probability,
+            matmul_dtype=matmul_dtype,
         )
         arguments = {k: python_scalar(v) for k, v in arguments.items()}
         # Checked before building the Config, so that a value of the wrong type gets this
@@ -494,6 +502,7 @@ def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], na
         params_partition_specs: Any = None,
         noise_scale: float = 1e-9,
         preconditioner_update_probability: float | Callable[[Any], Any] = 1.0,
+        matmul_dtype: Any = None,
     ) -> optax.GradientTransformation:
         weight_decay, learning_rate = python_scalar(weight_decay), python_scalar(learning_rate)
         check_weight_decay(weight_decay)
@@ -518,6 +527,7 @@ def _with_decay_and_lr(scale_by: Callable[..., optax.GradientTransformation], na
                 params_partition_specs=params_partition_specs,
                 noise_scale=noise_scale,
                 preconditioner_update_probability=preconditioner_update_probability,
+                matmul_dtype=matmul_dtype,
             )
         ]
         # An array (from `optax.inject_hyperparams`) may be traced: always add it.

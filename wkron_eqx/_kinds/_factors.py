@@ -31,6 +31,7 @@ class StepContext(NamedTuple):
     rule: AbstractRule
     lr: Scalar  # the preconditioner step size, float32
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
+    dtype: jnp.dtype  # the dtype the products run in (the factors may be stored narrower)
 
 
 def _left(Q: Array, X: Array, symmetric: bool) -> Array:
@@ -118,19 +119,23 @@ def update_stack(
     """Update every entry's factors from `Gn` (`G` plus noise; `None` for no noise),
     then precondition `G` with the new factors.
 
+    The maths runs in `G`'s dtype; the new factors come back in the dtype they came in.
+
     **Returns:**
 
     `(Pl' G Pr', new factors)` for the whole stack.
     """
-    Ql, Qr = _balance_stack(ctx.balance, factors.Ql, factors.Qr)
-    out, new = jax.vmap(
+    Ql, Qr = (q.astype(G.dtype) for q in _balance_stack(ctx.balance, factors.Ql, factors.Qr))
+    out, (Ql, Qr, Ll, Lr) = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
-    return out, Factors(*new)
+    return out, Factors(Ql.astype(factors.Ql.dtype), Qr.astype(factors.Qr.dtype), Ll, Lr)
 
 
 def apply_stack(
     rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors
 ) -> Float[Array, "s r c"]:
-    """Precondition with the current factors only (no noise, no factor update)."""
-    return jax.vmap(lambda ql, qr, g: _apply(ql, qr, g, rule.symmetric))(factors.Ql, factors.Qr, G)
+    """Precondition with the current factors only (no noise, no factor update), in
+    `G`'s dtype."""
+    Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
+    return jax.vmap(lambda ql, qr, g: _apply(ql, qr, g, rule.symmetric))(Ql, Qr, G)
