@@ -231,21 +231,38 @@ def table(ours: dict, ref: dict, trees) -> str:
     return "\n".join(lines)
 
 
+_TIMES = ("step_ms", "median_ms", "compile_s", "matmul_ms")
+
+
+def keep_fastest(into: dict, rows: dict) -> None:
+    """Merge `rows` into `into`, keeping the smaller value of each time field."""
+    for key, row in rows.items():
+        if key in into:
+            for field in _TIMES:
+                if field in row:
+                    row[field] = min(row[field], into[key][field])
+        into[key] = row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference-python", default=None)
     parser.add_argument("--trees", default=",".join(TREES))
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     trees = args.trees.split(",")
     default_ref = HERE.parent / ".refenv" / "bin" / "python"
     ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
-    # Tree by tree, ours then the reference's, so that both see the same machine load.
+    # Tree by tree, ours then the reference's, so that both see the same machine load;
+    # the whole sequence `--rounds` times, keeping each row's fastest times, so that a
+    # burst of load on this shared machine during one measurement does not decide a ratio.
     ours, ref = {}, {}
-    for tree in trees:
-        ours.update(run_ours([tree], args.repeats))
-        if ref_python:
-            ref.update(run_reference(ref_python, [tree], args.repeats))
+    for _ in range(args.rounds):
+        for tree in trees:
+            keep_fastest(ours, run_ours([tree], args.repeats))
+            if ref_python:
+                keep_fastest(ref, run_reference(ref_python, [tree], args.repeats))
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
