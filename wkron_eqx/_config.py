@@ -134,8 +134,8 @@ class Config(eqx.Module):
 
     @property
     def compute_dtype(self) -> jnp.dtype:
-        """The dtype the factors and the momentum are stored in, and the elementwise
-        maths of the diagonal factors runs in."""
+        """The dtype the factors and the momentum are stored in, and the 1-D leaves'
+        maths runs in (the products use `product_dtype`)."""
         return _canonical_dtype(self.dtype)
 
     @property
