@@ -297,7 +297,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             rule=rule,
             lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
             balance=(t % 100) == 0,
-            dtype=config.product_dtype,
+            product_dtype=config.product_dtype,
         )
         axis = config.pipeline_axis_name
 

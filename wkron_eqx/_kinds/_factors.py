@@ -31,7 +31,7 @@ class StepContext(NamedTuple):
     rule: AbstractRule
     lr: Scalar  # the preconditioner step size, float32
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
-    dtype: jnp.dtype  # the dtype the products run in (the factors may be stored narrower)
+    product_dtype: jnp.dtype  # what the products run in (factors may be stored narrower)
 
 
 def _left(Q: Array, X: Array, symmetric: bool) -> Array:

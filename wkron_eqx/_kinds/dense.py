@@ -141,7 +141,7 @@ def update_buckets(
     tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
     arrays = []  # per bucket: (G, G + noise or None)
     for bucket, state in zip(plan.buckets, buckets, strict=True):
-        stacked = _stack(tiles, bucket, axis_name).astype(ctx.dtype)
+        stacked = _stack(tiles, bucket, axis_name).astype(ctx.product_dtype)
         noisy = None
         if refresh and noise is not None:
             # Noise per bucket, before any grouping: a tile's noise is the same

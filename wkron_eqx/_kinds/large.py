@@ -84,7 +84,7 @@ def update(
     axis_name: str | None,
 ) -> tuple[Float[Array, "B m n"], LeafState]:
     """Precondition a large leaf; update its factors too when `refresh`."""
-    strips = constrain_stack(cut_strips(x, plan).astype(ctx.dtype), axis_name)
+    strips = constrain_stack(cut_strips(x, plan).astype(ctx.product_dtype), axis_name)
     assert state.Ql is not None and state.Ll is not None
     assert state.valid_rows is not None and state.valid_cols is not None
     assert state.Qr is not None and state.Lr is not None
