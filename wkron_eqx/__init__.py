@@ -1,5 +1,11 @@
 import importlib.metadata
 
+from ._alias import (
+    quad as quad,
+    scale_by_quad as scale_by_quad,
+    scale_by_skew as scale_by_skew,
+    skew as skew,
+)
 from ._config import Config as Config
 from ._layout import (
     DENSE_PATH as DENSE_PATH,
@@ -16,13 +22,7 @@ from ._state import (
     WhiteKronState as WhiteKronState,
 )
 from ._stats import preconditioner_stats as preconditioner_stats
-from ._transform import (
-    quad as quad,
-    scale_by_quad as scale_by_quad,
-    scale_by_skew as scale_by_skew,
-    scale_by_white_kron as scale_by_white_kron,
-    skew as skew,
-)
+from ._transform import scale_by_white_kron as scale_by_white_kron
 
 
 __version__ = importlib.metadata.version("wkron_eqx")

@@ -7,10 +7,10 @@ import jax
 from jax.sharding import PartitionSpec
 from jaxtyping import ArrayLike, PyTree
 
+from ._alias import quad, scale_by_quad
 from ._config import check_weight_decay, python_scalar
 from ._layout import LeafKind
 from ._state import LeafState, WhiteKronState
-from ._transform import quad, scale_by_quad
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
