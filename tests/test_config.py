@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -24,8 +25,7 @@ FACTORIES = {
 BAD = [
     ("block_size", 0),
     ("block_size", -1),
-    ("block_size", 2.5),
-    ("block_size", True),
+    ("block_size", True),  # a bool is an int to a type checker, not to `Config`
     ("b1", -0.1),
     ("b1", 1.0),
     ("b1", 1.5),
@@ -67,6 +67,51 @@ def test_bad_configuration_raises_naming_the_argument(factory, name, value):
     assert repr(value) in message or str(value) in message, message
     if name == "dtype":
         assert "float32" in message and "bfloat16" in message, message
+
+
+# Values of the wrong type. Without a runtime type checker they get the same `ValueError`
+# (`Config` checks values whatever their type); under one (the suite runs with jaxtyping +
+# beartype) the factories' annotations refuse them first, naming the parameter.
+BAD_TYPES = [
+    ("block_size", 2.5),
+    ("max_size_dense", "16"),
+    ("b1", "0.9"),
+    ("normalize_grads", 1),
+    ("lr_style", 1),
+    ("dtype", 3),
+    ("pipeline_axis_name", 0),
+]
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize("name, value", BAD_TYPES, ids=[_id(c) for c in BAD_TYPES])
+def test_bad_type_raises_naming_the_argument(factory, name, value):
+    with pytest.raises((ValueError, jaxtyping.TypeCheckError)) as info:
+        FACTORIES[factory](**{name: value})
+    message = str(info.value)
+    if info.type is ValueError:
+        assert f"`{name}`" in message and repr(value) in message, message
+    else:
+        assert f"parameter '{name}'" in message, message
+
+
+# `Config`'s number fields take any type (they go through `python_scalar` first), so it
+# answers a wrong type there with its own `ValueError`, type checker or not.
+_CONFIG_BAD = BAD + [
+    (n, v) for n, v in BAD_TYPES if n not in ("lr_style", "dtype", "pipeline_axis_name")
+]
+
+
+@pytest.mark.parametrize("name, value", _CONFIG_BAD, ids=[_id(c) for c in _CONFIG_BAD])
+def test_config_refuses_bad_numbers_with_value_error(name, value):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        wk.Config(**{name: value})
+
+
+def test_config_message_is_a_sentence():
+    with pytest.raises(ValueError) as info:
+        wk.Config(block_size=0)
+    assert str(info.value) == "`block_size` must be an int >= 1, got 0."
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,6 @@
+"""Kronecker-factored PSGD optimizers for JAX: QUAD (`quad`, `scale_by_quad`) and
+Procrustes "white Kron" (`skew`, `scale_by_skew`), as optax transforms."""
+
 import importlib.metadata
 
 from ._alias import (
@@ -6,7 +9,7 @@ from ._alias import (
     scale_by_skew as scale_by_skew,
     skew as skew,
 )
-from ._config import Config as Config
+from ._config import STATIC_ARGS as STATIC_ARGS, Config as Config
 from ._layout import (
     DENSE_PATH as DENSE_PATH,
     LARGE_PATH as LARGE_PATH,
@@ -26,3 +29,27 @@ from ._transform import scale_by_white_kron as scale_by_white_kron
 
 
 __version__ = importlib.metadata.version("wkron_eqx")
+
+# Sorted (as `sorted` orders them): a name added anywhere merges cleanly.
+__all__ = [
+    "AbstractRule",
+    "Config",
+    "DENSE_PATH",
+    "DenseState",
+    "LARGE_PATH",
+    "LeafKind",
+    "LeafState",
+    "ONE_D_PATH",
+    "Procrustes",
+    "Quad",
+    "STATIC_ARGS",
+    "WhiteKronState",
+    "get_opt_state_partition_specs",
+    "precond_update_prob_schedule",
+    "preconditioner_stats",
+    "quad",
+    "scale_by_quad",
+    "scale_by_skew",
+    "scale_by_white_kron",
+    "skew",
+]

@@ -1,15 +1,47 @@
+"""`Config`: the hyperparameters of `scale_by_quad` / `scale_by_skew`, their defaults and
+their checks; and the checks of the two arguments only `quad` / `skew` take."""
+
 import dataclasses
 import math
-import typing
-from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.typing import DTypeLike
 
 from ._custom_types import ALLOWED_DTYPES
+
+
+# A number argument of the factories: a Python number or a NumPy scalar (`Config` keeps the
+# Python number it holds). Ints count as reals, as in PEP 484's numeric tower, which runtime
+# type checkers do not apply by themselves.
+RealScalar: TypeAlias = float | int | np.floating | np.integer
+IntScalar: TypeAlias = int | np.integer
+BoolScalar: TypeAlias = bool | np.bool_
+
+# The arguments of `quad` / `skew` that must stay Python values under
+# `optax.inject_hyperparams`: all but `learning_rate` and `weight_decay`, in signature order.
+STATIC_ARGS: tuple[str, ...] = (
+    "lr_style",
+    "b1",
+    "weight_decay_mask",
+    "normalize_grads",
+    "max_size_dense",
+    "preconditioner_lr",
+    "preconditioner_init_scale",
+    "dtype",
+    "scanned_layers",
+    "block_size",
+    "pipeline_axis_name",
+    "pipeline_axis_size",
+    "params_partition_specs",
+    "noise_scale",
+    "preconditioner_update_probability",
+    "matmul_dtype",
+)
 
 
 def python_scalar(x: Any) -> Any:
@@ -27,18 +59,17 @@ def _is_int(x: Any) -> bool:
 
 
 def _fail(name: str, value: Any, allowed: str):
-    hint = ""
-    if isinstance(value, jax.Array):
-        hint = (
-            " With `optax.inject_hyperparams`, name every argument but the injected ones in "
-            "`static_args` (array values of this one cannot be traced)."
-        )
-    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.{hint}")
+    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
 
 
 def _check_positive_int(name: str, value: Any):
     if not (_is_int(value) and value >= 1):
         _fail(name, value, "an int >= 1")
+
+
+def _check_positive_float(name: str, value: Any):
+    if not (_is_number(value) and 0 < value < math.inf):
+        _fail(name, value, "a finite float > 0")
 
 
 def _canonical_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
@@ -52,85 +83,79 @@ def _canonical_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     return canonical
 
 
-# Not type-checked at run time, so that a wrong type under a runtime checker (jaxtyping +
-# beartype) still gets the `ValueError` naming the argument, as it does without one.
-@typing.no_type_check
-def check_arguments(
-    lr_style,
-    b1,
-    normalize_grads,
-    max_size_dense,
-    preconditioner_lr,
-    preconditioner_init_scale,
-    dtype,
-    scanned_layers,
-    block_size,
-    pipeline_axis_name,
-    pipeline_axis_size,
-    params_partition_specs,
-    noise_scale,
-    preconditioner_update_probability,
-    matmul_dtype,
-):
-    """Raise `ValueError` naming the first argument of `scale_by_quad` that is out of range."""
-    del scanned_layers, params_partition_specs  # trees: checked against the params at init
-    if lr_style not in ("adam", None):
-        _fail("lr_style", lr_style, 'one of "adam" or None')
-    if not (_is_number(b1) and 0 <= b1 < 1):
-        _fail("b1", b1, "a float in [0, 1)")
-    if not isinstance(normalize_grads, bool):
-        _fail("normalize_grads", normalize_grads, "a bool")
-    _check_positive_int("max_size_dense", max_size_dense)
-    if not (_is_number(preconditioner_lr) and 0 < preconditioner_lr < math.inf):
-        _fail("preconditioner_lr", preconditioner_lr, "a finite float > 0")
-    scale = preconditioner_init_scale
-    if not (_is_number(scale) and 0 < scale < math.inf):
-        _fail("preconditioner_init_scale", scale, "a finite float > 0")
-    _canonical_dtype(dtype)
-    _check_positive_int("block_size", block_size)
-    if not (pipeline_axis_name is None or isinstance(pipeline_axis_name, str)):
-        _fail("pipeline_axis_name", pipeline_axis_name, "a str or None")
-    _check_positive_int("pipeline_axis_size", pipeline_axis_size)
-    if not (_is_number(noise_scale) and 0 <= noise_scale < math.inf):
-        _fail("noise_scale", noise_scale, "a finite float >= 0")
-    prob = preconditioner_update_probability
-    if not callable(prob) and not (_is_number(prob) and 0 < prob <= 1):
-        _fail(
-            "preconditioner_update_probability",
-            prob,
-            "a float in (0, 1] or a callable of the step",
+def _refuse_arrays(config: "Config"):
+    # Checked first and all at once: `optax.inject_hyperparams` without `static_args`
+    # turns every number into an array, and one message should name every fix.
+    arrays = [
+        f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), jax.Array)
+    ]
+    if arrays:
+        names = ", ".join(f"`{name}`" for name in arrays)
+        raise ValueError(
+            f"{names} must be Python values, got arrays: they set shapes, dtypes and branches "
+            "when the step is traced. Under `optax.inject_hyperparams`, only `learning_rate` "
+            "and `weight_decay` of `quad` / `skew` can be injected; keep every other argument "
+            f"static with `static_args=wk.STATIC_ARGS`, that is\n    static_args={STATIC_ARGS!r}"
         )
-    if matmul_dtype is not None:
-        _canonical_dtype(matmul_dtype, "matmul_dtype")
 
 
 class Config(eqx.Module):
-    """The validated hyperparameters of `scale_by_quad` / `scale_by_skew`.
+    """The validated hyperparameters of `scale_by_quad` / `scale_by_skew`: the one place
+    their defaults and checks live.
 
-    Every field has the name and default of the reference (eformer's `white_kron`),
-    plus `preconditioner_update_probability` and `matmul_dtype`. Python-number fields
-    are checked when the Config is built, so a bad value fails at construction with a
-    `ValueError` naming the argument and its allowed range.
+    Every field has the name and default of the reference (eformer's `white_kron`), plus
+    `preconditioner_update_probability` and `matmul_dtype`; the factories' arguments of
+    the same names are documented there. Number fields are checked when the Config is
+    built: a bad value raises a `ValueError` naming the argument and what it allows.
+    `scanned_layers` and `params_partition_specs` are trees, checked against the params
+    by `init`. NumPy scalars become the Python numbers they hold (`python_scalar`).
     """
 
     lr_style: str | None = "adam"
-    b1: float | int = 0.95
-    normalize_grads: bool = False
-    max_size_dense: int = 16384
-    preconditioner_lr: float | int = 0.7
-    preconditioner_init_scale: float | int = 1.0
-    dtype: Any = jnp.bfloat16
+    b1: float = eqx.field(default=0.95, converter=python_scalar)
+    normalize_grads: bool = eqx.field(default=False, converter=python_scalar)
+    max_size_dense: int = eqx.field(default=16384, converter=python_scalar)
+    preconditioner_lr: float = eqx.field(default=0.7, converter=python_scalar)
+    preconditioner_init_scale: float = eqx.field(default=1.0, converter=python_scalar)
+    dtype: DTypeLike = jnp.bfloat16
     scanned_layers: Any = None
-    block_size: int = 256
+    block_size: int = eqx.field(default=256, converter=python_scalar)
     pipeline_axis_name: str | None = None
-    pipeline_axis_size: int = 1
+    pipeline_axis_size: int = eqx.field(default=1, converter=python_scalar)
     params_partition_specs: Any = None
-    noise_scale: float | int = 1e-9
-    preconditioner_update_probability: float | int | Callable[[Any], Any] = 1.0
-    matmul_dtype: Any = None
+    noise_scale: float = eqx.field(default=1e-9, converter=python_scalar)
+    preconditioner_update_probability: float | optax.Schedule = eqx.field(
+        default=1.0, converter=python_scalar
+    )
+    matmul_dtype: DTypeLike | None = None
 
     def __check_init__(self):
-        check_arguments(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        _refuse_arrays(self)
+        if self.lr_style not in ("adam", None):
+            _fail("lr_style", self.lr_style, 'one of "adam" or None')
+        if not (_is_number(self.b1) and 0 <= self.b1 < 1):
+            _fail("b1", self.b1, "a float in [0, 1)")
+        if not isinstance(self.normalize_grads, bool):
+            _fail("normalize_grads", self.normalize_grads, "a bool")
+        _check_positive_int("max_size_dense", self.max_size_dense)
+        _check_positive_float("preconditioner_lr", self.preconditioner_lr)
+        _check_positive_float("preconditioner_init_scale", self.preconditioner_init_scale)
+        _canonical_dtype(self.dtype)
+        _check_positive_int("block_size", self.block_size)
+        if not (self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)):
+            _fail("pipeline_axis_name", self.pipeline_axis_name, "a str or None")
+        _check_positive_int("pipeline_axis_size", self.pipeline_axis_size)
+        if not (_is_number(self.noise_scale) and 0 <= self.noise_scale < math.inf):
+            _fail("noise_scale", self.noise_scale, "a finite float >= 0")
+        prob = self.preconditioner_update_probability
+        if not callable(prob) and not (_is_number(prob) and 0 < prob <= 1):
+            _fail(
+                "preconditioner_update_probability",
+                prob,
+                "a float in (0, 1] or a callable of the step",
+            )
+        if self.matmul_dtype is not None:
+            _canonical_dtype(self.matmul_dtype, "matmul_dtype")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -155,13 +180,21 @@ class Config(eqx.Module):
         return storage
 
 
-@typing.no_type_check
-def check_weight_decay(weight_decay):
-    """Validate the `weight_decay` argument of `quad` / `skew`. A 0-d floating array
-    (e.g. injected by `optax.inject_hyperparams`, possibly traced) is accepted as is."""
+def check_weight_decay(weight_decay: Any):
+    """Refuse a bad `weight_decay` of `quad` / `skew` with a `ValueError`. A 0-d float
+    array (as `optax.inject_hyperparams` passes it, possibly traced) is accepted as is."""
     if isinstance(weight_decay, jax.Array):
         if weight_decay.ndim != 0 or not jnp.issubdtype(weight_decay.dtype, jnp.floating):
             _fail("weight_decay", weight_decay, "a finite float >= 0 or a 0-d float array")
         return
     if not (_is_number(weight_decay) and 0 <= weight_decay < math.inf):
         _fail("weight_decay", weight_decay, "a finite float >= 0")
+
+
+def check_learning_rate(learning_rate: Any):
+    """Refuse a bad `learning_rate` of `quad` / `skew` with a `ValueError`. A schedule or
+    an array (as `optax.inject_hyperparams` passes it) is accepted as is."""
+    if callable(learning_rate) or isinstance(learning_rate, jax.Array):
+        return
+    if not (isinstance(learning_rate, int | float) and math.isfinite(learning_rate)):
+        _fail("learning_rate", learning_rate, "a finite float or a schedule")

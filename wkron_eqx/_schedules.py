@@ -35,6 +35,10 @@ def precond_update_prob_schedule(
     if not decay >= 0:
         raise ValueError(f"`decay` must be a float >= 0, got {decay!r}.")
 
+    # Not `optax.exponential_decay(max_prob, 1, exp(-decay), flat_start, min_prob)`: its
+    # `power(exp(-decay), n)` differs from `exp(-decay * n)` in the last bits (which can move
+    # an update by a step), and with `decay=0` (a rate of 1) it takes `min_prob` for an
+    # upper bound and returns it at every step.
     def schedule(step: ArrayLike) -> Array:
         n = jnp.asarray(step, jnp.float32)
         p = max_prob * jnp.exp(-decay * (n - flat_start))
