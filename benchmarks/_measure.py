@@ -32,6 +32,7 @@ def measure(tx, params, grads, repeats: int = 20, warmup: int = 3, compiles: int
         compiled = update.lower(grads, state, params).compile()
         compile_times.append(time.perf_counter() - start)
     compile_s = min(compile_times)
+    temp_bytes = _temp_bytes(compiled)
     cost = compiled.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
@@ -54,4 +55,28 @@ def measure(tx, params, grads, repeats: int = 20, warmup: int = 3, compiles: int
         "param_bytes": tree_bytes(params),
         "flops": flops,
         "finite": finite,
+        "temp_bytes": temp_bytes,
+    }
+
+
+def _temp_bytes(compiled) -> int:
+    analysis = compiled.memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", -1)) if analysis is not None else -1
+
+
+def compile_only(tx, params, grads) -> dict:
+    """Lower and compile time (seconds, cold caches) and XLA temp memory of `tx.update`;
+    `params` and `grads` may be `jax.ShapeDtypeStruct`s (nothing runs)."""
+    state = jax.eval_shape(tx.init, params)
+    jax.clear_caches()
+    update = jax.jit(tx.update)
+    start = time.perf_counter()
+    lowered = update.lower(grads, state, params)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return {
+        "lower_s": lowered_at - start,
+        "compile_s": done - lowered_at,
+        "temp_bytes": _temp_bytes(compiled),
     }

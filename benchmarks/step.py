@@ -29,11 +29,12 @@ from _measure import measure
 from _trees import TREES, broadcast_scanned, materialise
 
 import wkron_eqx as wk
-from wkron_eqx._layout import LeafKind, plan_tree
+from wkron_eqx._layout import LeafKind, grouping_for, plan_tree
 
 
-OPTIMIZERS = ("quad", "skew")
-DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ["quad", "skew"]
+DTYPES = ["float32", "bfloat16"]
+DEFAULT_TREES = ("mlp", "gpt", "conv", "embedding")
 
 REFERENCE_SCRIPT = r"""
 import json, sys
@@ -65,7 +66,8 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
     """Median time (ms) of the batched matmuls of one of our steps, and nothing else."""
     leaves = jax.tree.leaves(params)
     flags = jax.tree.leaves(scanned) if scanned is not None else [False] * len(leaves)
-    plan = plan_tree(tuple(x.shape for x in leaves), tuple(flags), 256, 16384, 1)
+    grouping = grouping_for(jax.default_backend())
+    plan = plan_tree(tuple(x.shape for x in leaves), tuple(flags), 256, 16384, 1, grouping)
     rng = np.random.default_rng(0)
     stacks = []  # (G, Ql or None, Qr or None)
     for group in plan.groups:  # the batched computations, as the step runs them
@@ -196,14 +198,16 @@ def run_reference(python: str, trees, repeats: int) -> dict:
 def table(ours: dict, ref: dict, trees) -> str:
     lines = [
         "| tree | optimizer | dtype | step ms | vs adamw | vs reference | vs own matmuls "
-        "| compile s | vs ref compile | state/params | ref state/params | GFLOP/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| compile s | vs ref compile | temp MB | vs ref temp | state/params | ref state/params "
+        "| GFLOP/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for tree in trees:
         adam = ours[f"{tree}/adamw/float32"]
         lines.append(
             f"| {tree} | adamw | float32 | {adam['step_ms']:.2f} | 1.00 | | | "
-            f"{adam['compile_s']:.2f} | | {adam['state_bytes'] / adam['param_bytes']:.2f} | | |"
+            f"{adam['compile_s']:.2f} | | {adam['temp_bytes'] / 1e6:.1f} | | "
+            f"{adam['state_bytes'] / adam['param_bytes']:.2f} | | |"
         )
         for name in OPTIMIZERS:
             for dtype in DTYPES:
@@ -213,11 +217,13 @@ def table(ours: dict, ref: dict, trees) -> str:
                 vs_ref = row["step_ms"] / r["step_ms"] if r else None
                 vs_ref_c = row["compile_s"] / r["compile_s"] if r else None
                 ref_mem = r["state_bytes"] / r["param_bytes"] if r else None
+                vs_ref_t = row["temp_bytes"] / max(r["temp_bytes"], 1) if r else None
                 lines.append(
                     f"| {tree} | {name} | {dtype} | {row['step_ms']:.2f} | "
                     f"{row['step_ms'] / adam['step_ms']:.1f} | {fmt(vs_ref)} | "
                     f"{row['step_ms'] / row['matmul_ms']:.2f} | {row['compile_s']:.2f} | "
-                    f"{fmt(vs_ref_c)} | {row['state_bytes'] / row['param_bytes']:.2f} | "
+                    f"{fmt(vs_ref_c)} | {row['temp_bytes'] / 1e6:.1f} | {fmt(vs_ref_t)} | "
+                    f"{row['state_bytes'] / row['param_bytes']:.2f} | "
                     f"{fmt(ref_mem)} | {row['flops'] / 1e9:.3f} |"
                 )
         pup = ours.get(f"{tree}/quad-p0.1/float32")
@@ -226,7 +232,7 @@ def table(ours: dict, ref: dict, trees) -> str:
             lines.append(
                 f"| {tree} | quad p=0.1 (100-step mean) | float32 | {pup['step_ms']:.2f} | "
                 f"{pup['step_ms'] / adam['step_ms']:.1f} | | "
-                f"{pup['step_ms'] / every:.2f} x every-step | | | | | |"
+                f"{pup['step_ms'] / every:.2f} x every-step | | | | | | | |"
             )
     return "\n".join(lines)
 
@@ -247,11 +253,19 @@ def keep_fastest(into: dict, rows: dict) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference-python", default=None)
-    parser.add_argument("--trees", default=",".join(TREES))
+    parser.add_argument(
+        "--trees", default=",".join(DEFAULT_TREES), help=f"any of {', '.join(TREES)}"
+    )
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     trees = args.trees.split(",")
+    OPTIMIZERS[:] = args.optimizers.split(",")
+    DTYPES[:] = args.dtypes.split(",")
+    device = jax.devices()[0]
+    print(f"running on {device.device_kind} ({jax.default_backend()})", file=sys.stderr)
     default_ref = HERE.parent / ".refenv" / "bin" / "python"
     ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
     # Tree by tree, ours then the reference's, so that both see the same machine load;
@@ -268,13 +282,17 @@ def main():
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
         "jax": jax.__version__,
         "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
     }
     (HERE / "results").mkdir(exist_ok=True)
     suffix = os.environ.get("BENCH_SUFFIX", "")
     (HERE / "results" / f"step{suffix}.json").write_text(
         json.dumps({"meta": meta, "ours": ours, "reference": ref}, indent=1)
     )
-    print(f"{meta['date']}, {meta['machine']}, jax {meta['jax']} ({meta['backend']})\n")
+    print(
+        f"{meta['date']}, {meta['device']} ({meta['backend']}), {meta['machine']}, "
+        f"jax {meta['jax']}\n"
+    )
     print(table(ours, ref, trees))
 
 

@@ -68,6 +68,11 @@ def _arrays(seed: int) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
 
 
+def _named_leaves(inner):
+    """(path, LeafState) of every params leaf."""
+    return zip(inner.plan.paths, inner.leaves, strict=True)
+
+
 def _stacked_arrays(state) -> dict[str, jax.Array]:
     """Every array of the state that is stacked along the pipeline axis, by path."""
     inner = state[0]
@@ -76,11 +81,11 @@ def _stacked_arrays(state) -> dict[str, jax.Array]:
         for field, x in bucket.to_dict().items():
             if isinstance(x, jax.Array):
                 out[f"dense[{i}].{field}"] = x
-    for name, leaf in inner.leaves.items():
+    for name, leaf in _named_leaves(inner):
         if leaf.kind == wk.LARGE_PATH:
             for field, x in leaf.to_dict().items():
                 if isinstance(x, jax.Array):
-                    out[f"leaves[{name}].{field}"] = x
+                    out[f"leaves{name}.{field}"] = x
     return out
 
 
@@ -119,7 +124,7 @@ def _dummies_inert(state) -> bool:
         for x in (bucket.Ql[dummies], bucket.Qr[dummies], bucket.Ll[dummies], bucket.Lr[dummies]):
             if np.any(np.asarray(x) != 0):
                 return False
-    for leaf in state[0].leaves.values():
+    for leaf in state[0].leaves:
         if leaf.kind == wk.LARGE_PATH:
             dummy = (np.asarray(leaf.valid_rows) == 0) | (np.asarray(leaf.valid_cols) == 0)
             for x in (leaf.Ql, leaf.Qr, leaf.Ll, leaf.Lr):

@@ -307,7 +307,7 @@ def test_initial_state_padding_and_counts(data, block_size, k, dtype, scale):
 
     # per-leaf factors
     for name, x in params.items():
-        leaf = state.leaves[name]
+        leaf = state.leaf_tree()[name]
         batch, layer = (x.shape[0], x.shape[1:]) if scanned[name] else (1, x.shape)
         merged = expected_merge(layer)
         kind, diag_left, diag_right = expected_kind(merged, max_size_dense)

@@ -395,7 +395,7 @@ def _factors_per_leaf(state, params, scanned):
                 )
             start += seg.count
     for name, leaf_plan in zip(names, plan.leaves, strict=True):
-        leaf = state.leaves[name]
+        leaf = state.leaf_tree()[name]
         if leaf_plan.kind != wk.DENSE_PATH:
             real = leaf_plan.strips if leaf_plan.kind == wk.LARGE_PATH else leaf_plan.batch
             for i in range(real):

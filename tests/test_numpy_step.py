@@ -265,10 +265,9 @@ def _unbalance(state: wk.WhiteKronState, ref: ReferenceOptimizer) -> wk.WhiteKro
             return s
         return s.replace(Ql=2 * s.Ql, Qr=0.5 * s.Qr)
 
-    is_state = lambda x: isinstance(x, wk.DenseState | wk.LeafState)
     return state._replace(
         dense=tuple(scale(d) for d in state.dense),
-        leaves=jax.tree.map(scale, state.leaves, is_leaf=is_state),
+        leaves=tuple(scale(s) for s in state.leaves),
     )
 
 

@@ -408,10 +408,10 @@ def test_small_preconditioner_lr_is_honoured(rule):
         updates, new_state = jax.jit(tx.update)({"v": jnp.asarray(g)}, state)
         # At t = 1, `max(lr / sqrt(1 + 1e-4), min(lr, 0.4))` is exactly `lr` for both.
         q_expected, u_expected = _one_d_closed_form(rule, g, lr)
-        q = np.asarray(new_state.leaves["v"].Ql[0])
+        q = np.asarray(new_state.leaf_tree()["v"].Ql[0])
         np.testing.assert_allclose(q, q_expected, rtol=1e-6)
         np.testing.assert_allclose(np.asarray(updates["v"]), u_expected, rtol=1e-6)
-        np.testing.assert_allclose(float(new_state.leaves["v"].Ll[0]), np.max(g**2) + 1, 1e-6)
+        np.testing.assert_allclose(float(new_state.leaf_tree()["v"].Ll[0]), np.max(g**2) + 1, 1e-6)
         factors[lr] = q
     # The reference would give 0.4's factors for 0.1: ours differ, by about 4x the step.
     step_small, step_large = np.abs(factors[0.1] - 1), np.abs(factors[0.4] - 1)

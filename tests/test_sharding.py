@@ -67,7 +67,7 @@ def test_stacked_factors_spread_over_four_devices(sharded_report):
     for key in placement:
         owner, field = key.split(".")
         fields.setdefault(owner, set()).add(field)
-    assert {"leaves[large]", "leaves[huge]", "leaves[stack_large]"} < set(fields)
+    assert {"leaves['large']", "leaves['huge']", "leaves['stack_large']"} < set(fields)
     assert sum(owner.startswith("dense[") for owner in fields) >= 2
     for owner, names in fields.items():
         assert names == {"Ql", "Qr", "Ll", "Lr", "valid_rows", "valid_cols"}, owner
@@ -166,7 +166,7 @@ def test_dummies_change_nothing(tree, size):
         for x, y in [(a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)]:
             np.testing.assert_allclose(y[real], x[real], rtol=1e-6, atol=1e-6)
             assert np.all(np.asarray(y[a.valid_count :]) == 0)
-    large, padded_large = plain_state.leaves["large"], padded_state.leaves["large"]
+    large, padded_large = plain_state.leaf_tree()["large"], padded_state.leaf_tree()["large"]
     assert padded_large.stack % size == 0
     for field in ("Ql", "Qr", "Ll", "Lr"):
         x, y = getattr(large, field), getattr(padded_large, field)
@@ -221,7 +221,7 @@ def test_specs_mirror_state(weight_decay, scanned, pipeline):
     sharded = _mirror(specs, state, pipeline)
     inner = state[0]
     stacked = sum(len(jax.tree.leaves(d)) for d in inner.dense)
-    stacked += len(jax.tree.leaves(inner.leaves["large"]))
+    stacked += len(jax.tree.leaves(inner.leaf_tree()["large"]))
     assert sharded == (0 if pipeline is None else stacked)
 
 

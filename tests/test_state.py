@@ -223,7 +223,7 @@ def test_optimizer_state_roundtrips_through_tree_serialise_leaves():
     buffer.seek(0)
     back = eqx.tree_deserialise_leaves(buffer, fresh)
     _assert_same(back, state)
-    kinds = {name: leaf.kind for name, leaf in back[0].leaves.items()}
+    kinds = {name: leaf.kind for name, leaf in back[0].leaf_tree().items()}
     assert kinds == {
         "dense": wk.DENSE_PATH,
         "large": wk.LARGE_PATH,

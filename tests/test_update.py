@@ -399,7 +399,7 @@ def test_scanned_layers_prefix_tree_equals_full_tree():
         state = tx.init(params)
         results.append((state, *jax.jit(tx.update)(grads, state)))
     _assert_trees_equal(results[0], results[1])
-    leaves = results[0][0].leaves
+    leaves = results[0][0].leaf_tree()
     assert leaves["layers"]["w"].scanned and leaves["layers"]["w"].B == 3
     assert leaves["layers"]["b"].scanned and leaves["head"]["w"].scanned == 0
 

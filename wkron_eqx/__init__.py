@@ -15,6 +15,8 @@ from ._layout import (
     LARGE_PATH as LARGE_PATH,
     ONE_D_PATH as ONE_D_PATH,
     LeafKind as LeafKind,
+    LeafPlan as LeafPlan,
+    TreePlan as TreePlan,
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
@@ -22,9 +24,10 @@ from ._specs import get_opt_state_partition_specs as get_opt_state_partition_spe
 from ._state import (
     DenseState as DenseState,
     LeafState as LeafState,
+    Plan as Plan,
     WhiteKronState as WhiteKronState,
 )
-from ._stats import preconditioner_stats as preconditioner_stats
+from ._stats import preconditioner_stats as preconditioner_stats, tree_plan as tree_plan
 from ._transform import scale_by_white_kron as scale_by_white_kron
 
 
@@ -38,11 +41,14 @@ __all__ = [
     "DenseState",
     "LARGE_PATH",
     "LeafKind",
+    "LeafPlan",
     "LeafState",
     "ONE_D_PATH",
+    "Plan",
     "Procrustes",
     "Quad",
     "STATIC_ARGS",
+    "TreePlan",
     "WhiteKronState",
     "get_opt_state_partition_specs",
     "precond_update_prob_schedule",
@@ -52,4 +58,5 @@ __all__ = [
     "scale_by_skew",
     "scale_by_white_kron",
     "skew",
+    "tree_plan",
 ]

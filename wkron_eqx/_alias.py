@@ -24,7 +24,7 @@ from ._config import (
     check_weight_decay,
     python_scalar,
 )
-from ._custom_types import Params, Updates
+from ._custom_types import Params, Unchecked
 from ._rules import AbstractRule, Procrustes, Quad
 from ._transform import scale_by_white_kron
 
@@ -187,7 +187,7 @@ def _skip_whole_step(
     """On a step the preconditioner skipped (non-finite gradient), the whole update is zero
     (no weight decay) and the later transforms keep their state (a schedule's count)."""
 
-    def update_fn(updates: Updates, state: Any, params: Params | None = None, **extra_args):
+    def update_fn(updates: Unchecked, state: Any, params: Unchecked = None, **extra_args):
         new_updates, new_state = chain.update(updates, state, params, **extra_args)
         new_state = typing.cast(tuple, new_state)  # the chain's (white_kron, ..., lr) states
         skipped = new_state[0].skipped_steps != state[0].skipped_steps

@@ -180,7 +180,7 @@ class BucketSegment(NamedTuple):
 
 
 class Bucket(NamedTuple):
-    """One batched stack of dense tiles of equal stored size."""
+    """One batched stack of dense tiles of equal stored size: one `DenseState`."""
 
     rows: int
     cols: int
@@ -210,8 +210,33 @@ class ComputeGroup(NamedTuple):
     members: tuple[GroupMember, ...]
 
 
-# A merge may add at most this fraction of the tree's dense factor-update cost.
-MERGE_BUDGET = 0.1
+class Grouping(NamedTuple):
+    """How dense tiles are batched, a choice of the backend the step compiles for.
+
+    - `per_leaf`: a bucket holds the tiles of one leaf only, and a compute group the
+      buckets of one leaf only. XLA compiles one kernel per distinct computation and
+      reuses it for every structurally identical one, so leaves of equal shape (the
+      layers of a transformer, the blocks of a ResNet) then cost one compile between
+      them, and nothing is cut out of a stack at a leaf-specific offset. This is what
+      keeps CPU compile time flat in the number of leaves.
+    - `budget`: a merge may add at most this fraction of the tree's (or, per leaf, the
+      leaf's) dense factor-update cost as zero padding.
+
+    An accelerator pays per kernel launch instead, so there tiles of all leaves share
+    buckets and buckets merge into as few computations as a generous budget allows.
+    """
+
+    per_leaf: bool
+    budget: float
+
+
+CPU_GROUPING = Grouping(per_leaf=False, budget=0.1)
+ACCELERATOR_GROUPING = Grouping(per_leaf=False, budget=1.0)
+
+
+def grouping_for(backend: str) -> Grouping:
+    """The grouping for a JAX backend name (`jax.default_backend()`)."""
+    return CPU_GROUPING if backend == "cpu" else ACCELERATOR_GROUPING
 
 
 def _tile_cost(rows: int, cols: int) -> int:
@@ -223,28 +248,25 @@ def _tile_cost(rows: int, cols: int) -> int:
     return 2 * (left + right) + rows * cols * (rows + cols) + 2 * (rows**3 + cols**3)
 
 
-def group_buckets(buckets: tuple[Bucket, ...]) -> tuple[ComputeGroup, ...]:
-    """Merge buckets into as few batched computations as a small padding budget allows.
-
-    Each additional compiled program costs compile time (about 0.3-0.5 s on CPU) and
-    per-kernel overhead on every step; zero padding costs matmul work. Buckets are
-    oriented with `rows <= cols` (a `(256, 16)` tile is a transposed `(16, 256)` one);
-    then the two groups whose merge adds the least padded cost are merged, again and
-    again, while the added cost stays within `MERGE_BUDGET` of the whole tree's.
-    """
-    groups: list[tuple[int, int, tuple[GroupMember, ...], int]] = [
-        (min(b.rows, b.cols), max(b.rows, b.cols), (GroupMember(i, b.rows > b.cols),), b.stack)
-        for i, b in enumerate(buckets)
-    ]
+def _merge(
+    buckets: tuple[Bucket, ...], indices: list[int], budget_fraction: float
+) -> list[ComputeGroup]:
+    """Greedy merging of the buckets `indices`: the pair whose merge adds the least
+    padded cost goes first, while the added cost stays within the budget."""
+    groups: list[tuple[int, int, tuple[GroupMember, ...], int]] = []
+    for i in indices:
+        b = buckets[i]
+        member = GroupMember(i, b.rows > b.cols)
+        groups.append((min(b.rows, b.cols), max(b.rows, b.cols), (member,), b.stack))
     cost = lambda rows, cols, stack: stack * _tile_cost(rows, cols)
-    budget = MERGE_BUDGET * sum(cost(*g[:2], g[3]) for g in groups)
+    budget = budget_fraction * sum(cost(*g[:2], g[3]) for g in groups)
     while len(groups) > 1:
         best = None
         for i in range(len(groups)):
             for j in range(i + 1, len(groups)):
                 (ri, ci, _, si), (rj, cj, _, sj) = groups[i], groups[j]
-                merged = cost(max(ri, rj), max(ci, cj), si + sj)
-                extra = merged - cost(ri, ci, si) - cost(rj, cj, sj)
+                extra = cost(max(ri, rj), max(ci, cj), si + sj)
+                extra -= cost(ri, ci, si) + cost(rj, cj, sj)
                 if best is None or extra < best[0]:
                     best = (extra, i, j)
         assert best is not None
@@ -255,47 +277,62 @@ def group_buckets(buckets: tuple[Bucket, ...]) -> tuple[ComputeGroup, ...]:
         (ri, ci, mi, si), (rj, cj, mj, sj) = groups[i], groups[j]
         groups[i] = (max(ri, rj), max(ci, cj), tuple(sorted(mi + mj)), si + sj)
         del groups[j]
-    return tuple(ComputeGroup(r, c, m) for r, c, m, _ in sorted(groups, key=lambda g: g[2]))
+    return [ComputeGroup(r, c, m) for r, c, m, _ in groups]
+
+
+def group_buckets(
+    buckets: tuple[Bucket, ...], grouping: Grouping = CPU_GROUPING
+) -> tuple[ComputeGroup, ...]:
+    """Merge buckets into as few batched computations as the padding budget allows.
+
+    Buckets are oriented with `rows <= cols` (a `(256, 16)` tile is a transposed
+    `(16, 256)` one); then the two groups whose merge adds the least padded cost are
+    merged, again and again, while the added cost stays within `grouping.budget` of
+    the whole cost (per leaf when `grouping.per_leaf`).
+    """
+    if grouping.per_leaf:
+        by_leaf: dict[int, list[int]] = {}
+        for i, b in enumerate(buckets):
+            by_leaf.setdefault(b.segments[0].leaf, []).append(i)
+        scopes = list(by_leaf.values())
+    else:
+        scopes = [list(range(len(buckets)))] if buckets else []
+    groups = [g for scope in scopes for g in _merge(buckets, scope, grouping.budget)]
+    return tuple(sorted(groups, key=lambda g: g.members))
 
 
 class TreePlan(NamedTuple):
+    """The static plan of a whole params tree: per-leaf plans, the buckets of dense
+    tiles (one `DenseState` each) and the compute groups that update them."""
+
     leaves: tuple[LeafPlan, ...]
     buckets: tuple[Bucket, ...]
     groups: tuple[ComputeGroup, ...]
 
-    @property
-    def stacked_elements(self) -> int:
-        """Elements of every real stacked entry the factor update sees (noise is drawn
-        for exactly these; pipeline dummies get none): dense tiles, large-leaf strips and
-        1-D leaves."""
-        total = sum(b.valid_count * b.rows * b.cols for b in self.buckets)
-        for leaf in self.leaves:
-            if leaf.kind == LeafKind.ONE_D:
-                total += leaf.batch * leaf.merged[0]
-            elif leaf.kind == LeafKind.LARGE:
-                rows, cols = leaf.merged
-                strip_rows = rows if leaf.diag_left else leaf.strip_side
-                strip_cols = cols if leaf.diag_right else leaf.strip_side
-                total += leaf.strips * strip_rows * strip_cols
-        return total
+    def of_kind(self, kind: LeafKind) -> tuple[int, ...]:
+        """Indices of the leaves of `kind`."""
+        return tuple(i for i, leaf in enumerate(self.leaves) if leaf.kind == kind)
 
 
-def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple[Bucket, ...]:
+def bucket_tiles(
+    leaves: tuple[LeafPlan, ...], pipeline_axis_size: int, per_leaf: bool = True
+) -> tuple[Bucket, ...]:
     """Group the dense tiles of `leaves` into buckets of equal stored size.
 
-    Buckets are sorted by stored size; within a bucket, segments follow leaf order and
-    then tile-group order. Each bucket is padded to a multiple of `pipeline_axis_size`.
+    With `per_leaf`, each leaf's tiles form buckets of their own. Buckets are sorted
+    (by leaf when `per_leaf`, then) by stored size; within a bucket, segments follow
+    leaf order and then tile-group order. Each bucket is padded to a multiple of
+    `pipeline_axis_size`.
     """
-    segments: dict[tuple[int, int], list[BucketSegment]] = {}
+    segments: dict[tuple[int, int, int], list[BucketSegment]] = {}
     for leaf_index, leaf in enumerate(leaves):
         for group_index, group in enumerate(leaf.groups):
             count = leaf.batch * group.row_part.count * group.col_part.count
             if count:
-                segments.setdefault(group.bucket, []).append(
-                    BucketSegment(leaf_index, group_index, count)
-                )
+                key = (leaf_index if per_leaf else 0, *group.bucket)
+                segments.setdefault(key, []).append(BucketSegment(leaf_index, group_index, count))
     buckets = []
-    for (rows, cols), segs in sorted(segments.items()):
+    for (_, rows, cols), segs in sorted(segments.items()):
         valid = sum(s.count for s in segs)
         buckets.append(
             Bucket(rows, cols, tuple(segs), valid, pad_to_multiple(valid, pipeline_axis_size))
@@ -310,6 +347,7 @@ def plan_tree(
     block_size: int,
     max_size_dense: int,
     pipeline_axis_size: int,
+    grouping: Grouping = CPU_GROUPING,
 ) -> TreePlan:
     """Plan every leaf of a flattened params tree and group dense tiles into buckets.
 
@@ -318,14 +356,16 @@ def plan_tree(
     - `shapes`: the shape of every leaf, in flattening order.
     - `scanned`: for each leaf, whether its leading axis is a stack of layers.
     - `block_size`, `max_size_dense`, `pipeline_axis_size`: as in `scale_by_quad`.
+    - `grouping`: how tiles are batched (`grouping_for(jax.default_backend())`).
 
     **Returns:**
 
-    A `TreePlan`: one `LeafPlan` per leaf and the dense tile buckets (`bucket_tiles`).
+    A `TreePlan`: one `LeafPlan` per leaf, the dense tile buckets (`bucket_tiles`)
+    and their compute groups (`group_buckets`).
     """
     leaves = tuple(
         leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
         for s, f in zip(shapes, scanned, strict=True)
     )
-    buckets = bucket_tiles(leaves, pipeline_axis_size)
-    return TreePlan(leaves, buckets, group_buckets(buckets))
+    buckets = bucket_tiles(leaves, pipeline_axis_size, grouping.per_leaf)
+    return TreePlan(leaves, buckets, group_buckets(buckets, grouping))

@@ -1,4 +1,9 @@
-"""Pipeline sharding: constraints on stacked axes and `get_opt_state_partition_specs`."""
+"""Pipeline sharding: constraints on stacked axes inside `init` and `update`.
+
+(`get_opt_state_partition_specs`, which builds on the transforms, is in `_specs.py`.)
+"""
+
+import warnings
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
@@ -11,8 +16,10 @@ def _active_axes() -> dict[str, AxisType]:
     abstract = jax.sharding.get_abstract_mesh()
     if abstract is not None and not abstract.empty:
         axes.update(zip(abstract.axis_names, abstract.axis_types))
-    try:  # the deprecated `with Mesh(...):` context of older code
-        from jax._src.mesh import thread_resources
+    try:  # the deprecated `with Mesh(...):` context of older code (not an abstract mesh)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.interpreters.pxla import thread_resources
 
         physical = thread_resources.env.physical_mesh
         if not physical.empty:

@@ -10,7 +10,7 @@ from jaxtyping import ArrayLike, PyTree
 from ._alias import quad, scale_by_quad
 from ._config import check_weight_decay, python_scalar
 from ._layout import LeafKind
-from ._state import LeafState, WhiteKronState
+from ._state import LeafState
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
@@ -81,16 +81,14 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
             return jax.tree.map(stacked, s)
         return jax.tree.map(lambda _: replicated, s)
 
-    is_leaf_state = lambda x: isinstance(x, LeafState)
-    specs = WhiteKronState(
-        count=replicated,  # pyright: ignore[reportArgumentType]
+    # Counters replicated; then the stacked and momentum fields replaced.
+    specs = jax.tree.map(lambda _: replicated, shapes)
+    specs = specs._replace(
         mu=None
         if shapes.mu is None
         else _mu_specs(params, scale_kwargs.get("params_partition_specs")),
         dense=tuple(jax.tree.map(stacked, d) for d in shapes.dense),
-        leaves=jax.tree.map(leaf_specs, shapes.leaves, is_leaf=is_leaf_state),
-        update_counter=replicated,  # pyright: ignore[reportArgumentType]
-        skipped_steps=replicated,  # pyright: ignore[reportArgumentType]
+        leaves=tuple(leaf_specs(s) for s in shapes.leaves),
     )
     # quad/skew always add the decay for an array weight_decay (it may be injected)
     has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0

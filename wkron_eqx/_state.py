@@ -1,5 +1,5 @@
-"""The optimizer state: `DenseState` (a bucket of dense tiles), `LeafState` (one leaf)
-and the top-level `WhiteKronState`."""
+"""The optimizer state: `DenseState` (a bucket of dense tiles), `LeafState` (one leaf),
+`Plan` (the static layout) and the top-level `WhiteKronState`."""
 
 import base64
 import dataclasses
@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
+
+from ._layout import LeafKind, LeafPlan, TreePlan
 
 
 def _encode(value: Any) -> Any:
@@ -130,6 +132,36 @@ class LeafState(_Serialisable):
     valid_rows: Int[Array, " stack"] | None = None
     valid_cols: Int[Array, " stack"] | None = None
 
+    @classmethod
+    def from_plan(cls, plan: LeafPlan, **arrays: Array) -> "LeafState":
+        """The `LeafState` of a planned leaf: its static fields read off `plan`, its
+        factors (none for a dense leaf) from `arrays`."""
+        one_d, large = plan.kind == LeafKind.ONE_D, plan.kind == LeafKind.LARGE
+        return cls(
+            kind=int(plan.kind),
+            scanned=int(plan.scanned),
+            B=plan.batch,
+            shape=plan.shape,
+            merged=plan.merged,
+            nr=1 if one_d else sum(p.count for p in plan.row_parts) or int(large),
+            nc=1 if one_d else sum(p.count for p in plan.col_parts) or int(large),
+            block_size=plan.block_size,
+            diag_left=plan.diag_left,
+            diag_right=plan.diag_right,
+            stack=plan.stack,
+            **arrays,
+        )
+
+
+class Plan(eqx.Module):
+    """The static plan a state was initialised with (no arrays: it is part of the
+    tree structure, so `jit` sees it as static data). `update` follows it instead of
+    planning again, and `preconditioner_stats` reads the layout from it."""
+
+    tree: TreePlan = eqx.field(static=True)
+    paths: tuple[str, ...] = eqx.field(static=True)  # `keystr` of each params leaf
+    treedef: Any = eqx.field(static=True)  # the params' tree structure
+
 
 class WhiteKronState(NamedTuple):
     """State of `scale_by_quad` / `scale_by_skew`.
@@ -140,15 +172,24 @@ class WhiteKronState(NamedTuple):
     - `mu`: the momentum buffer (same tree as params, in the preconditioner dtype),
       or `None` when `b1 == 0`.
     - `dense`: one `DenseState` per bucket of equally sized dense tiles.
-    - `leaves`: a `LeafState` per parameter leaf (same tree structure as params).
+    - `leaves`: a `LeafState` per parameter leaf, in `jax.tree.leaves(params)` order
+      (a flat tuple, so that the state holds no container of the params' library).
     - `update_counter`: steps since the factors were last updated
       (`preconditioner_update_probability`).
     - `skipped_steps`: steps skipped because the gradient (or the step) was not finite.
+    - `factor_updates`: steps on which the factors were updated.
+    - `plan`: the static layout (`Plan`).
     """
 
     count: Int[Array, ""]
     mu: PyTree[Array] | None
     dense: tuple[DenseState, ...]
-    leaves: PyTree[LeafState]
+    leaves: tuple[LeafState, ...]
     update_counter: Int[Array, ""]
     skipped_steps: Int[Array, ""]
+    factor_updates: Int[Array, ""]
+    plan: Plan
+
+    def leaf_tree(self) -> PyTree[LeafState]:
+        """`leaves` arranged in the params' tree structure (e.g. `state.leaf_tree()["w"]`)."""
+        return jax.tree.unflatten(self.plan.treedef, self.leaves)

@@ -1,6 +1,6 @@
 """`preconditioner_stats`: a look inside the preconditioner, usable inside `jit`."""
 
-import sys
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._blocking import valid_prefix
-from ._layout import LeafKind, bucket_tiles, leaf_plan
-from ._state import LeafState, WhiteKronState
+from ._layout import LeafKind, TreePlan
+from ._state import WhiteKronState
 
 
 def _find_state(state: Any) -> WhiteKronState:
@@ -41,18 +41,6 @@ def _diag_condition(q: Float[Array, "s n"], valid: Int[Array, " s"]) -> Float[Ar
 
 def _condition(Q: Array, valid: Array) -> Array:
     return _diag_condition(Q, valid) if Q.ndim == 2 else _dense_condition(Q, valid)
-
-
-def _replan_max_size_dense(s: LeafState) -> int:
-    """A `max_size_dense` under which re-planning the leaf gives back its own kind and
-    diagonal sides (the configured value is not stored in the state)."""
-    if s.kind == LeafKind.DENSE:
-        return sys.maxsize
-    if s.kind == LeafKind.ONE_D or (s.diag_left and s.diag_right):
-        return 0
-    rows, cols = s.merged or (0, 0)
-    # one side is diagonal (longer than the configured limit), the other is not
-    return cols if s.diag_left else rows
 
 
 class _Stack(NamedTuple):
@@ -110,39 +98,53 @@ def preconditioner_stats(state: Any) -> Any:
     have no right factor. Pipeline dummies are left out. Works inside `jit`.
     """
     state = _find_state(state)
-    is_leaf_state = lambda x: isinstance(x, LeafState)
-    leaf_states, treedef = jax.tree.flatten(state.leaves, is_leaf=is_leaf_state)
-    plans = [
-        leaf_plan(
-            ((s.B,) if s.scanned else ()) + tuple(s.shape or ()),
-            bool(s.scanned),
-            int(s.block_size or 1),
-            _replan_max_size_dense(s),
-            1,
-        )
-        for s in leaf_states
-    ]
-    dense_indices = [i for i, s in enumerate(leaf_states) if s.kind == LeafKind.DENSE]
-    buckets = bucket_tiles(tuple(plans[i] for i in dense_indices), 1)
+    plan = state.plan.tree
     # where each dense leaf's tiles sit: (bucket index, start, count) per tile group
-    slices: dict[int, list[tuple[int, int, int]]] = {i: [] for i in dense_indices}
-    for b, bucket in enumerate(buckets):
+    slices: dict[int, list[tuple[int, int, int]]] = {}
+    for b, bucket in enumerate(plan.buckets):
         start = 0
         for seg in bucket.segments:
-            slices[dense_indices[seg.leaf]].append((b, start, seg.count))
+            slices.setdefault(seg.leaf, []).append((b, start, seg.count))
             start += seg.count
     out = []
-    for i, s in enumerate(leaf_states):
-        if s.kind == LeafKind.DENSE:
+    for i, (leaf, s) in enumerate(zip(plan.leaves, state.leaves, strict=True)):
+        if leaf.kind == LeafKind.DENSE:
             stacks = [
                 _Stack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols).sliced(start, start + n)
-                for b, start, n in slices[i]
+                for b, start, n in slices.get(i, [])
                 for d in (state.dense[b],)
             ]
         else:
             assert s.Ql is not None and s.Ll is not None
             assert s.valid_rows is not None and s.valid_cols is not None
-            real = plans[i].strips if s.kind == LeafKind.LARGE else s.B
+            real = leaf.strips if leaf.kind == LeafKind.LARGE else leaf.batch
             stacks = [_Stack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols).sliced(0, real)]
-        out.append(_leaf_stats(int(s.kind), stacks))
-    return treedef.unflatten(out)
+        out.append(_leaf_stats(int(leaf.kind), stacks))
+    return jax.tree.unflatten(state.plan.treedef, out)
+
+
+def tree_plan(params: Any, **kwargs: Any) -> TreePlan:
+    """The static layout the optimizer gives `params`: each leaf's kind and tiles, the
+    buckets of dense tiles and the compute groups that update them.
+
+    Nothing is computed (`jax.eval_shape`); the plan is what `init` stores in the state
+    as `state.plan.tree`. The compute groups follow the default backend
+    (`jax.default_backend()`): on an accelerator, buckets merge into fewer computations.
+
+    **Arguments:**
+
+    - `params`: the parameters (arrays or `jax.ShapeDtypeStruct`s).
+    - `**kwargs`: keyword arguments of `scale_by_quad` (others of `quad` are ignored).
+
+    **Returns:**
+
+    A `TreePlan` (`leaves`: one `LeafPlan` per leaf in flattening order; `buckets`;
+    `groups`).
+    """
+    from ._alias import scale_by_quad
+
+    signature = inspect.signature(scale_by_quad).parameters
+    state = jax.eval_shape(
+        scale_by_quad(**{k: v for k, v in kwargs.items() if k in signature}).init, params
+    )
+    return state.plan.tree

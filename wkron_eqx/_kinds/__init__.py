@@ -1,0 +1,16 @@
+"""The leaf kinds. Each module has the same interface, so the step loops over them:
+
+- `KIND`: its `LeafKind`;
+- `init(plan, config) -> state`: the factors of every leaf of that kind;
+- `update(ctx, inputs, state, plan, refresh, axis_name) -> (outputs, state)`, with
+  `inputs` and `outputs` keyed by leaf index (each leaf viewed as `[B, m, n]`, or
+  `[B, n]` for a 1-D leaf).
+
+The dense kind's state is a tuple of `DenseState` buckets; the others' a dict from
+leaf index to `LeafState`.
+"""
+
+from . import dense as dense, large as large, one_d as one_d
+
+
+KINDS = (dense, large, one_d)

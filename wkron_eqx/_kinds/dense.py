@@ -1,59 +1,49 @@
 """DENSE_PATH: 2-D leaves with both sides <= `max_size_dense`.
 
-Each leaf is cut into tiles of at most `block_size x block_size`; tiles of every dense
-leaf with the same stored size share one `DenseState` bucket, so one `vmap` updates
-them all. A tile's factors are sized to the tile (rounded up to `TILE_QUANTUM`), not to
-`block_size`.
+Each leaf is cut into tiles of at most `block_size x block_size`, each with its own
+dense factors sized to the tile (rounded up to `TILE_QUANTUM`), not to `block_size`.
+Tiles of equal stored size share a `DenseState` bucket (on CPU, only within a leaf;
+see `_layout.Grouping`), and each compute group of buckets is one batched
+computation, zero-padded to the group's size.
 """
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, Float, Int
 
 from .._blocking import pad_stack, padded_identity, tile, untile, validity_mask
 from .._config import Config
-from .._layout import Bucket, ComputeGroup, GroupMember, LeafPlan, TreePlan
-from .._noise import NoiseSource
+from .._kron import Factors, StepContext, apply_stack, update_stack
+from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
+from .._noise import add_noise
 from .._sharding import constrain_stack
-from .._state import DenseState, LeafState
-from ._factors import Factors, StepContext, apply_stack, update_stack
+from .._state import DenseState
 
 
-def init(plan: LeafPlan, config: Config) -> LeafState:
-    """The static description of a dense leaf (its factors live in the buckets)."""
-    del config
-    return LeafState(
-        kind=int(plan.kind),
-        scanned=int(plan.scanned),
-        B=plan.batch,
-        shape=plan.shape,
-        merged=plan.merged,
-        nr=sum(p.count for p in plan.row_parts),
-        nc=sum(p.count for p in plan.col_parts),
-        block_size=plan.block_size,
-        diag_left=False,
-        diag_right=False,
-        stack=plan.strips,
-    )
+KIND = LeafKind.DENSE
+State = tuple[DenseState, ...]
 
 
-def _valid_sides(bucket: Bucket, leaves: tuple[LeafPlan, ...]) -> tuple[list[int], list[int]]:
+def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
     rows, cols = [], []
     for seg in bucket.segments:
-        group = leaves[seg.leaf].groups[seg.group]
+        group = plan.leaves[seg.leaf].groups[seg.group]
         rows += [group.row_part.size] * seg.count
         cols += [group.col_part.size] * seg.count
     dummies = bucket.stack - bucket.valid_count
     return rows + [0] * dummies, cols + [0] * dummies
 
 
-def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
+def init(plan: TreePlan, config: Config) -> State:
     """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
     dtype, axis = config.compute_dtype, config.pipeline_axis_name
+    scale = config.preconditioner_init_scale
     states = []
     for bucket in plan.buckets:
-        rows, cols = _valid_sides(bucket, plan.leaves)
+        rows, cols = _valid_sides(bucket, plan)
         valid_rows, valid_cols = jnp.array(rows, jnp.int32), jnp.array(cols, jnp.int32)
-        scale = config.preconditioner_init_scale
         states.append(
             DenseState(
                 Ql=constrain_stack(padded_identity(valid_rows, bucket.rows, scale, dtype), axis),
@@ -69,113 +59,136 @@ def init_buckets(plan: TreePlan, config: Config) -> tuple[DenseState, ...]:
     return tuple(states)
 
 
-def _stack(tiles: dict[int, list[Array]], bucket: Bucket, axis_name: str | None) -> Array:
-    stacked = jnp.concatenate([tiles[s.leaf][s.group] for s in bucket.segments], axis=0)
-    return constrain_stack(pad_stack(stacked, bucket.stack), axis_name)
+class _Entries(NamedTuple):
+    """A stack of tiles as a compute group sees it: oriented and padded."""
+
+    G: Float[Array, "s r c"]
+    factors: Factors
+    valid_rows: Int[Array, " s"]
+    valid_cols: Int[Array, " s"]
+    real: tuple[int, ...]  # 1 for a real tile, 0 for a pipeline dummy
 
 
-def _fit(x: Array, transposed: bool, rows: int, cols: int) -> Array:
-    """A bucket's `[s, r, c]` stack (or `[s, c, r]` if `transposed`) zero-padded to the
-    group's `[s, rows, cols]`."""
-    if transposed:
-        x = jnp.swapaxes(x, 1, 2)
-    if x.shape[1:] == (rows, cols):
-        return x
-    return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
+def _pad_to(x: Array, *sides: int) -> Array:
+    pads = [(0, 0)] + [(0, side - n) for n, side in zip(x.shape[1:], sides, strict=True)]
+    return x if x.shape[1:] == sides else jnp.pad(x, pads)
 
 
-def _unfit(x: Array, transposed: bool, rows: int, cols: int) -> Array:
-    """Undo `_fit` for a bucket whose stored stack is `[s, rows, cols]`."""
-    if transposed:
-        return jnp.swapaxes(x[:, :cols, :rows], 1, 2)
-    return x[:, :rows, :cols]
+def _enter(
+    member: GroupMember, group: ComputeGroup, bucket: Bucket, state: DenseState, G
+) -> _Entries:
+    """One bucket as its group sees it: transposed (left and right swapped) if the
+    member says so, then zero-padded to the group's size."""
+    left = (state.Ql, state.Ll, state.valid_rows)
+    right = (state.Qr, state.Lr, state.valid_cols)
+    if member.transposed:
+        G = jnp.swapaxes(G, 1, 2)
+        left, right = right, left
+    return _Entries(
+        _pad_to(G, group.rows, group.cols),
+        Factors(
+            _pad_to(left[0], group.rows, group.rows),
+            _pad_to(right[0], group.cols, group.cols),
+            left[1],
+            right[1],
+        ),
+        left[2],
+        right[2],
+        (1,) * bucket.valid_count + (0,) * (bucket.stack - bucket.valid_count),
+    )
 
 
-def _oriented(member: GroupMember, left, right) -> tuple:
-    """`(left, right)` as the group sees them: swapped for a transposed member."""
-    return (right, left) if member.transposed else (left, right)
+def _leave(
+    member: GroupMember, bucket: Bucket, state: DenseState, out: Array, factors: Factors | None
+) -> tuple[Array, DenseState]:
+    """Undo `_enter` for one member's slice of the group's results."""
+    rows, cols = (bucket.cols, bucket.rows) if member.transposed else (bucket.rows, bucket.cols)
+    out = out[:, :rows, :cols]
+    if member.transposed:
+        out = jnp.swapaxes(out, 1, 2)
+    if factors is None:
+        return out, state
+    Ql, Qr = factors.Ql[:, :rows, :rows], factors.Qr[:, :cols, :cols]
+    Ll, Lr = factors.Ll, factors.Lr
+    if member.transposed:
+        Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
+    return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
 
 
-def _group_inputs(group: ComputeGroup, states: tuple[DenseState, ...], arrays) -> list:
-    """Concatenate the members' `G`, `Gn`, factors and valid sides for one group, with
-    the left and right roles swapped for transposed members."""
-    parts = []
-    for m in group.members:
-        state = states[m.bucket]
-        left, right = _oriented(
-            m, (state.Ql, state.Ll, state.valid_rows), (state.Qr, state.Lr, state.valid_cols)
-        )
-        G, Gn = (None if x is None else _fit(x, m.transposed, group.rows, group.cols)
-                 for x in arrays[m.bucket])  # fmt: skip
-        Ql = _fit(left[0], False, group.rows, group.rows)
-        Qr = _fit(right[0], False, group.cols, group.cols)
-        parts.append((G, Gn, Ql, Qr, left[1], right[1], left[2], right[2]))
-    join = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-    return [None if xs[0] is None else join(xs) for xs in zip(*parts, strict=True)]
+def _join(xs: list[Array]) -> Array:
+    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
 
 
-def update_buckets(
+def update(
     ctx: StepContext,
-    inputs: dict[int, Float[Array, "_ _ _"]],
-    noise: NoiseSource | None,
-    buckets: tuple[DenseState, ...],
+    inputs: dict[int, Float[Array, "B m n"]],
+    state: State,
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "_ _ _"]], tuple[DenseState, ...]]:
+) -> tuple[dict[int, Float[Array, "B m n"]], State]:
     """Precondition every dense leaf; update the factors too when `refresh`.
-
-    Buckets are stored right-sized; each compute group of `plan.groups` is one batched
-    computation over its members, zero-padded to the group's size.
 
     **Arguments:**
 
     - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
-    - `noise`: where the factor update's noise comes from (`None`: no noise).
-    - `buckets`: the current `DenseState`s, in `plan.buckets` order.
+    - `state`: the current `DenseState`s, in `plan.buckets` order.
 
     **Returns:**
 
     `(outputs, new buckets)`, the outputs keyed like `inputs`.
     """
-    tiles = {i: list(tile(x, plan.leaves[i])) for i, x in inputs.items()}
-    arrays = []  # per bucket: (G, G + noise or None)
-    for bucket, state in zip(plan.buckets, buckets, strict=True):
-        stacked = _stack(tiles, bucket, axis_name).astype(ctx.product_dtype)
-        noisy = None
-        if refresh and noise is not None:
-            # Noise per bucket, before any grouping: a tile's noise is the same
-            # whichever group it is computed in.
-            valid = validity_mask(state.valid_rows, state.valid_cols, bucket.rows, bucket.cols)
-            noisy = noise.add(stacked, valid, bucket.valid_count)
-        arrays.append((stacked, noisy))
-    new_buckets = list(buckets)
+    tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
+    stacks = []
+    for bucket in plan.buckets:
+        G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
+        stacks.append(pad_stack(G, bucket.stack).astype(ctx.product_dtype))
+    results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
+    new_state = list(state)
     for group in plan.groups:
-        G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols = _group_inputs(group, buckets, arrays)
-        factors = Factors(*(constrain_stack(f, axis_name) for f in (Ql, Qr, Ll, Lr)))
-        G = constrain_stack(G, axis_name)
+        entries = [
+            _enter(m, group, plan.buckets[m.bucket], state[m.bucket], stacks[m.bucket])
+            for m in group.members
+        ]
+        G = constrain_stack(_join([e.G for e in entries]), axis_name)
+        factors = Factors(
+            *(
+                constrain_stack(_join(list(f)), axis_name)
+                for f in zip(*[e.factors for e in entries])
+            )
+        )
+        valid_rows = _join([e.valid_rows for e in entries])
+        valid_cols = _join([e.valid_cols for e in entries])
         if refresh:
+            # Pipeline dummies draw no noise: entries are numbered among the real ones.
+            real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
+            valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
+            Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
             out, factors = update_stack(ctx, G, Gn, factors, valid_rows, valid_cols)
         else:
             out = apply_stack(ctx.rule, G, factors)
         offset = 0
         for m in group.members:
-            bucket, state = plan.buckets[m.bucket], buckets[m.bucket]
-            part = slice(offset, offset + bucket.stack)
-            offset += bucket.stack
-            result = _unfit(out[part], m.transposed, bucket.rows, bucket.cols)
-            start = 0
-            for seg in bucket.segments:
-                tiles[seg.leaf][seg.group] = result[start : start + seg.count]
-                start += seg.count
-            if refresh:
-                left, right = _oriented(m, bucket.rows, bucket.cols)
-                (Ql, Ll), (Qr, Lr) = _oriented(
-                    m,
-                    (_unfit(factors.Ql[part], False, left, left), factors.Ll[part]),
-                    (_unfit(factors.Qr[part], False, right, right), factors.Lr[part]),
-                )
-                Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in (Ql, Qr, Ll, Lr))
-                new_buckets[m.bucket] = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
-    outputs = {i: untile(tuple(tiles[i]), plan.leaves[i]) for i in inputs}
-    return outputs, tuple(new_buckets)
+            size = plan.buckets[m.bucket].stack
+            part = slice(offset, offset + size)
+            offset += size
+            mine = Factors(*(f[part] for f in factors)) if refresh else None
+            results[m.bucket], bucket_state = _leave(
+                m, plan.buckets[m.bucket], state[m.bucket], out[part], mine
+            )
+            new_state[m.bucket] = bucket_state.replace(
+                **{
+                    k: constrain_stack(getattr(bucket_state, k), axis_name)
+                    for k in ("Ql", "Qr", "Ll", "Lr")
+                }
+            )
+    pieces: dict[int, list[Array]] = {
+        i: [jnp.zeros(())] * len(plan.leaves[i].groups) for i in inputs
+    }
+    for bucket, result in zip(plan.buckets, results, strict=True):
+        start = 0
+        for seg in bucket.segments:
+            pieces[seg.leaf][seg.group] = result[start : start + seg.count]
+            start += seg.count
+    outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
+    return outputs, tuple(new_state)

@@ -20,11 +20,15 @@ from .._blocking import (
     validity_mask,
 )
 from .._config import Config
-from .._layout import LeafPlan
-from .._noise import NoiseSource
+from .._kron import Factors, StepContext, apply_stack, update_stack
+from .._layout import LeafKind, LeafPlan, TreePlan
+from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import LeafState
-from ._factors import Factors, StepContext, apply_stack, update_stack
+
+
+KIND = LeafKind.LARGE
+State = dict[int, LeafState]
 
 
 def _valid_sides(plan: LeafPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -45,61 +49,66 @@ def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
     return (padded_ones if diagonal else padded_identity)(valid, side, scale, dtype)
 
 
-def init(plan: LeafPlan, config: Config) -> LeafState:
+def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
     """A diagonal factor of ones for each long side, padded identities for short ones."""
     rows, cols = plan.merged
     vr, vc = _valid_sides(plan)
     valid_rows, valid_cols = jnp.array(vr, jnp.int32), jnp.array(vc, jnp.int32)
     left_side = rows if plan.diag_left else plan.strip_side
     right_side = cols if plan.diag_right else plan.strip_side
-    axis = config.pipeline_axis_name
-    return LeafState(
-        kind=int(plan.kind),
-        scanned=int(plan.scanned),
-        B=plan.batch,
-        shape=plan.shape,
-        merged=plan.merged,
-        nr=sum(p.count for p in plan.row_parts) or 1,
-        nc=sum(p.count for p in plan.col_parts) or 1,
-        block_size=plan.block_size,
-        diag_left=plan.diag_left,
-        diag_right=plan.diag_right,
-        stack=plan.stack,
-        Ql=constrain_stack(_factor(valid_rows, left_side, plan.diag_left, config), axis),
-        Qr=constrain_stack(_factor(valid_cols, right_side, plan.diag_right, config), axis),
-        Ll=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
-        Lr=constrain_stack(jnp.zeros(plan.stack, jnp.float32), axis),
-        valid_rows=constrain_stack(valid_rows, axis),
-        valid_cols=constrain_stack(valid_cols, axis),
+    constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
+    return LeafState.from_plan(
+        plan,
+        Ql=constrain(_factor(valid_rows, left_side, plan.diag_left, config)),
+        Qr=constrain(_factor(valid_cols, right_side, plan.diag_right, config)),
+        Ll=constrain(jnp.zeros(plan.stack, jnp.float32)),
+        Lr=constrain(jnp.zeros(plan.stack, jnp.float32)),
+        valid_rows=constrain(valid_rows),
+        valid_cols=constrain(valid_cols),
     )
 
 
-def update(
+def init(plan: TreePlan, config: Config) -> State:
+    """The factors of every large leaf, keyed by leaf index."""
+    return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
+
+
+def _update_leaf(
     ctx: StepContext,
     x: Float[Array, "B m n"],
-    noise: NoiseSource | None,
     state: LeafState,
     plan: LeafPlan,
     refresh: bool,
     axis_name: str | None,
 ) -> tuple[Float[Array, "B m n"], LeafState]:
-    """Precondition a large leaf; update its factors too when `refresh`."""
     strips = constrain_stack(cut_strips(x, plan).astype(ctx.product_dtype), axis_name)
-    assert state.Ql is not None and state.Ll is not None
+    assert state.Ql is not None and state.Qr is not None
+    assert state.Ll is not None and state.Lr is not None
     assert state.valid_rows is not None and state.valid_cols is not None
-    assert state.Qr is not None and state.Lr is not None
     factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
-    if refresh:
-        noisy_strips = None
-        if noise is not None:
-            rows, cols = strips.shape[1:]
-            valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
-            noisy_strips = noise.add(strips, valid, plan.strips)
-        out, factors = update_stack(
-            ctx, strips, noisy_strips, factors, state.valid_rows, state.valid_cols
+    if not refresh:
+        return join_strips(apply_stack(ctx.rule, strips, factors), plan), state
+    rows, cols = strips.shape[1:]
+    valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
+    noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)
+    out, factors = update_stack(ctx, strips, noisy, factors, state.valid_rows, state.valid_cols)
+    Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
+    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
+
+
+def update(
+    ctx: StepContext,
+    inputs: dict[int, Float[Array, "B m n"]],
+    state: State,
+    plan: TreePlan,
+    refresh: bool,
+    axis_name: str | None,
+) -> tuple[dict[int, Float[Array, "B m n"]], State]:
+    """Precondition every large leaf (each is one stack of strips); update the factors
+    too when `refresh`. Keys as `dense.update`."""
+    outputs, new_state = {}, {}
+    for i, x in inputs.items():
+        outputs[i], new_state[i] = _update_leaf(
+            ctx, x, state[i], plan.leaves[i], refresh, axis_name
         )
-        Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)  # pyright: ignore
-        state = state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
-    else:
-        out = apply_stack(ctx.rule, strips, factors)
-    return join_strips(out, plan), state
+    return outputs, new_state

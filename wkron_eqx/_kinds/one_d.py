@@ -3,97 +3,74 @@
 Each layer gets one diagonal factor `q` (`[length]`) and one Lipschitz estimate:
 `Pg = q^2 (g + noise)`, `A = Pg^2`, `c = 1`, `L <- max(0.95 L + 0.05 l, l)` with
 `l = max(A) + 1`, then the rule's diagonal step and the output `q'^2 g`.
+
+Each leaf is its own small computation (see `update`).
 """
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float
 
 from .._config import Config
-from .._layout import LeafPlan
-from .._noise import NoiseSource
-from .._rules import track_lipschitz
+from .._kron import StepContext
+from .._layout import LeafKind, LeafPlan, TreePlan
+from .._noise import add_noise
+from .._norms import track_lipschitz
 from .._state import LeafState
-from ._factors import StepContext
 
 
-def init(plan: LeafPlan, config: Config) -> LeafState:
-    """`q = preconditioner_init_scale * 1` and `L = 0` for each layer."""
+KIND = LeafKind.ONE_D
+State = dict[int, LeafState]
+
+
+def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
     (length,) = plan.merged
-    dtype = config.compute_dtype
-    return LeafState(
-        kind=int(plan.kind),
-        scanned=int(plan.scanned),
-        B=plan.batch,
-        shape=plan.shape,
-        merged=plan.merged,
-        nr=1,
-        nc=1,
-        block_size=plan.block_size,
-        diag_left=True,
-        diag_right=False,
-        stack=plan.batch,
-        Ql=jnp.full((plan.batch, length), config.preconditioner_init_scale, dtype),
+    return LeafState.from_plan(
+        plan,
+        Ql=jnp.full((plan.batch, length), config.preconditioner_init_scale, config.compute_dtype),
         Ll=jnp.zeros(plan.batch, jnp.float32),
         valid_rows=jnp.full(plan.batch, length, jnp.int32),
         valid_cols=jnp.ones(plan.batch, jnp.int32),
     )
 
 
-def update_all(
-    ctx: StepContext,
-    inputs: dict[int, Float[Array, "_ _"]],
-    noise: NoiseSource | None,
-    states: dict[int, LeafState],
-    refresh: bool,
-) -> tuple[dict[int, Float[Array, "_ _"]], dict[int, LeafState]]:
-    """Precondition every 1-D leaf at once; update the factors too when `refresh`.
+def init(plan: TreePlan, config: Config) -> State:
+    """`q = preconditioner_init_scale * 1` and `L = 0` for each layer of each leaf."""
+    return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
 
-    All 1-D leaves (every layer of a scanned one is its own segment with its own
-    Lipschitz estimate) are concatenated into one vector, so the whole kind is one
-    fused computation however many leaves there are.
 
-    **Arguments:**
-
-    - `inputs`: leaf index -> the leaf viewed as `[B, n]` (non-empty leaves only).
-    - `noise`: where the factor update's noise comes from (`None`: no noise).
-    - `states`: leaf index -> its `LeafState`.
-
-    **Returns:**
-
-    `(outputs, new states)`, keyed like `inputs`.
-    """
-    order = sorted(inputs)
-    if not order:
-        return {}, {}
-    lengths = [inputs[i].shape[1] for i in order for _ in range(inputs[i].shape[0])]
-    segment = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    flat = lambda xs: jnp.concatenate([xs[i].reshape(-1) for i in order])
-    x = flat(inputs)
-    q = flat({i: states[i].Ql for i in order})
+def _update_leaf(
+    ctx: StepContext, x: Float[Array, "B n"], state: LeafState, refresh: bool
+) -> tuple[Float[Array, "B n"], LeafState]:
+    q, L = state.Ql, state.Ll
+    assert q is not None and L is not None
     if refresh:
-        L = jnp.concatenate([states[i].Ll for i in order])  # pyright: ignore
-        xn = x if noise is None else noise.add(x)
-        Pg = q * q * xn
+        Pg = q * q * add_noise(x, ctx.step, ctx.noise_scale)
         A = Pg * Pg
-        ell = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths)) + 1
-        L = track_lipschitz(L, ell)
+        L = track_lipschitz(L, jnp.max(A.astype(jnp.float32), axis=1) + 1)
         z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
-        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype))
-    out = q * q * x
-    outputs, new_states = {}, {}
-    offset, layer = 0, 0
-    for i in order:
-        batch, length = inputs[i].shape
-        size = batch * length
-        outputs[i] = out[offset : offset + size].reshape(batch, length)
-        if refresh:
-            new_states[i] = states[i].replace(
-                Ql=q[offset : offset + size].reshape(batch, length),
-                Ll=L[layer : layer + batch],  # pyright: ignore
-            )
-        else:
-            new_states[i] = states[i]
-        offset, layer = offset + size, layer + batch
-    return outputs, new_states
+        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[:, None].astype(q.dtype))
+        state = state.replace(Ql=q, Ll=L)
+    return q * q * x, state
+
+
+def update(
+    ctx: StepContext,
+    inputs: dict[int, Float[Array, "B n"]],
+    state: State,
+    plan: TreePlan,
+    refresh: bool,
+    axis_name: str | None,
+) -> tuple[dict[int, Float[Array, "B n"]], State]:
+    """Precondition every 1-D leaf; update the factors too when `refresh`. Keys as
+    `dense.update`.
+
+    Each leaf is its own small elementwise computation over its `[B, length]` view.
+    Concatenating them into one vector looks cheaper, but cutting the results back
+    out at each leaf's offset makes XLA copy the whole computation (noise included)
+    into every per-leaf slice: more code to compile than leaf-by-leaf.
+    """
+    del plan, axis_name  # 1-D factors are small and stay replicated
+    outputs, new_state = {}, {}
+    for i, x in inputs.items():
+        outputs[i], new_state[i] = _update_leaf(ctx, x, state[i], refresh)
+    return outputs, new_state

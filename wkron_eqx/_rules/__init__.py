@@ -1,3 +1,3 @@
-from ._base import AbstractRule as AbstractRule, track_lipschitz as track_lipschitz
+from ._base import AbstractRule as AbstractRule
 from .procrustes import Procrustes as Procrustes
 from .quad import Quad as Quad

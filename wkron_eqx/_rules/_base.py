@@ -3,7 +3,6 @@
 import abc
 
 import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
 
@@ -32,14 +31,9 @@ class AbstractRule(eqx.Module):
     @abc.abstractmethod
     def diag(
         self,
-        q: Float[Array, " n"],
-        A: Float[Array, " n"],
-        c: Float[Array, "*#n"],
-        z: Float[Array, "*#n"],
-    ) -> Float[Array, " n"]:
+        q: Float[Array, "*shape"],
+        A: Float[Array, "*shape"],
+        c: Float[Array, "*#shape"],
+        z: Float[Array, "*#shape"],
+    ) -> Float[Array, "*shape"]:
         """Return the updated diagonal factor."""
-
-
-def track_lipschitz(L: Float[Array, "*s"], ell: Float[Array, "*s"]) -> Float[Array, "*s"]:
-    """`L <- max(0.95 L + 0.05 ell, ell)`: a running estimate that never lags a jump."""
-    return jnp.maximum(0.95 * L + 0.05 * ell, ell)

@@ -5,8 +5,8 @@ from typing import ClassVar
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
+from .._norms import spectral_norm_lower_bound
 from ._base import AbstractRule
-from .norms import spectral_norm_lower_bound
 
 
 # The rotation step is at most this divided by ||R||_2 (R the normalised skew part).
@@ -52,9 +52,9 @@ class Procrustes(AbstractRule):
 
     def diag(
         self,
-        q: Float[Array, " n"],
-        A: Float[Array, " n"],
-        c: Float[Array, "*#n"],
-        z: Float[Array, "*#n"],
-    ) -> Float[Array, " n"]:
+        q: Float[Array, "*shape"],
+        A: Float[Array, "*shape"],
+        c: Float[Array, "*#shape"],
+        z: Float[Array, "*#shape"],
+    ) -> Float[Array, "*shape"]:
         return q * (1 - z * (A - c))

@@ -26,9 +26,9 @@ class Quad(AbstractRule):
 
     def diag(
         self,
-        q: Float[Array, " n"],
-        A: Float[Array, " n"],
-        c: Float[Array, "*#n"],
-        z: Float[Array, "*#n"],
-    ) -> Float[Array, " n"]:
+        q: Float[Array, "*shape"],
+        A: Float[Array, "*shape"],
+        c: Float[Array, "*#shape"],
+        z: Float[Array, "*#shape"],
+    ) -> Float[Array, "*shape"]:
         return q * jnp.square(1 - z * (A - c))

@@ -1,9 +1,18 @@
-"""The Kronecker step of one stack of entries, shared by the dense and large kinds.
+"""What one Kronecker step does to one stack of entries.
 
 An entry is a matrix `G` (`[rows, cols]`) with a left and a right factor, each dense
-(`[side, side]`) or diagonal (`[side]`, for a side longer than `max_size_dense`). The
-whole stack is handled by one `vmap`, so a bucket of dense tiles or a leaf's strips is
-one batched computation.
+(`[side, side]`) or diagonal (`[side]`, for a side longer than `max_size_dense`). A
+stack (a bucket of dense tiles, a compute group, a large leaf's strips) is handled by
+one `vmap`, so it is one batched computation. The step (SPEC section 3, steps 3-5):
+
+1. `Pg = Pl Gn Pr` with `P = Q^T Q` and `Gn` the noisy `G`;
+2. the statistics `A = Pg Pg^T` (left) and `Pg^T Pg` (right), with `c = numel / side`;
+3. the Lipschitz estimate `L <- max(0.95 L + 0.05 l, l)`, `l = ||A||_2 + c`;
+4. each factor moved by the rule with step `z = step_scale * lr / L`;
+5. the output `Pl' G Pr'` with the new factors.
+
+Everything is straight-line code: no `while`, `scan` or `cond`, which on an accelerator
+would each cost a round trip to the host.
 """
 
 from typing import NamedTuple
@@ -12,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
-from .._rules import AbstractRule, track_lipschitz
-from .._rules.norms import spectral_norm_lower_bound
+from ._norms import spectral_norm_lower_bound, track_lipschitz
+from ._rules import AbstractRule
 
 
 class Factors(NamedTuple):
@@ -32,6 +41,8 @@ class StepContext(NamedTuple):
     lr: Scalar  # the preconditioner step size, float32
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
     product_dtype: jnp.dtype  # what the products run in (factors may be stored narrower)
+    step: Int[Array, ""]  # t = count + 1, the key of this step's noise
+    noise_scale: float
 
 
 def _left(Q: Array, X: Array, symmetric: bool) -> Array:
@@ -59,8 +70,7 @@ def _right(X: Array, Q: Array, symmetric: bool) -> Array:
 
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
     """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor); `symmetric` says
-    that each dense `Q` equals its transpose, so `Q^T` is `Q` itself.
-    """
+    that each dense `Q` equals its transpose, so `Q^T` is `Q` itself."""
     return _right(_left(Ql, G, symmetric), Qr, symmetric)
 
 
@@ -79,25 +89,31 @@ def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar
     return Q, L
 
 
-def _balance(Ql: Array, Qr: Array) -> tuple[Array, Array]:
-    """Scale `Ql` and `Qr` to the same max-abs entry (the geometric mean of theirs)."""
-    a = jnp.max(jnp.abs(Ql)).astype(jnp.float32)
-    b = jnp.max(jnp.abs(Qr)).astype(jnp.float32)
-    ok = (a > 0) & (b > 0)
+def balance_scales(balance: Bool[Array, ""], Ql: Array, Qr: Array) -> tuple[Array, Array]:
+    """Per-entry scalars that bring `Ql` and `Qr` to the same max-abs entry (the
+    geometric mean of theirs) when `balance`, and 1 otherwise.
+
+    Their product is 1, so `Pl G Pr` is unchanged, and both rules are homogeneous of
+    degree one in `Q`: scaling the updated factors equals updating scaled ones. So the
+    scales are applied to the new factors, in the kernel that writes them, instead of
+    a separate pass (or a `cond`) over the old ones.
+    """
+    axes = tuple(range(1, Ql.ndim))
+    a = jnp.max(jnp.abs(Ql), axis=axes).astype(jnp.float32)
+    b = jnp.max(jnp.abs(Qr), axis=tuple(range(1, Qr.ndim))).astype(jnp.float32)
+    ok = balance & (a > 0) & (b > 0)
     geo = jnp.sqrt(a * b)
-    left = jnp.where(ok, geo / jnp.where(ok, a, 1), 1).astype(Ql.dtype)
-    right = jnp.where(ok, geo / jnp.where(ok, b, 1), 1).astype(Qr.dtype)
-    return Ql * left, Qr * right
+    left = jnp.where(ok, geo / jnp.where(ok, a, 1), 1)
+    right = jnp.where(ok, geo / jnp.where(ok, b, 1), 1)
+    return left, right
 
 
-def _balance_stack(balance: Bool[Array, ""], Ql: Array, Qr: Array) -> tuple[Array, Array]:
-    # One `cond` for the whole stack: on the 99 steps in 100 that do not balance, the
-    # factors go to the matmuls untouched instead of through a full-size multiply.
-    return jax.lax.cond(balance, jax.vmap(_balance), lambda ql, qr: (ql, qr), Ql, Qr)
+def _scaled(Q: Array, s: Array) -> Array:
+    return Q * s.reshape(s.shape + (1,) * (Q.ndim - 1)).astype(Q.dtype)
 
 
 def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
-    Pg = _apply(Ql, Qr, G if Gn is None else Gn, ctx.rule.symmetric)
+    Pg = _apply(Ql, Qr, Gn, ctx.rule.symmetric)
     # c = numel / side: for the left factor that is the number of valid columns.
     c_left = jnp.where(valid_rows > 0, valid_cols, 0).astype(jnp.float32)
     c_right = jnp.where(valid_cols > 0, valid_rows, 0).astype(jnp.float32)
@@ -111,13 +127,13 @@ def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols)
 def update_stack(
     ctx: StepContext,
     G: Float[Array, "s r c"],
-    Gn: Float[Array, "s r c"] | None,
+    Gn: Float[Array, "s r c"],
     factors: Factors,
     valid_rows: Int[Array, " s"],
     valid_cols: Int[Array, " s"],
 ) -> tuple[Float[Array, "s r c"], Factors]:
-    """Update every entry's factors from `Gn` (`G` plus noise; `None` for no noise),
-    then precondition `G` with the new factors.
+    """Update every entry's factors from `Gn` (`G` plus noise, or `G` itself), then
+    precondition `G` with the new factors.
 
     The maths runs in `G`'s dtype; the new factors come back in the dtype they came in.
 
@@ -125,11 +141,14 @@ def update_stack(
 
     `(Pl' G Pr', new factors)` for the whole stack.
     """
-    Ql, Qr = (q.astype(G.dtype) for q in _balance_stack(ctx.balance, factors.Ql, factors.Qr))
+    left, right = balance_scales(ctx.balance, factors.Ql, factors.Qr)
+    Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
     out, (Ql, Qr, Ll, Lr) = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
-    return out, Factors(Ql.astype(factors.Ql.dtype), Qr.astype(factors.Qr.dtype), Ll, Lr)
+    Ql = _scaled(Ql, left).astype(factors.Ql.dtype)
+    Qr = _scaled(Qr, right).astype(factors.Qr.dtype)
+    return out, Factors(Ql, Qr, Ll, Lr)
 
 
 def apply_stack(

@@ -1,0 +1,120 @@
+"""Checks of what reaches `init` and `update`, with errors that name the leaf and the fix.
+
+All of them run at trace time, on static shapes, dtypes and tree structure.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from ._custom_types import Unchecked
+from ._layout import LeafPlan
+from ._state import WhiteKronState
+
+
+_FILTER_HINT = (
+    "Give the optimizer the floating-point arrays only: with Equinox, "
+    "`eqx.filter(model, eqx.is_inexact_array)` for `init` and `eqx.filter_grad` / "
+    "`eqx.filter_value_and_grad` for the gradients; with Flax NNX, "
+    "`nnx.Optimizer(model, tx, wrt=nnx.Param)`."
+)
+
+
+def path_names(tree: Any) -> tuple[str, ...]:
+    """`jax.tree_util.keystr` of every leaf's path, in flattening order."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return tuple(jax.tree_util.keystr(p) for p, _ in flat)
+
+
+def check_params(params: Unchecked) -> tuple[list[Any], Any, tuple[str, ...]]:
+    """Flatten `params`, refusing any leaf that is not a floating-point array.
+
+    **Returns:**
+
+    `(leaves, treedef, path names)`.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    names = path_names(params)
+    for name, leaf in zip(names, leaves, strict=True):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, float):
+            continue
+        if dtype is None or not hasattr(leaf, "shape"):
+            raise TypeError(
+                f"The params leaf at {name} is a {type(leaf).__name__}, not an array. "
+                + _FILTER_HINT
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"The params leaf at {name} has dtype {np.dtype(dtype).name}; the optimizer "
+                "preconditions real floating-point arrays only. " + _FILTER_HINT
+            )
+    return leaves, treedef, names
+
+
+def _expected_shape(plan: LeafPlan) -> tuple[int, ...]:
+    return ((plan.batch,) if plan.scanned else ()) + plan.shape
+
+
+def _structure_mismatch(updates: Unchecked, state: WhiteKronState) -> ValueError:
+    """An error naming the leaves that one tree has and the other lacks."""
+    want = {
+        name: _expected_shape(leaf)
+        for name, leaf in zip(state.plan.paths, state.plan.tree.leaves, strict=True)
+    }
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    have = {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in flat}
+    details = []
+    if missing := [f"{k} (shape {v})" for k, v in want.items() if k not in have]:
+        details.append("it lacks " + ", ".join(missing))
+    if extra := [f"{k} (shape {v})" for k, v in have.items() if k not in want]:
+        details.append("the state has no leaf " + ", ".join(extra))
+    if not details:
+        details.append(f"its leaves are ordered {list(have)}, not {list(want)}")
+    return ValueError(
+        "The updates tree does not have the structure of the params the optimizer state "
+        f"was initialised with: {'; '.join(details)}."
+    )
+
+
+def check_updates(updates: Unchecked, state: WhiteKronState) -> tuple[list[Array], Any]:
+    """Flatten `updates`, refusing a tree that does not match the state's params.
+
+    **Returns:**
+
+    `(leaves, treedef)` of `updates`.
+
+    **Raises:**
+
+    `ValueError` naming the leaves for another structure or shape, `TypeError` for a
+    leaf that is not floating point (`float0` included).
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    plans = state.plan.tree.leaves
+    names = path_names(updates)
+    # Paths may differ where a library wraps the params but not the gradients (NNX's
+    # `Param(...)` adds a `.value` step); the count and every leaf's shape must match.
+    if len(leaves) != len(plans):
+        raise _structure_mismatch(updates, state)
+    for name, g, plan in zip(names, leaves, plans, strict=True):
+        dtype = getattr(g, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            kind = (
+                "float0 (the gradient of a non-differentiable leaf)"
+                if (dtype == jax.dtypes.float0)
+                else (np.dtype(dtype).name if dtype is not None else type(g).__name__)
+            )
+            raise TypeError(
+                f"The update at {name} has dtype {kind}; a floating dtype is required. "
+                + _FILTER_HINT
+            )
+        expected = _expected_shape(plan)
+        if tuple(g.shape) != expected:
+            raise ValueError(
+                f"The update at {name} has shape {tuple(g.shape)}, but the optimizer state "
+                f"was initialised for shape {expected}."
+            )
+    return leaves, treedef
