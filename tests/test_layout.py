@@ -448,13 +448,15 @@ def _multiply_adds(rows: int, cols: int) -> int:
         min_size=1,
         max_size=10,
         unique_by=lambda s: s[:2],
-    )
+    ),
+    accelerator=st.booleans(),
 )
-def test_groups_partition_buckets_within_budget(sides):
-    from wkron_eqx._layout import MERGE_BUDGET, Bucket, group_buckets
+def test_groups_partition_buckets_within_budget(sides, accelerator):
+    from wkron_eqx._layout import Bucket, group_buckets, grouping_for
 
+    grouping = grouping_for("gpu" if accelerator else "cpu")
     buckets = tuple(Bucket(8 * r, 8 * c, (), n, n) for r, c, n in sides)
-    groups = group_buckets(buckets)
+    groups = group_buckets(buckets, grouping)
     members = [m for g in groups for m in g.members]
     assert sorted(m.bucket for m in members) == list(range(len(buckets)))
     padded = 0
@@ -467,7 +469,7 @@ def test_groups_partition_buckets_within_budget(sides):
             assert rows <= g.rows and cols <= g.cols
         padded += sum(buckets[m.bucket].stack for m in g.members) * _multiply_adds(g.rows, g.cols)
     exact = sum(b.stack * _multiply_adds(b.rows, b.cols) for b in buckets)
-    assert padded <= (1 + MERGE_BUDGET) * exact
+    assert padded <= (1 + grouping.budget) * exact
     # A bucket that is alone in its group is not padded.
     for g in groups:
         if len(g.members) == 1:

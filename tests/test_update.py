@@ -430,42 +430,44 @@ _GROUPED_SCANNED = {"a": False, "b": False, "c": False, "d": False, "e": True}
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
 def test_compute_groups_change_nothing(rule, monkeypatch):
-    from wkron_eqx import _layout
+    """No merging, the CPU's merging and the accelerators' (generous merges) give the
+    same updates and factors. Noise is off: it is numbered per compute group, so it
+    legitimately differs between groupings."""
+    from wkron_eqx import _layout, _transform
 
-    params = _zeros(_GROUPED)
+    params = _zeros({**_GROUPED, "v": (7,), "w": (3, 5, 1)})
+    scanned = {**_GROUPED_SCANNED, "v": False, "w": True}
     grads = _gradients(params, steps=12)
 
-    def run():
-        _layout.plan_tree.cache_clear()
+    def run(grouping):
+        monkeypatch.setattr(_transform, "grouping_for", lambda backend: grouping)
         tx = SCALE_BY[rule](
             dtype=jnp.float32,
             block_size=16,
             max_size_dense=64,
-            noise_scale=1e-3,
-            scanned_layers=_GROUPED_SCANNED,
+            noise_scale=0.0,
+            scanned_layers=scanned,
         )
-        return _run_steps(tx, grads)
+        updates, state = _run_steps(tx, grads)
+        return updates, state, state.plan.tree
 
-    grouped_updates, grouped_state = run()
-    plan = _layout.plan_tree(
-        tuple(x.shape for x in jax.tree.leaves(params)),
-        tuple(jax.tree.leaves(_GROUPED_SCANNED)),
-        16,
-        64,
-        1,
-    )
-    # The case really merges buckets, one of them transposed.
-    assert len(plan.groups) < len(plan.buckets)
-    assert any(m.transposed for g in plan.groups for m in g.members)
-    monkeypatch.setattr(_layout, "MERGE_BUDGET", -1.0)  # no merges at all
-    single_updates, single_state = run()
-    _layout.plan_tree.cache_clear()
-    for key, single in single_updates.items():
-        scale = float(jnp.max(jnp.abs(single)))
-        np.testing.assert_allclose(grouped_updates[key], single, rtol=1e-5, atol=1e-5 * scale)
-    for a, b in zip(grouped_state.dense, single_state.dense, strict=True):
-        for x, y in ((a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    separate = _layout.Grouping(budget=-1.0)
+    runs = [run(g) for g in (separate, _layout.CPU_GROUPING, _layout.ACCELERATOR_GROUPING)]
+    (single_updates, single_state, single), (_, _, cpu), (_, _, accelerator) = runs
+    # The cases really merge buckets, one of them transposed.
+    assert len(single.groups) == len(single.buckets)
+    assert len(accelerator.groups) <= len(cpu.groups) < len(cpu.buckets)
+    assert any(m.transposed for g in cpu.groups for m in g.members)
+    for updates, state, _ in runs[1:]:
+        for key, expected in single_updates.items():
+            scale = float(jnp.max(jnp.abs(expected)))
+            np.testing.assert_allclose(updates[key], expected, rtol=1e-5, atol=1e-5 * scale)
+        for a, b in zip(state.dense, single_state.dense, strict=True):
+            for x, y in ((a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        for a, b in zip(state.leaves, single_state.leaves, strict=True):
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

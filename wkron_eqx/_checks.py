@@ -23,10 +23,19 @@ _FILTER_HINT = (
 )
 
 
+def _name(path: tuple) -> str:
+    # A trailing `.value` is a variable wrapper (Flax NNX's `Param`) around the array,
+    # present in the params and absent from the gradients: the same leaf either way.
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+        path = path[:-1]
+    return jax.tree_util.keystr(path)
+
+
 def path_names(tree: Any) -> tuple[str, ...]:
-    """`jax.tree_util.keystr` of every leaf's path, in flattening order."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return tuple(jax.tree_util.keystr(p) for p, _ in flat)
+    """The path of every leaf (`jax.tree_util.keystr`, without a trailing `.value`), in
+    flattening order."""
+    return tuple(_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
 
 
 def check_params(params: Unchecked) -> tuple[list[Any], Any, tuple[str, ...]]:
@@ -66,7 +75,7 @@ def _structure_mismatch(updates: Unchecked, state: WhiteKronState) -> ValueError
         for name, leaf in zip(state.plan.paths, state.plan.tree.leaves, strict=True)
     }
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
-    have = {jax.tree_util.keystr(p): tuple(jnp.shape(x)) for p, x in flat}
+    have = {_name(p): tuple(jnp.shape(x)) for p, x in flat}
     details = []
     if missing := [f"{k} (shape {v})" for k, v in want.items() if k not in have]:
         details.append("it lacks " + ", ".join(missing))
@@ -95,9 +104,7 @@ def check_updates(updates: Unchecked, state: WhiteKronState) -> tuple[list[Array
     leaves, treedef = jax.tree.flatten(updates)
     plans = state.plan.tree.leaves
     names = path_names(updates)
-    # Paths may differ where a library wraps the params but not the gradients (NNX's
-    # `Param(...)` adds a `.value` step); the count and every leaf's shape must match.
-    if len(leaves) != len(plans):
+    if names != state.plan.paths:
         raise _structure_mismatch(updates, state)
     for name, g, plan in zip(names, leaves, plans, strict=True):
         dtype = getattr(g, "dtype", None)

@@ -211,27 +211,20 @@ class ComputeGroup(NamedTuple):
 
 
 class Grouping(NamedTuple):
-    """How dense tiles are batched, a choice of the backend the step compiles for.
+    """How dense buckets are batched, a choice of the backend the step compiles for.
 
-    - `per_leaf`: a bucket holds the tiles of one leaf only, and a compute group the
-      buckets of one leaf only. XLA compiles one kernel per distinct computation and
-      reuses it for every structurally identical one, so leaves of equal shape (the
-      layers of a transformer, the blocks of a ResNet) then cost one compile between
-      them, and nothing is cut out of a stack at a leaf-specific offset. This is what
-      keeps CPU compile time flat in the number of leaves.
-    - `budget`: a merge may add at most this fraction of the tree's (or, per leaf, the
-      leaf's) dense factor-update cost as zero padding.
-
-    An accelerator pays per kernel launch instead, so there tiles of all leaves share
-    buckets and buckets merge into as few computations as a generous budget allows.
+    `budget`: a merge of buckets into one compute group may add at most this fraction
+    of the tree's dense factor-update cost as zero padding. A CPU pays for every FLOP
+    (and for every compiled kernel), so its budget is small; an accelerator pays per
+    kernel launch, so there buckets merge into as few computations as a generous
+    budget allows.
     """
 
-    per_leaf: bool
     budget: float
 
 
-CPU_GROUPING = Grouping(per_leaf=False, budget=0.1)
-ACCELERATOR_GROUPING = Grouping(per_leaf=False, budget=1.0)
+CPU_GROUPING = Grouping(budget=0.1)
+ACCELERATOR_GROUPING = Grouping(budget=1.0)
 
 
 def grouping_for(backend: str) -> Grouping:
@@ -288,16 +281,9 @@ def group_buckets(
     Buckets are oriented with `rows <= cols` (a `(256, 16)` tile is a transposed
     `(16, 256)` one); then the two groups whose merge adds the least padded cost are
     merged, again and again, while the added cost stays within `grouping.budget` of
-    the whole cost (per leaf when `grouping.per_leaf`).
+    the whole tree's cost.
     """
-    if grouping.per_leaf:
-        by_leaf: dict[int, list[int]] = {}
-        for i, b in enumerate(buckets):
-            by_leaf.setdefault(b.segments[0].leaf, []).append(i)
-        scopes = list(by_leaf.values())
-    else:
-        scopes = [list(range(len(buckets)))] if buckets else []
-    groups = [g for scope in scopes for g in _merge(buckets, scope, grouping.budget)]
+    groups = _merge(buckets, list(range(len(buckets))), grouping.budget) if buckets else []
     return tuple(sorted(groups, key=lambda g: g.members))
 
 
@@ -308,31 +294,29 @@ class TreePlan(NamedTuple):
     leaves: tuple[LeafPlan, ...]
     buckets: tuple[Bucket, ...]
     groups: tuple[ComputeGroup, ...]
+    grouping: Grouping = CPU_GROUPING
 
     def of_kind(self, kind: LeafKind) -> tuple[int, ...]:
         """Indices of the leaves of `kind`."""
         return tuple(i for i, leaf in enumerate(self.leaves) if leaf.kind == kind)
 
 
-def bucket_tiles(
-    leaves: tuple[LeafPlan, ...], pipeline_axis_size: int, per_leaf: bool = True
-) -> tuple[Bucket, ...]:
+def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple[Bucket, ...]:
     """Group the dense tiles of `leaves` into buckets of equal stored size.
 
-    With `per_leaf`, each leaf's tiles form buckets of their own. Buckets are sorted
-    (by leaf when `per_leaf`, then) by stored size; within a bucket, segments follow
-    leaf order and then tile-group order. Each bucket is padded to a multiple of
-    `pipeline_axis_size`.
+    Buckets are sorted by stored size; within a bucket, segments follow leaf order and
+    then tile-group order. Each bucket is padded to a multiple of `pipeline_axis_size`.
     """
-    segments: dict[tuple[int, int, int], list[BucketSegment]] = {}
+    segments: dict[tuple[int, int], list[BucketSegment]] = {}
     for leaf_index, leaf in enumerate(leaves):
         for group_index, group in enumerate(leaf.groups):
             count = leaf.batch * group.row_part.count * group.col_part.count
             if count:
-                key = (leaf_index if per_leaf else 0, *group.bucket)
-                segments.setdefault(key, []).append(BucketSegment(leaf_index, group_index, count))
+                segments.setdefault(group.bucket, []).append(
+                    BucketSegment(leaf_index, group_index, count)
+                )
     buckets = []
-    for (_, rows, cols), segs in sorted(segments.items()):
+    for (rows, cols), segs in sorted(segments.items()):
         valid = sum(s.count for s in segs)
         buckets.append(
             Bucket(rows, cols, tuple(segs), valid, pad_to_multiple(valid, pipeline_axis_size))
@@ -367,5 +351,5 @@ def plan_tree(
         leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
         for s, f in zip(shapes, scanned, strict=True)
     )
-    buckets = bucket_tiles(leaves, pipeline_axis_size, grouping.per_leaf)
-    return TreePlan(leaves, buckets, group_buckets(buckets, grouping))
+    buckets = bucket_tiles(leaves, pipeline_axis_size)
+    return TreePlan(leaves, buckets, group_buckets(buckets, grouping), grouping)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike
 
 from ._checks import check_params, check_updates
 from ._config import Config
@@ -88,9 +88,10 @@ def _sum_of_squares(u: Array) -> Array:
     return jnp.sum(jnp.square(u.astype(jnp.float32)))
 
 
-def rms_clip_scale(sum_sq: Array, size: int) -> Array:
-    """`1.1 / max(rms, 1.1)` for a leaf of `size` elements whose squares sum to `sum_sq`."""
-    rms = jnp.sqrt(sum_sq / max(size, 1))
+def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
+    """`1.1 / max(rms, 1.1)` for leaves of `size` (>= 1) elements whose squares sum to
+    `sum_sq` (elementwise over arrays of leaves)."""
+    rms = jnp.sqrt(sum_sq / jnp.asarray(size, jnp.float32))
     return _CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)
 
 
@@ -237,14 +238,19 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         # through a NaN/Inf factor: a non-finite statistic makes the new factor NaN), so
         # the outputs' sums of squares, which the RMS clip needs anyway, tell whether the
         # step is sound. One reduction over them gives the verdict.
-        sum_sqs = [_sum_of_squares(out) for out in outputs]
-        ok = jnp.all(jnp.isfinite(jnp.stack(sum_sqs))) if sum_sqs else jnp.array(True)
-        divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
         new_updates = []
-        for out, g, sum_sq in zip(outputs, grads, sum_sqs, strict=True):
-            scale = (rms_clip_scale(sum_sq, out.size) / divisor).astype(out.dtype)
-            u = jnp.where(ok, out * scale, jnp.zeros((), out.dtype))
-            new_updates.append(u.reshape(g.shape).astype(g.dtype))
+        if outputs:
+            sum_sqs = jnp.stack([_sum_of_squares(out) for out in outputs])
+            ok = jnp.all(jnp.isfinite(sum_sqs))
+            # Every leaf's clip factor in one vectorised computation, not one per leaf.
+            sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
+            divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
+            scales = rms_clip_scale(sum_sqs, sizes) / divisor
+            for i, (out, g) in enumerate(zip(outputs, grads, strict=True)):
+                u = jnp.where(ok, out * scales[i].astype(out.dtype), jnp.zeros((), out.dtype))
+                new_updates.append(u.reshape(g.shape).astype(g.dtype))
+        else:
+            ok = jnp.array(True)
 
         stepped = WhiteKronState(
             count=t,

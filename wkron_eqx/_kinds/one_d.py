@@ -4,10 +4,12 @@ Each layer gets one diagonal factor `q` (`[length]`) and one Lipschitz estimate:
 `Pg = q^2 (g + noise)`, `A = Pg^2`, `c = 1`, `L <- max(0.95 L + 0.05 l, l)` with
 `l = max(A) + 1`, then the rule's diagonal step and the output `q'^2 g`.
 
-Each leaf is its own small computation (see `update`).
+All 1-D leaves are one concatenated computation (see `update`).
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._config import Config
@@ -38,21 +40,6 @@ def init(plan: TreePlan, config: Config) -> State:
     return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
 
 
-def _update_leaf(
-    ctx: StepContext, x: Float[Array, "B n"], state: LeafState, refresh: bool
-) -> tuple[Float[Array, "B n"], LeafState]:
-    q, L = state.Ql, state.Ll
-    assert q is not None and L is not None
-    if refresh:
-        Pg = q * q * add_noise(x, ctx.step, ctx.noise_scale)
-        A = Pg * Pg
-        L = track_lipschitz(L, jnp.max(A.astype(jnp.float32), axis=1) + 1)
-        z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
-        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[:, None].astype(q.dtype))
-        state = state.replace(Ql=q, Ll=L)
-    return q * q * x, state
-
-
 def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B n"]],
@@ -61,16 +48,44 @@ def update(
     refresh: bool,
     axis_name: str | None,
 ) -> tuple[dict[int, Float[Array, "B n"]], State]:
-    """Precondition every 1-D leaf; update the factors too when `refresh`. Keys as
-    `dense.update`.
+    """Precondition every 1-D leaf at once; update the factors too when `refresh`.
+    Keys as `dense.update`.
 
-    Each leaf is its own small elementwise computation over its `[B, length]` view.
-    Concatenating them into one vector looks cheaper, but cutting the results back
-    out at each leaf's offset makes XLA copy the whole computation (noise included)
-    into every per-leaf slice: more code to compile than leaf-by-leaf.
+    All 1-D leaves are concatenated into one vector, every layer of a scanned leaf its
+    own segment with its own Lipschitz estimate, so the kind is a few kernels however
+    many leaves there are. (Leaf by leaf was measured too: fewer instructions, but more
+    kernels, and XLA's compile time follows the kernels: 2106 against 1518 on the
+    149-leaf transformer tree.)
     """
     del plan, axis_name  # 1-D factors are small and stay replicated
+    if not inputs:
+        return {}, {}
+    order = sorted(inputs)
+    lengths = [inputs[i].shape[1] for i in order for _ in range(inputs[i].shape[0])]
+    segment = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    flat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])
+    x = flat([inputs[i] for i in order])
+    q = flat([state[i].Ql for i in order])
+    L = jnp.concatenate([state[i].Ll for i in order])  # pyright: ignore
+    if refresh:
+        Pg = q * q * add_noise(x, ctx.step, ctx.noise_scale)
+        A = Pg * Pg
+        peak = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths))
+        L = track_lipschitz(L, peak + 1)
+        z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
+        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype))
+    out = q * q * x
     outputs, new_state = {}, {}
-    for i, x in inputs.items():
-        outputs[i], new_state[i] = _update_leaf(ctx, x, state[i], refresh)
+    offset, layer = 0, 0
+    for i in order:
+        batch, length = inputs[i].shape
+        size = batch * length
+        outputs[i] = out[offset : offset + size].reshape(batch, length)
+        new_state[i] = state[i]
+        if refresh:
+            new_state[i] = state[i].replace(
+                Ql=q[offset : offset + size].reshape(batch, length),
+                Ll=L[layer : layer + batch],
+            )
+        offset, layer = offset + size, layer + batch
     return outputs, new_state
