@@ -215,6 +215,10 @@ def main() -> dict:
             "init": _mismatches(bare, state_sharding),
             "update": _mismatches(stepped, state_sharding),
         }
+        report["constraint_placement"] = {
+            "init": {k: _placement(x) for k, x in _stacked_arrays(bare).items()},
+            "update": {k: _placement(x) for k, x in _stacked_arrays(stepped).items()},
+        }
 
     # The deprecated `with mesh:` context is detected too.
     with warnings.catch_warnings():

@@ -1,6 +1,7 @@
 """Bad configurations fail at construction with a `ValueError` naming the argument, and the
 factories' signatures are the reference contract (SPEC section 1)."""
 
+import functools
 import inspect
 import math
 import subprocess
@@ -114,21 +115,45 @@ def test_config_message_is_a_sentence():
     assert str(info.value) == "`block_size` must be an int >= 1, got 0."
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(b1=0),
-        dict(noise_scale=0),
-        dict(preconditioner_lr=1),
-        dict(preconditioner_init_scale=2),
-        dict(preconditioner_update_probability=1),
-        dict(weight_decay=0),
-        dict(learning_rate=1),
-    ],
-    ids=lambda kwargs: ",".join(f"{k}={v!r}" for k, v in kwargs.items()),
+_PARAMS = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+
+
+def _step_jaxpr(**kwargs) -> str:
+    """The traced `init` + `update` of `quad`: equal strings are the same computation
+    (every constant is printed)."""
+    tx = wk.quad(**kwargs)
+    return str(jax.make_jaxpr(lambda p: tx.update(p, tx.init(p), p))(_PARAMS))
+
+
+# Under a runtime type checker (this suite runs with one), an int `noise_scale` or
+# `preconditioner_init_scale` reaches a private function annotated `float`
+# (`_noise.add_noise`, `_blocking.padded_identity`): `Config` accepts ints but passes them
+# on unconverted. A bug of the package, reported; strict, so that a fix shows here.
+_INT_REACHES_FLOAT = pytest.mark.xfail(
+    strict=True,
+    raises=jaxtyping.TypeCheckError,
+    reason="bug: Config keeps an int where internal functions annotate `float`",
 )
-def test_int_values_of_float_arguments_are_accepted(kwargs):
-    wk.quad(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, value, other",
+    [
+        ("b1", 0, 0.5),
+        pytest.param("noise_scale", 0, 0.5, marks=_INT_REACHES_FLOAT),
+        ("preconditioner_lr", 1, 1.5),
+        pytest.param("preconditioner_init_scale", 2, 2.5, marks=_INT_REACHES_FLOAT),
+        ("preconditioner_update_probability", 1, 0.5),
+        ("weight_decay", 0, 0.5),
+        ("learning_rate", 1, 1.5),
+    ],
+)
+def test_int_values_of_float_arguments_act_as_the_floats(name, value, other):
+    # An int gives the very computation its float gives; and the comparison sees the
+    # value (another value gives another computation).
+    as_int = _step_jaxpr(**{name: value})
+    assert as_int == _step_jaxpr(**{name: float(value)})
+    assert as_int != _step_jaxpr(**{name: other})
 
 
 @pytest.mark.parametrize("factory", ["quad", "skew"])
@@ -138,21 +163,97 @@ def test_bad_weight_decay_raises(factory, value):
         FACTORIES[factory](weight_decay=value)
 
 
-@pytest.mark.parametrize("factory", FACTORIES)
-def test_good_edge_values_are_accepted(factory):
-    # the boundaries of the allowed ranges, and every allowed dtype spelling
-    for kwargs in [
-        dict(b1=0.0),
-        dict(b1=0.999),
-        dict(lr_style=None),
-        dict(block_size=1, max_size_dense=1, pipeline_axis_size=8),
-        dict(noise_scale=0.0),
-        dict(preconditioner_update_probability=1.0),
-        dict(preconditioner_update_probability=lambda step: 0.5),
-        dict(dtype=jnp.float32),
-        dict(dtype="bfloat16"),
-    ]:
-        FACTORIES[factory](**kwargs)
+# The boundaries of the allowed ranges, and every allowed dtype spelling.
+EDGES = {
+    "b1=0": dict(b1=0.0),
+    "b1=0.999": dict(b1=0.999),
+    "lr_style=None": dict(lr_style=None),
+    "sizes=1": dict(block_size=1, max_size_dense=1, pipeline_axis_size=8),
+    "noise_scale=0": dict(noise_scale=0.0),
+    "probability=1": dict(preconditioner_update_probability=1.0),
+    "probability=schedule": dict(preconditioner_update_probability=lambda step: 0.5),
+    "dtype=float32": dict(dtype=jnp.float32),
+    "dtype='bfloat16'": dict(dtype="bfloat16"),
+}
+_GRADS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.5, -2.0, 1.0])}
+
+
+def _steps(steps: int = 1, **kwargs):
+    """`(updates of each step, state after each step)` of `scale_by_quad` on `_GRADS`."""
+    return _cached_steps(steps, tuple(sorted(kwargs.items())))
+
+
+@functools.cache
+def _cached_steps(steps: int, items: tuple):
+    tx = wk.scale_by_quad(**{"dtype": jnp.float32, **dict(items)})
+    update, state = jax.jit(tx.update), tx.init(_PARAMS)
+    updates, states = [], []
+    for _ in range(steps):
+        u, state = update(_GRADS, state)
+        updates.append(jax.tree.map(np.asarray, u))
+        states.append(state)
+    return updates, states
+
+
+def _jaxpr(**kwargs) -> str:
+    tx = wk.scale_by_quad(**kwargs)
+    return str(jax.make_jaxpr(tx.update)(_PARAMS, tx.init(_PARAMS)))
+
+
+def _assert_same(a, b, rtol=0.0, atol=0.0):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if rtol or atol:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("edge", EDGES)
+def test_good_edge_values_are_accepted_and_honoured(edge):
+    kwargs = EDGES[edge]
+    for factory in FACTORIES.values():
+        factory(**kwargs)
+    if edge == "b1=0":
+        # no momentum: the raw gradient, as with b1 = 0.5 at step 1 (0.5 g / (1 - 0.5))
+        (u,), (state,) = _steps(**kwargs)
+        assert state.mu is None
+        _assert_same(u, _steps(b1=0.5)[0][0])
+    elif edge == "b1=0.999":
+        (u,), (state,) = _steps(**kwargs)
+        assert state.mu is not None
+        # bias-corrected, the input is g at step 1, up to float32 rounding of 1 - 0.999
+        _assert_same(u, _steps(b1=0.0)[0][0], rtol=1e-4, atol=1e-5)
+    elif edge == "lr_style=None":
+        # the same update, not divided by 5
+        _assert_same(_steps(**kwargs)[0][0], jax.tree.map(lambda x: 5 * x, _steps()[0][0]), 1e-6)
+    elif edge == "sizes=1":
+        # every side is "large": both factors diagonal, stacks padded to a multiple of 8
+        (u,), (state,) = _steps(**kwargs)
+        assert state.dense == ()
+        w = state.leaves[1]
+        assert (w.kind, w.diag_left, w.diag_right, w.stack) == (wk.LARGE_PATH, True, True, 8)
+        assert all(np.all(np.isfinite(x)) and np.any(x != 0) for x in jax.tree.leaves(u))
+    elif edge == "noise_scale=0":
+        # no noise is drawn at all (the draw is the only `erf_inv` of the step)
+        assert "erf_inv" not in _jaxpr(**kwargs) and "erf_inv" in _jaxpr()
+    elif edge == "probability=1":
+        # every step updates the factors, without a `cond`
+        assert "cond" not in _jaxpr(**kwargs)
+        _, states = _steps(2, **kwargs)
+        assert [int(s.factor_updates) for s in states] == [1, 2]
+    elif edge == "probability=schedule":
+        # the factors update every second step, behind one `cond`
+        assert "cond" in _jaxpr(**kwargs)
+        _, states = _steps(4, **kwargs)
+        assert [int(s.factor_updates) for s in states] == [0, 1, 1, 2]
+    else:
+        # the factors and the momentum are stored in the given dtype; a string is a dtype
+        expected = jnp.dtype(kwargs["dtype"])
+        (u,), (state,) = _steps(**kwargs)
+        assert state.dense[0].Ql.dtype == expected and state.mu["w"].dtype == expected
+        if edge == "dtype='bfloat16'":
+            (u_named,), (state_named,) = _steps(dtype=jnp.bfloat16)
+            _assert_same((u, state), (u_named, state_named))
 
 
 # ---------------------------------------------------------------------------------------

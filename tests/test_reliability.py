@@ -8,8 +8,10 @@ Compiling a step dominates the cost here, so the jitted steps of the tree that h
 leaf kind are built once per configuration (`_kinds`) and shared by the tests.
 """
 
+import dataclasses
 import functools
 
+import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -77,6 +79,18 @@ def _assert_bit_equal(a, b):
     assert len(leaves_a) == len(leaves_b)
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
         assert x == y, f"leaf {i} differs"
+
+
+def _snapshot(tree):
+    """A deep copy (NumPy copies of every leaf, new containers) to compare a tree with
+    after a call: equal to it exactly when the call left the tree as it was."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _assert_kept(kept, before):
+    """`kept` is the state `before` was a snapshot of, but for one more skipped step."""
+    assert _skipped(kept) == _skipped(before) + 1
+    _assert_bit_equal(kept._replace(skipped_steps=before.skipped_steps), before)
 
 
 def _float_leaves(tree) -> list[np.ndarray]:
@@ -161,14 +175,15 @@ def test_nonfinite_gradient_is_skipped_and_counted(rule, data):
     # NaN/+inf/-inf at drawn positions of drawn leaves (any kind, the scanned stack too).
     bad = data.draw(wkt.nonfinite_gradients(good[0]), label="bad gradient")
 
+    before = _snapshot(state)
     updates, kept = update(bad, state)
     _assert_zero_update(updates, bad)
-    assert _skipped(kept) == _skipped(state) + 1
     # `count` does not advance on a skipped step (so the noise key and the every-100-steps
     # balancing stay on the schedule of the steps actually taken) ...
-    assert _count(kept) == _count(state) == 2
+    assert _count(kept) == _count(before) == 2
     # ... and momentum, factors, Lipschitz estimates and counters are kept bit for bit.
-    _assert_bit_equal(kept._replace(skipped_steps=state.skipped_steps), state)
+    _assert_kept(kept, before)
+    _assert_bit_equal(state, before)
 
     # Training continues exactly as if the bad step had never come.
     after_skip, final = _continue(update, kept, good)
@@ -203,6 +218,7 @@ def test_skipped_step_is_all_zero_through_the_full_optimizer(rule):
 def test_zero_tiny_and_huge_gradients_never_poison_the_state(dtype, scale):
     _, update, state = _kinds("quad", dtype)
     grads = _kinds_grads(1, dtype, scale)
+    before = _snapshot(state)
     updates, new_state = update(grads, state)
     assert _all_finite(new_state)
     if scale == 0.0:
@@ -216,8 +232,8 @@ def test_zero_tiny_and_huge_gradients_never_poison_the_state(dtype, scale):
     else:
         # Huge: A = (Pg)^2 ~ 1e60 overflows in both dtypes: skipped, never stored.
         _assert_zero_update(updates, grads)
-        assert _skipped(new_state) == 1 and _count(new_state) == 0
-        _assert_bit_equal(new_state._replace(skipped_steps=state.skipped_steps), state)
+        assert _count(new_state) == 0
+        _assert_kept(new_state, before)
     # The next real gradient gets a real, finite update.
     real = _kinds_grads(2, dtype)
     updates, next_state = update(real, new_state)
@@ -225,6 +241,25 @@ def test_zero_tiny_and_huge_gradients_never_poison_the_state(dtype, scale):
     assert _all_finite(next_state)
     assert _skipped(next_state) == _skipped(new_state)
     assert _count(next_state) == _count(new_state) + 1
+
+
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+@pytest.mark.parametrize("leaf", ["dense", "large", "bias", "scalar", "stack"])
+def test_a_statistic_that_overflows_skips_the_step(rule, leaf):
+    # One leaf's gradient is huge but finite (1e24, as is the bias-corrected momentum):
+    # its statistic `A = Pg Pg^T` (or `Pg^2`) overflows to inf, which makes the new factors
+    # and the output non-finite. The whole step is skipped and the state kept bit for bit;
+    # the next step is the one the state would have taken without it.
+    _, update, _ = _kinds(rule, "bfloat16")
+    state, good = _trained(rule)
+    bad = dict(good[0])
+    bad[leaf] = (bad[leaf].astype(jnp.float32) * 1e24).astype(jnp.bfloat16)
+    assert np.all(np.isfinite(np.asarray(bad[leaf], np.float32)))
+    before = _snapshot(state)
+    updates, kept = update(bad, state)
+    _assert_zero_update(updates, bad)
+    _assert_kept(kept, before)
+    _assert_bit_equal(update(good[1], kept)[0], update(good[1], state)[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -422,10 +457,6 @@ def test_small_preconditioner_lr_is_honoured(rule):
 # 7. Purity: nothing passed in is changed or kept.
 
 
-def _snapshot(tree):
-    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
-
-
 def test_init_never_keeps_the_callers_arrays():
     tx, update, _ = _kinds("quad", "bfloat16")
     params = _random_tree(_KINDS_SHAPES, 7, jnp.bfloat16)
@@ -468,8 +499,52 @@ def test_update_never_mutates_state_gradients_or_params(jit):
     assert new_state is not state
     assert _count(new_state) == 1 and _count(state) == 0
     _assert_real_update(updates, grads)
+    # Nothing returned shares a mutable container (a dict, a list) with what was passed
+    # in, so changing the returned state in place cannot reach the caller's.
+    assert not _containers(updates, new_state) & _containers(params, grads, state)
     # Updating from the same state again gives the same step, bit for bit.
     _assert_bit_equal(update(grads, state, params), (updates, new_state))
+
+
+def _containers(*trees) -> set[int]:
+    """The ids of the mutable containers (dicts, lists) anywhere in `trees`, Modules and
+    tuples included."""
+    found: set[int] = set()
+
+    def visit(x):
+        if isinstance(x, dict | list):
+            found.add(id(x))
+            for v in x.values() if isinstance(x, dict) else x:
+                visit(v)
+        elif isinstance(x, tuple):
+            for v in x:
+                visit(v)
+        elif isinstance(x, eqx.Module):
+            for field in dataclasses.fields(x):
+                visit(getattr(x, field.name))
+
+    for tree in trees:
+        visit(tree)
+    return found
+
+
+def test_the_purity_checks_catch_a_reference_style_update():
+    # An update in the reference's style writes the new momentum into the state it was
+    # given and returns that state's containers: both checks above reject it.
+    tx, jitted, _ = _kinds("quad", "bfloat16")
+    state = tx.init(_random_tree(_KINDS_SHAPES, 0, jnp.bfloat16))
+    grads = _kinds_grads(3, "bfloat16")
+
+    def reference_style(grads, state):
+        updates, new = jitted(grads, state)
+        state.mu.update(new.mu)
+        return updates, state._replace(count=new.count)
+
+    before = _snapshot(state)
+    updates, new_state = reference_style(grads, state)
+    with pytest.raises(AssertionError):
+        _assert_bit_equal(state, before)
+    assert _containers(updates, new_state) & _containers(grads, state)
 
 
 # ---------------------------------------------------------------------------------------

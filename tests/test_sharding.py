@@ -60,8 +60,7 @@ def test_sharded_updates_match_single_device(sharded_report):
     assert sharded_report["finite_updates"]
 
 
-def test_stacked_factors_spread_over_four_devices(sharded_report):
-    placement = sharded_report["placement"]
+def _assert_spread_over_four_devices(placement: dict):
     # Every field of every dense bucket and of the three large leaves.
     fields: dict[str, set[str]] = {}
     for key in placement:
@@ -80,6 +79,10 @@ def test_stacked_factors_spread_over_four_devices(sharded_report):
         assert p["spec"].startswith(f"P('{_AXIS}'"), name
 
 
+def test_stacked_factors_spread_over_four_devices(sharded_report):
+    _assert_spread_over_four_devices(sharded_report["placement"])
+
+
 def test_dummies_stay_zero_and_finite_on_the_mesh(sharded_report):
     assert sharded_report["dummies_inert"]
 
@@ -96,8 +99,12 @@ def test_constraints_alone_agree_with_specs(sharded_report):
 
 
 def test_constraints_alone_place_the_factors(sharded_report):
-    for where, paths in sharded_report["constraint_mismatch"].items():
-        assert all(p.endswith(("valid_rows", "valid_cols")) for p in paths), where
+    # ... and that placement is the pipeline sharding itself (not, say, every array
+    # replicated on both sides of the comparison).
+    placement = sharded_report["constraint_placement"]
+    assert set(placement) == {"init", "update"}
+    for where in placement:
+        _assert_spread_over_four_devices(placement[where])
 
 
 def test_deprecated_with_mesh_context_is_detected(sharded_report):

@@ -58,13 +58,25 @@ def test_factors_update_exactly_when_the_counter_reaches_one_over_p(prob):
     assert int(state.count) == 10
 
 
-def test_probability_one_matches_the_default_bit_for_bit():
-    params = {"w": jnp.ones((9, 7))}
-    grads = {"w": jnp.arange(63.0).reshape(9, 7) / 63}
-    a = wk.scale_by_skew(dtype=jnp.float32)
-    b = wk.scale_by_skew(dtype=jnp.float32, preconditioner_update_probability=1.0)
-    sa, sb = a.init(params), b.init(params)
-    for _ in range(3):
-        ua, sa = a.update(grads, sa, params)
-        ub, sb = b.update(grads, sb, params)
-        np.testing.assert_array_equal(np.asarray(ua["w"]), np.asarray(ub["w"]))
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+def test_probability_one_through_the_cond_matches_the_default_bit_for_bit(rule):
+    # A schedule always at 1 takes the `lax.cond` path (a float 1.0 skips it), whose
+    # refresh branch must compute exactly what the every-step update does.
+    params = {"w": jnp.ones((9, 7)), "b": jnp.ones(7)}
+    factory = getattr(wk, f"scale_by_{rule}")
+    every_step = factory(dtype=jnp.float32)
+    through_cond = factory(dtype=jnp.float32, preconditioner_update_probability=lambda t: 1.0)
+    assert "cond" in str(jax.make_jaxpr(through_cond.update)(params, through_cond.init(params)))
+    assert "cond" not in str(jax.make_jaxpr(every_step.update)(params, every_step.init(params)))
+    sa, sb = every_step.init(params), through_cond.init(params)
+    update_a, update_b = jax.jit(every_step.update), jax.jit(through_cond.update)
+    for step in range(3):
+        grads = {
+            "w": jnp.cos(jnp.arange(63.0).reshape(9, 7) / (7 + step)),
+            "b": jnp.linspace(-1.0, 1.0, 7) * (step + 1),
+        }
+        ua, sa = update_a(grads, sa)
+        ub, sb = update_b(grads, sb)
+        for x, y in zip(jax.tree.leaves((ua, sa)), jax.tree.leaves((ub, sb)), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(sb.factor_updates) == 3 and int(sb.update_counter) == 0

@@ -84,10 +84,6 @@ def _partition_specs(config: Config, params: Unchecked) -> list[PartitionSpec | 
         ) from None
 
 
-def _sum_of_squares(u: Array) -> Array:
-    return jnp.sum(jnp.square(u.astype(jnp.float32)))
-
-
 def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
     """`1.1 / max(rms, 1.1)` for leaves of `size` (>= 1) elements whose squares sum to
     `sum_sq` (elementwise over arrays of leaves)."""
@@ -111,24 +107,28 @@ def _precondition(
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[list[Array], tuple, tuple[LeafState, ...]]:
-    """Every non-empty leaf through its kind; returns the outputs (as views) and the new
-    dense buckets and leaf states."""
+) -> tuple[list[Array], Array, tuple, tuple[LeafState, ...]]:
+    """Every non-empty leaf through its kind; returns the outputs (as views), each
+    leaf's sum of squared outputs, and the new dense buckets and leaf states."""
     outputs = list(views)
     buckets, leaves = state.dense, list(state.leaves)
+    sum_sq = jnp.zeros(len(views), jnp.float32)
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.KIND) if views[i].size]
         inputs = {i: views[i] for i in indices}
         if kind is dense:
-            out, buckets = dense.update(ctx, inputs, buckets, plan, refresh, axis_name)
+            out, buckets, kind_sum_sq = dense.update(ctx, inputs, buckets, plan, refresh, axis_name)
         else:
             kind_state = {i: leaves[i] for i in indices}
-            out, kind_state = kind.update(ctx, inputs, kind_state, plan, refresh, axis_name)
+            out, kind_state, kind_sum_sq = kind.update(
+                ctx, inputs, kind_state, plan, refresh, axis_name
+            )
             for i, s in kind_state.items():
                 leaves[i] = s
+        sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x
-    return outputs, buckets, tuple(leaves)
+    return outputs, sum_sq, buckets, tuple(leaves)
 
 
 def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTransformation:
@@ -223,10 +223,12 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
 
         refresh = _refresh_due(config, t, state.update_counter)
         if refresh is True:
-            outputs, buckets, leaf_states = _precondition(ctx, views, state, plan, True, axis)
+            outputs, sum_sqs, buckets, leaf_states = _precondition(
+                ctx, views, state, plan, True, axis
+            )
             counter, refreshed = state.update_counter, jnp.ones([], jnp.int32)
         else:
-            outputs, buckets, leaf_states = jax.lax.cond(
+            outputs, sum_sqs, buckets, leaf_states = jax.lax.cond(
                 refresh,
                 lambda: _precondition(ctx, views, state, plan, True, axis),
                 lambda: _precondition(ctx, views, state, plan, False, axis),
@@ -240,7 +242,6 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         # step is sound. One reduction over them gives the verdict.
         new_updates = []
         if outputs:
-            sum_sqs = jnp.stack([_sum_of_squares(out) for out in outputs])
             ok = jnp.all(jnp.isfinite(sum_sqs))
             # Every leaf's clip factor in one vectorised computation, not one per leaf.
             sizes = np.array([max(out.size, 1) for out in outputs], np.float32)

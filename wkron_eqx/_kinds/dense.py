@@ -9,6 +9,7 @@ computation, zero-padded to the group's size.
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -115,6 +116,12 @@ def _leave(
     return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
 
 
+def _owners(bucket: Bucket, leaves: int) -> np.ndarray:
+    """The leaf each tile of a bucket belongs to (`leaves` for a pipeline dummy)."""
+    owner = [seg.leaf for seg in bucket.segments for _ in range(seg.count)]
+    return np.array(owner + [leaves] * (bucket.stack - bucket.valid_count), np.int32)
+
+
 def _join(xs: list[Array]) -> Array:
     return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
 
@@ -126,7 +133,7 @@ def update(
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B m n"]], State]:
+) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"]]:
     """Precondition every dense leaf; update the factors too when `refresh`.
 
     **Arguments:**
@@ -136,7 +143,8 @@ def update(
 
     **Returns:**
 
-    `(outputs, new buckets)`, the outputs keyed like `inputs`.
+    `(outputs, new buckets, sums of squares)`: the outputs keyed like `inputs`, and
+    each leaf's sum of squared outputs (0 for leaves of other kinds).
     """
     tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
     stacks = []
@@ -145,6 +153,8 @@ def update(
         stacks.append(pad_stack(G, bucket.stack).astype(ctx.product_dtype))
     results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
     new_state = list(state)
+    leaves = len(plan.leaves)
+    sum_sq = jnp.zeros(leaves, jnp.float32)
     for group in plan.groups:
         entries = [
             _enter(m, group, plan.buckets[m.bucket], state[m.bucket], stacks[m.bucket])
@@ -167,6 +177,11 @@ def update(
             out, factors = update_stack(ctx, G, Gn, factors, valid_rows, valid_cols)
         else:
             out = apply_stack(ctx.rule, G, factors)
+        # Per-leaf sums of squares of the output from one reduction over the group's
+        # tiles (padding and dummies are zero), for the RMS clip.
+        owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
+        tile_sum_sq = jnp.sum(jnp.square(out.astype(jnp.float32)), axis=(1, 2))
+        sum_sq = sum_sq + jax.ops.segment_sum(tile_sum_sq, owner, leaves + 1)[:leaves]
         offset = 0
         for m in group.members:
             size = plan.buckets[m.bucket].stack
@@ -191,4 +206,4 @@ def update(
             pieces[seg.leaf][seg.group] = result[start : start + seg.count]
             start += seg.count
     outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
-    return outputs, tuple(new_state)
+    return outputs, tuple(new_state), sum_sq

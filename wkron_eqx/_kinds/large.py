@@ -103,12 +103,14 @@ def update(
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B m n"]], State]:
+) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"]]:
     """Precondition every large leaf (each is one stack of strips); update the factors
-    too when `refresh`. Keys as `dense.update`."""
+    too when `refresh`. Returns as `dense.update`."""
     outputs, new_state = {}, {}
+    sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
     for i, x in inputs.items():
         outputs[i], new_state[i] = _update_leaf(
             ctx, x, state[i], plan.leaves[i], refresh, axis_name
         )
-    return outputs, new_state
+        sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
+    return outputs, new_state, sum_sq
