@@ -1,12 +1,13 @@
 """Parity with the reference: eformer 0.0.101's `scale_by_quad` / `scale_by_skew`.
 
     python benchmarks/parity.py [--reference-python .refenv/bin/python] [--steps 20]
+                                [--cases mlp,conv,...] [--output results/parity.json]
 
 Both implementations see the same params and gradients (float32, `noise_scale=0`) for
 `--steps` steps; the reference runs in its own virtual environment
 (`benchmarks/setup_reference.sh`) in a subprocess. Prints, per case and rule, the worst
-per-leaf cosine similarity and norm ratio over all steps, and writes
-`benchmarks/results/parity.json`.
+per-leaf cosine similarity and norm ratio over all steps, and writes them to `--output`
+(default `benchmarks/results/parity.json`). `--cases` picks some of `CASES` (default all).
 """
 
 import argparse
@@ -82,7 +83,8 @@ import numpy as np, jax, jax.numpy as jnp
 from parity import CASES, arrays, flat
 {imports}
 out = {{}}
-for case, (shapes, scanned, extra) in CASES.items():
+for case in {cases!r}:
+    shapes, scanned, extra = CASES[case]
     for rule in {rules!r}:
         tx = {factory}(rule)(
             b1=0.95, dtype=jnp.float32, noise_scale=0.0, scanned_layers=scanned, **extra
@@ -99,11 +101,17 @@ np.savez({path!r}, **out)
 """
 
 
-def run(python: str, factory: str, imports: str, steps: int) -> dict:
+def run(python: str, factory: str, imports: str, steps: int, cases=tuple(CASES)) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "out.npz")
         script = RUNNER.format(
-            here=str(HERE), imports=imports, factory=factory, rules=RULES, steps=steps, path=path
+            here=str(HERE),
+            imports=imports,
+            factory=factory,
+            cases=tuple(cases),
+            rules=RULES,
+            steps=steps,
+            path=path,
         )
         proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -133,18 +141,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference-python", default=str(HERE.parent / ".refenv/bin/python"))
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names")
+    parser.add_argument("--output", default=str(HERE / "results" / "parity.json"))
     args = parser.parse_args(argv)
+    cases = args.cases.split(",")
+    unknown = set(cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
     ours = run(
         sys.executable,
         "(lambda r: getattr(wk, 'scale_by_' + r))",
         "import wkron_eqx as wk",
         args.steps,
+        cases,
     )
     ref = run(
         args.reference_python,
         "(lambda r: getattr(ref, 'scale_by_' + r))",
         "from eformer.optimizers._tx import white_kron as ref",
         args.steps,
+        cases,
     )
     worst = compare(ours, ref)
     print(f"parity over {args.steps} steps (float32, noise_scale=0), worst leaf per case:\n")
@@ -155,8 +171,8 @@ def main(argv=None):
         print(
             f"| {case} | {rule} | {w['leaves']} | {w['cosine']:.6f} | {w['norm_ratio_dev']:.4%} |"
         )
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "parity.json").write_text(json.dumps(worst, indent=1))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(worst, indent=1))
     return worst
 
 

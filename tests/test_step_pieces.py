@@ -1,5 +1,5 @@
 """Pieces of one step against closed forms: the spectral-norm lower bound (power
-iteration), the RMS clip, and the exploration noise of 1-D leaves.
+iteration), the RMS clip, and the exploration noise as each leaf kind uses it.
 
 The float64 re-derivation (`test_numpy_step.py`) runs without noise and with the exact
 spectral norm, so it cannot see these pieces: each is pinned here on its own.
@@ -211,3 +211,59 @@ def test_one_d_noise_changes_with_the_step():
     second = _recovered_statistic("quad", count=1)
     for a, b in zip(first, second, strict=True):
         assert abs(np.corrcoef(a, b)[0, 1]) < 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# exploration noise on dense tiles and large strips
+
+
+def _quad_statistic(Q: np.ndarray, L: float, c: float, lr: float) -> np.ndarray:
+    """`A` from a QUAD factor after one step from `Q = I` (SPEC 3.5, `z = lr / (2L)`).
+
+    Diagonal: `q' = (1 - z(A - c))^2`. Dense: `Q' = M I M` with the symmetric positive
+    `M = (1 + zc) I - z A`, so `M = sqrt(Q')` (by eigendecomposition).
+    """
+    z = lr / (2 * L)
+    if Q.ndim == 1:
+        return c + (1 - np.sqrt(Q)) / z
+    values, vectors = np.linalg.eigh(Q)
+    M = (vectors * np.sqrt(np.maximum(values, 0))) @ vectors.T
+    return ((1 + z * c) * np.eye(len(Q)) - M) / z
+
+
+def test_dense_and_large_factors_see_the_noise():
+    # A zero gradient with unit noise: `Pg` is the noise `N` itself, so each entry's two
+    # statistics are `N N^T` and `N^T N` (row / column sums of `N^2` on a diagonal side).
+    # Without noise both would be 0 and the factors multiples of the identity.
+    tx = wk.scale_by_quad(
+        b1=0.0, dtype=jnp.float32, noise_scale=1.0, block_size=64, max_size_dense=48
+    )
+    params = {"dense": jnp.zeros((48, 24)), "large": jnp.zeros((60, 6))}
+    _, state = jax.jit(tx.update)(params, tx.init(params))
+    lr = max(0.7 / np.sqrt(1 + 1 / 10000), 0.4)
+    (bucket,) = state.dense
+    large = state.leaves[1]
+    assert large.kind == wk.LARGE_PATH and large.diag_left and not large.diag_right
+    entries = [  # (Ql, Qr, Ll, Lr, rows, cols)
+        (bucket.Ql[0], bucket.Qr[0], bucket.Ll[0], bucket.Lr[0], 48, 24),
+        (large.Ql[0], large.Qr[0], large.Ll[0], large.Lr[0], 60, 6),
+    ]
+    for Ql, Qr, Ll, Lr, rows, cols in entries:
+        Ql, Qr = np.asarray(Ql, np.float64), np.asarray(Qr, np.float64)
+        Ql = Ql[:rows] if Ql.ndim == 1 else Ql[:rows, :rows]
+        Qr = Qr[:cols, :cols]
+        A_left = _quad_statistic(Ql, float(Ll), cols, lr)
+        A_right = _quad_statistic(Qr, float(Lr), rows, lr)
+        # Both traces are ||N||_F^2: equal, and about rows * cols (a chi-squared with
+        # rows * cols degrees of freedom: relative std below 0.06 here).
+        total = np.trace(A_right)
+        left_total = np.sum(A_left) if A_left.ndim == 1 else np.trace(A_left)
+        np.testing.assert_allclose(left_total, total, rtol=1e-3)
+        assert abs(total / (rows * cols) - 1) < 0.25, total
+        # The dense statistic is a Gram matrix of a `rows x cols` draw: of rank
+        # min(rows, cols), so the left one of the 48 x 24 tile has 24 zero eigenvalues
+        # (the others, of a Wishart matrix, are above 3 here).
+        if A_left.ndim == 2:
+            eigenvalues = np.linalg.eigvalsh(A_left)
+            assert np.all(np.abs(eigenvalues[:24]) < 1e-3 * eigenvalues[-1])
+            assert np.all(eigenvalues[24:] > 1e-2 * eigenvalues[-1])

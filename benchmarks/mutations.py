@@ -1,0 +1,330 @@
+"""Mutation check: do the fast tests catch one-line changes to the maths?
+
+    python benchmarks/mutations.py [--only NAME ...] [--timeout 300] [--output PATH]
+
+Each mutation replaces one exact piece of text in one file of `wkron_eqx/` (it must occur
+there exactly once, or the mutation is reported as invalid and not run). For each, the
+package, tests and benchmarks are copied to a temporary folder, the mutation is applied
+to the copy, and the fast tests below run there (`pytest -x`, stopping at the first
+failure). The real tree is never written to. A mutation is *killed* when a test fails
+(the first failing test is recorded) and *survives* when all pass. Before any mutation,
+the unmutated copy must pass the same tests, and must be the package those tests import.
+
+Prints a Markdown table and writes it to `--output` (default
+`benchmarks/results/mutations.md`). Sequential: about a minute per surviving mutation on
+two CPU cores, less for a killed one.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The fast tests, those most likely to fail first listed first.
+FAST_TESTS = (
+    "tests/test_numpy_step.py",
+    "tests/test_step_pieces.py",
+    "tests/test_update_probability.py",
+    "tests/test_reliability.py::test_nonfinite_gradient_is_skipped_and_counted",
+    "tests/test_reliability.py::test_a_statistic_that_overflows_skips_the_step",
+)
+
+# What a copy needs to run them (the tests import `benchmarks/_trees.py` in places).
+COPIED = ("wkron_eqx", "tests", "benchmarks", "pyproject.toml")
+SKIPPED_WHEN_COPYING = shutil.ignore_patterns("__pycache__", ".hypothesis", "results")
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+
+
+MUTATIONS = (
+    Mutation(
+        "no noise on 1-D leaves",
+        "wkron_eqx/_kinds/one_d.py",
+        "add_noise(x, ctx.step, ctx.noise_scale)",
+        "x",
+    ),
+    Mutation(
+        "no noise on dense tiles",
+        "wkron_eqx/_kinds/dense.py",
+        "Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)",
+        "Gn = G",
+    ),
+    Mutation(
+        "no noise on large leaves' strips",
+        "wkron_eqx/_kinds/large.py",
+        "noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)",
+        "noisy = strips",
+    ),
+    Mutation(
+        "power iteration: 2 steps, not 10",
+        "wkron_eqx/_norms.py",
+        "POWER_ITERATIONS = 10",
+        "POWER_ITERATIONS = 2",
+    ),
+    Mutation(
+        "Lipschitz decay 0.9, not 0.95",
+        "wkron_eqx/_norms.py",
+        "0.95 * L + 0.05 * ell",
+        "0.9 * L + 0.05 * ell",
+    ),
+    Mutation(
+        "Lipschitz statistic without + c",
+        "wkron_eqx/_kron.py",
+        "track_lipschitz(L, _norm_bound(A) + c)",
+        "track_lipschitz(L, _norm_bound(A))",
+    ),
+    Mutation(
+        "z = lr, not lr / L",
+        "wkron_eqx/_kron.py",
+        "rule.step_scale * lr / jnp.where(L > 0, L, 1)",
+        "rule.step_scale * lr",
+    ),
+    Mutation(
+        "left factor gets the right c",
+        "wkron_eqx/_kron.py",
+        "Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)",
+        "Ql, Ll = _move(ctx.rule, Ql, A_left, c_right, Ll, ctx.lr)",
+    ),
+    Mutation(
+        "QUAD full steps (step_scale 1.0, not 0.5)",
+        "wkron_eqx/_rules/quad.py",
+        "step_scale: ClassVar[float] = 0.5",
+        "step_scale: ClassVar[float] = 1.0",
+    ),
+    Mutation(
+        "QUAD without symmetrising (P, not (P + P^T)/2)",
+        "wkron_eqx/_rules/quad.py",
+        "return (P + P.T) / 2",
+        "return P",
+    ),
+    Mutation(
+        "Procrustes rotation bound 1/4, not 1/8",
+        "wkron_eqx/_rules/procrustes.py",
+        "_MAX_ROTATION = 1 / 8",
+        "_MAX_ROTATION = 1 / 4",
+    ),
+    Mutation(
+        "Procrustes step never shortened",
+        "wkron_eqx/_rules/procrustes.py",
+        "a = jnp.where(tr_RRQ < 0, jnp.minimum(a, shortened), a)",
+        "a = a",
+    ),
+    Mutation(
+        "RMS clip at 1.0, not 1.1",
+        "wkron_eqx/_transform.py",
+        "_CLIP_RMS = 1.1",
+        "_CLIP_RMS = 1.0",
+    ),
+    Mutation(
+        "adam-style divisor 4, not 5",
+        "wkron_eqx/_transform.py",
+        "_ADAM_STYLE_DIVISOR = 5.0",
+        "_ADAM_STYLE_DIVISOR = 4.0",
+    ),
+    Mutation(
+        "never balance (not every 100 steps)",
+        "wkron_eqx/_transform.py",
+        "balance=(t % 100) == 0",
+        "balance=(t % 100) == 100",
+    ),
+    Mutation(
+        "no bias correction of the momentum",
+        "wkron_eqx/_transform.py",
+        "corrected = optax.tree.bias_correction(f32(new_mu), config.b1, t_float)",
+        "corrected = f32(new_mu)",
+    ),
+    Mutation(
+        "step size floored at 0.4 (the reference's), not min(lr, 0.4)",
+        "wkron_eqx/_transform.py",
+        "min(lr, 0.4))",
+        "0.4)",
+    ),
+    Mutation(
+        "no non-finite guard",
+        "wkron_eqx/_transform.py",
+        "ok = jnp.all(jnp.isfinite(sum_sqs))",
+        "ok = jnp.array(True)",
+    ),
+    Mutation(
+        "refresh one step late (counter > 1/p, not >=)",
+        "wkron_eqx/_transform.py",
+        ">= 1.0 / p",
+        "> 1.0 / p",
+    ),
+)
+
+
+class Outcome(NamedTuple):
+    status: str  # "killed", "survived", "invalid", "timeout" or "error"
+    detail: str  # the first failing test, or why
+    seconds: float
+
+
+def _copy_tree(destination: Path) -> None:
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=SKIPPED_WHEN_COPYING)
+        else:
+            shutil.copy2(source, destination / name)
+
+
+def _environment(tree: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+
+
+def _imported_from(tree: Path) -> Path:
+    code = "import wkron_eqx; print(wkron_eqx.__file__)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env=_environment(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(done.stdout.strip()).resolve()
+
+
+def _run_tests(tree: Path, timeout: float) -> Outcome:
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE"]
+    start = time.monotonic()
+    process = subprocess.Popen(
+        command + list(FAST_TESTS),
+        cwd=tree,
+        env=_environment(tree),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a timeout ends all of it
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return Outcome("timeout", f"no result in {timeout:.0f} s", time.monotonic() - start)
+    seconds = time.monotonic() - start
+    first = re.search(r"^(FAILED|ERROR) (\S+)", output, re.MULTILINE)
+    if process.returncode == 0:
+        return Outcome("survived", "", seconds)
+    if process.returncode == 1 and first:
+        return Outcome("killed", first.group(2), seconds)
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    where = f"{first.group(1)} {first.group(2)}" if first else last
+    return Outcome("error", f"pytest exit {process.returncode}: {where}", seconds)
+
+
+def check_mutation(mutation: Mutation) -> str | None:
+    """Why the mutation cannot be applied, or None."""
+    path = ROOT / mutation.path
+    if not path.exists():
+        return f"{mutation.path} does not exist"
+    count = path.read_text().count(mutation.original)
+    if count != 1:
+        return f"original text found {count} times in {mutation.path}"
+    return None
+
+
+def run_mutation(mutation: Mutation, timeout: float) -> Outcome:
+    problem = check_mutation(mutation)
+    if problem is not None:
+        return Outcome("invalid", problem, 0.0)
+    with tempfile.TemporaryDirectory(prefix="wkron_mutant_") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        target = tree / mutation.path
+        source = target.read_text()
+        target.write_text(source.replace(mutation.original, mutation.replacement, 1))
+        return _run_tests(tree, timeout)
+
+
+def baseline(timeout: float) -> Outcome:
+    """The unmutated copy: it must be what the tests import, and must pass."""
+    with tempfile.TemporaryDirectory(prefix="wkron_baseline_") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        imported = _imported_from(tree)
+        if not imported.is_relative_to(tree.resolve()):
+            raise SystemExit(f"the copy imports wkron_eqx from {imported}, not from {tree}")
+        return _run_tests(tree, timeout)
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def table(rows: list[tuple[Mutation, Outcome]]) -> str:
+    lines = [
+        "| # | mutation | file | result | first failing test | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, (m, o) in enumerate(rows, 1):
+        detail = f"`{o.detail}`" if o.status == "killed" else o.detail
+        lines.append(
+            f"| {i} | {m.name} | `{m.path.removeprefix('wkron_eqx/')}` | {o.status} | "
+            f"{detail} | {o.seconds:.0f} |"
+        )
+    killed = sum(o.status == "killed" for _, o in rows)
+    valid = sum(o.status in ("killed", "survived") for _, o in rows)
+    lines.append("")
+    lines.append(f"Killed {killed} of {valid} run mutations ({len(rows)} listed).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[tuple[Mutation, Outcome]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help="run the mutations whose names contain these")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks/results/mutations.md"))
+    args = parser.parse_args(argv)
+    mutations = [m for m in MUTATIONS if not args.only or any(word in m.name for word in args.only)]
+    base = baseline(args.timeout)
+    print(f"baseline (no mutation): {base.status} in {base.seconds:.0f} s", flush=True)
+    if base.status != "survived":
+        raise SystemExit(f"the unmutated tree does not pass the fast tests: {base.detail}")
+    rows = []
+    for mutation in mutations:
+        outcome = run_mutation(mutation, args.timeout)
+        rows.append((mutation, outcome))
+        print(f"{mutation.name}: {outcome.status} {outcome.detail}", flush=True)
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "wkron_eqx") else ""
+    header = [
+        "# Mutation check",
+        "",
+        f"`python benchmarks/mutations.py`, on commit {_git('rev-parse', '--short', 'HEAD')}"
+        f"{dirty} of `wkron_eqx/`. Each mutation is one textual change of the maths; the fast "
+        "tests ran on a copy with it, `pytest -x`:",
+        "",
+        *[f"- `{t}`" for t in FAST_TESTS],
+        "",
+        f"Unmutated, they pass in {base.seconds:.0f} s.",
+        "",
+        "",
+    ]
+    report = "\n".join(header) + table(rows) + "\n"
+    print()
+    print(report)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(report)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
