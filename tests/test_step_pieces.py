@@ -267,3 +267,68 @@ def test_dense_and_large_factors_see_the_noise():
             eigenvalues = np.linalg.eigvalsh(A_left)
             assert np.all(np.abs(eigenvalues[:24]) < 1e-3 * eigenvalues[-1])
             assert np.all(eigenvalues[24:] > 1e-2 * eigenvalues[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# the Procrustes rotation
+
+
+def _nearly_symmetric(n: int, skew_norm: float, seed: int) -> np.ndarray:
+    """`I` + a small symmetric part + a skew part of spectral norm `skew_norm` (its other
+    singular values at most half of it)."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([[skew_norm], skew_norm * 0.5 * rng.random(n // 2 - 1)])
+    core = np.zeros((n, n))
+    core[np.arange(0, n, 2), np.arange(1, n, 2)] = values
+    core[np.arange(1, n, 2), np.arange(0, n, 2)] = -values
+    symmetric = 0.1 * rng.standard_normal((n, n))
+    return np.eye(n) + (symmetric + symmetric.T) / 2 + basis @ core @ basis.T
+
+
+@pytest.mark.parametrize("skew_norm, bounded", [(0.5, True), (0.05, False)])
+def test_procrustes_rotation_matches_the_float64_derivation(skew_norm, bounded):
+    # With a large skew part the step is the bound `(1/8) / ||R||_2`; with a small one,
+    # the shortened step `-tr(RQ) / tr(R^2 Q)`. Training keeps factors nearly symmetric,
+    # so only the second shows in the step-level tests.
+    from wkron_eqx._rules.procrustes import procrustes_step
+
+    from .numpy_reference import procrustes_step as float64_step
+
+    Q = _nearly_symmetric(16, skew_norm, seed=0).astype(np.float32)
+    Q64 = Q.astype(np.float64)
+    R = (Q64.T - Q64) / np.max(np.abs(Q64.T - Q64))
+    bound = (1 / 8) / np.linalg.norm(R, 2)
+    shortened = -np.trace(R @ Q64) / np.trace(R @ R @ Q64)
+    assert (bound < shortened) == bounded
+    expected = float64_step(Q64)
+    ours = np.asarray(jax.jit(procrustes_step)(jnp.asarray(Q)), np.float64)
+    moved = np.max(np.abs(expected - Q64))
+    assert moved > 1e-2
+    assert np.max(np.abs(ours - expected)) < 1e-4 * moved
+    # it rotates toward symmetric: the skew part shrinks
+    assert np.linalg.norm(ours - ours.T) < np.linalg.norm(Q64 - Q64.T)
+
+
+# ---------------------------------------------------------------------------------------
+# the QUAD step keeps a factor symmetric bit for bit
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_quad_dense_step_is_symmetric_bit_for_bit(dtype):
+    # QUAD applies a factor as `Q Q` instead of `Q^T Q` (`Quad.symmetric`): exact only if
+    # its step returns a factor equal to its transpose bit for bit, which `M Q M` alone
+    # is not in floating point.
+    from wkron_eqx._rules import Quad
+
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((24, 24))
+    Q = jnp.asarray(np.eye(24) + 0.05 * (G + G.T), dtype)
+    X = rng.standard_normal((24, 40))
+    A = jnp.asarray(X @ X.T, dtype)
+    new = np.asarray(
+        jax.jit(Quad().dense)(Q, A, jnp.asarray(40.0, dtype), jnp.asarray(1e-3, dtype)),
+        np.float32,
+    )
+    assert not np.allclose(new, np.asarray(Q, np.float32))
+    np.testing.assert_array_equal(new, new.T)
