@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--sizes", default="8,32,128,256")
     parser.add_argument("--trees", default="", help="also these named trees, e.g. resnet50")
     parser.add_argument("--reference-python", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="keep each row's fastest")
     args = parser.parse_args()
     default_ref = HERE.parent / ".refenv" / "bin" / "python"
     ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
@@ -75,15 +76,28 @@ def main():
         for t in args.trees.split(",")
         if t
     ]
-    rows = []
-    for tree, n in cases:
-        for name in OPTIMIZERS:
-            row = {"tree": tree, "leaves": n, "optimizer": name}
-            row["ours"] = run(sys.executable, OURS, tree, n, name)
-            if ref_python:
-                row["reference"] = run(ref_python, REFERENCE, tree, n, name)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    rows = {}
+    # Ours then the reference's, case by case, so both see the same machine load; with
+    # `--rounds` > 1 the whole sequence repeats and each row keeps its fastest compile.
+    for _ in range(args.rounds):
+        for tree, n in cases:
+            for name in OPTIMIZERS:
+                row = rows.setdefault(
+                    (tree, n, name), {"tree": tree, "leaves": n, "optimizer": name}
+                )
+                who = [("ours", sys.executable, OURS)]
+                if ref_python:
+                    who.append(("reference", ref_python, REFERENCE))
+                for key, python, line in who:
+                    new = run(python, line, tree, n, name)
+                    old = row.get(key)
+                    if (
+                        old is None
+                        or new["lower_s"] + new["compile_s"] < old["lower_s"] + old["compile_s"]
+                    ):
+                        row[key] = new
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    rows = list(rows.values())
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "cpus": os.cpu_count(),

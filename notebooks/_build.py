@@ -212,8 +212,9 @@ ANATOMY = [
         - **one-d** (`wk.ONE_D_PATH`): vectors and scalars get one diagonal factor.
 
         A scanned leaf (`scanned_layers`) is a stack of independent layers, each with its
-        own factors. The plan is pure Python on static shapes (`wkron_eqx._layout`), so it
-        can be inspected without running anything.
+        own factors. The plan is pure Python on static shapes: `wk.tree_plan(params,
+        **kwargs)` returns it without running anything (`init` stores the same plan in the
+        state, as `state.plan.tree`).
         """
     ),
     code(
@@ -229,7 +230,7 @@ ANATOMY = [
         from sklearn.datasets import load_digits
 
         import wkron_eqx as wk
-        from wkron_eqx._layout import LeafKind, plan_tree
+        from wkron_eqx import LeafKind
 
 
         params = {
@@ -243,13 +244,7 @@ ANATOMY = [
         config = dict(block_size=64, max_size_dense=512, scanned_layers=scanned)
 
         names = sorted(params)  # the flattening order of a dict
-        plan = plan_tree(
-            tuple(params[n].shape for n in names),
-            tuple(scanned[n] for n in names),
-            config["block_size"],
-            config["max_size_dense"],
-            1,
-        )
+        plan = wk.tree_plan(params, **config)
         leaves = dict(zip(names, plan.leaves))
         """
     ),

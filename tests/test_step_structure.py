@@ -95,9 +95,9 @@ def test_compiled_program_grows_linearly_in_the_number_of_leaves():
     first = sizes[32][0] - sizes[16][0]
     second = sizes[48][0] - sizes[32][0]
     # Linear: the next 16 leaves cost what the previous 16 did (within 15%), and a
-    # leaf costs a bounded number of instructions (about 200 today, measured).
+    # leaf costs a bounded number of instructions (about 66 today, measured).
     assert 0.85 * first <= second <= 1.15 * first
-    assert second / 16 <= 260
+    assert second / 16 <= 110
 
 
 def test_grouping_follows_the_backend():

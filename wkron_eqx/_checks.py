@@ -26,8 +26,7 @@ _FILTER_HINT = (
 def _name(path: tuple) -> str:
     # A trailing `.value` is a variable wrapper (Flax NNX's `Param`) around the array,
     # present in the params and absent from the gradients: the same leaf either way.
-    last = path[-1] if path else None
-    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]
     return jax.tree_util.keystr(path)
 

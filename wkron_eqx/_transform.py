@@ -186,7 +186,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         del params
         grads, treedef = check_updates(updates, state)
         plan = state.plan.tree
-        t = optax.safe_increment(state.count)
+        t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
 
         if config.b1 > 0:
@@ -234,7 +234,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
                 lambda: _precondition(ctx, views, state, plan, False, axis),
             )
             counter = jnp.where(refresh, 0, state.update_counter + 1)
-            refreshed = refresh.astype(jnp.int32)
+            refreshed = jnp.asarray(refresh, jnp.int32)
 
         # A non-finite gradient reaches every output it touches (through the matmuls, or
         # through a NaN/Inf factor: a non-finite statistic makes the new factor NaN), so
