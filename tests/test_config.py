@@ -125,24 +125,13 @@ def _step_jaxpr(**kwargs) -> str:
     return str(jax.make_jaxpr(lambda p: tx.update(p, tx.init(p), p))(_PARAMS))
 
 
-# Under a runtime type checker (this suite runs with one), an int `noise_scale` or
-# `preconditioner_init_scale` reaches a private function annotated `float`
-# (`_noise.add_noise`, `_blocking.padded_identity`): `Config` accepts ints but passes them
-# on unconverted. A bug of the package, reported; strict, so that a fix shows here.
-_INT_REACHES_FLOAT = pytest.mark.xfail(
-    strict=True,
-    raises=jaxtyping.TypeCheckError,
-    reason="bug: Config keeps an int where internal functions annotate `float`",
-)
-
-
 @pytest.mark.parametrize(
     "name, value, other",
     [
         ("b1", 0, 0.5),
-        pytest.param("noise_scale", 0, 0.5, marks=_INT_REACHES_FLOAT),
+        ("noise_scale", 0, 0.5),
         ("preconditioner_lr", 1, 1.5),
-        pytest.param("preconditioner_init_scale", 2, 2.5, marks=_INT_REACHES_FLOAT),
+        ("preconditioner_init_scale", 2, 2.5),
         ("preconditioner_update_probability", 1, 0.5),
         ("weight_decay", 0, 0.5),
         ("learning_rate", 1, 1.5),

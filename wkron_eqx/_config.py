@@ -50,6 +50,14 @@ def python_scalar(x: Any) -> Any:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def python_float(x: Any) -> Any:
+    """As `python_scalar`, and an int (not a bool) as the float it equals, so that a
+    float hyperparameter given as `1` is a `float` wherever it goes; anything else (a
+    bool, an array, a string) unchanged, for the checks to refuse."""
+    x = python_scalar(x)
+    return float(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
@@ -112,18 +120,18 @@ class Config(eqx.Module):
     """
 
     lr_style: str | None = "adam"
-    b1: float = eqx.field(default=0.95, converter=python_scalar)
+    b1: float = eqx.field(default=0.95, converter=python_float)
     normalize_grads: bool = eqx.field(default=False, converter=python_scalar)
     max_size_dense: int = eqx.field(default=16384, converter=python_scalar)
-    preconditioner_lr: float = eqx.field(default=0.7, converter=python_scalar)
-    preconditioner_init_scale: float = eqx.field(default=1.0, converter=python_scalar)
+    preconditioner_lr: float = eqx.field(default=0.7, converter=python_float)
+    preconditioner_init_scale: float = eqx.field(default=1.0, converter=python_float)
     dtype: DTypeLike = jnp.bfloat16
     scanned_layers: Any = None
     block_size: int = eqx.field(default=256, converter=python_scalar)
     pipeline_axis_name: str | None = None
     pipeline_axis_size: int = eqx.field(default=1, converter=python_scalar)
     params_partition_specs: Any = None
-    noise_scale: float = eqx.field(default=1e-9, converter=python_scalar)
+    noise_scale: float = eqx.field(default=1e-9, converter=python_float)
     preconditioner_update_probability: float | optax.Schedule = eqx.field(
         default=1.0, converter=python_scalar
     )

@@ -33,17 +33,22 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     """
     f32 = jnp.float32
     tiny = jnp.finfo(f32).tiny
-    energy = jnp.sum(jnp.square(M.astype(f32)), axis=1)
+    # Everything below runs on M / max|M| (entries in [-1, 1]), so that no square
+    # overflows for a large but finite M; the bound is scaled back at the end.
+    peak = jnp.max(jnp.abs(M)).astype(f32)
+    peak = jnp.where(peak > 0, peak, 1)
+    M_max = M.astype(f32) / peak
+    energy = jnp.sum(jnp.square(M_max), axis=1)
     # Iterate with M / ||M||_F, whose spectral norm is in [1/sqrt(n), 1]: `iters` steps
     # shrink the vector by at most n^(-iters/2), which float32's range holds for any
     # n <= 2^16 with `iters` = 10, so the steps need no renormalisation between them
     # (on CPU each one would be its own kernel) and the direction is the same as with.
     inv_frobenius = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny))
-    M_unit = (M.astype(f32) * inv_frobenius).astype(M.dtype)
-    x = M[jnp.argmax(energy)].astype(f32)
+    M_unit = (M_max * inv_frobenius).astype(M.dtype)
+    x = M_max[jnp.argmax(energy)]
     x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
     times = lambda A, x: jnp.matmul(x.astype(A.dtype), A, preferred_element_type=f32)
     for _ in range(iters):
         x = times(M_unit, x)
     x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
-    return jnp.linalg.norm(times(M, x))
+    return jnp.linalg.norm(times(M_max.astype(M.dtype), x)) * peak
