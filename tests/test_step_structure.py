@@ -56,6 +56,16 @@ def _abstract_tree(spec: dict, dtype=jnp.float32):
     return params, scanned
 
 
+@pytest.fixture
+def accelerator(monkeypatch):
+    """Trace as for an accelerator: its plan (generous merges) and its program
+    (power iteration unrolled). Only the backend name is faked; nothing runs."""
+    from wkron_eqx import _norms, _transform
+
+    monkeypatch.setattr(_transform, "grouping_for", lambda backend: ACCELERATOR_GROUPING)
+    monkeypatch.setattr(_norms, "loops_are_cheap", lambda: False)
+
+
 def _update_jaxpr(tree: str, rule: str, probability):
     params, scanned = _abstract_tree(TREES[tree]())
     tx = getattr(wk, rule)(scanned_layers=scanned, preconditioner_update_probability=probability)
@@ -65,17 +75,44 @@ def _update_jaxpr(tree: str, rule: str, probability):
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
 @pytest.mark.parametrize("tree", sorted(TREES))
-def test_every_step_update_has_no_control_flow(tree, rule):
+def test_every_step_update_has_no_control_flow(tree, rule, accelerator):
     counts = _count_primitives(_update_jaxpr(tree, rule, 1.0), CONTROL_FLOW)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
 
 
 @pytest.mark.parametrize("probability", [0.5, wk.precond_update_prob_schedule()])
 @pytest.mark.parametrize("rule", ["quad", "skew"])
-def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability):
+def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability, accelerator):
     for tree in ("conv", "gpt"):
         counts = _count_primitives(_update_jaxpr(tree, rule, probability), CONTROL_FLOW)
         assert counts == {"while": 0, "scan": 0, "cond": 1}
+
+
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+def test_on_cpu_the_only_loops_are_power_iterations(rule):
+    """On the CPU a loop costs no round trip, and rolled it compiles once: the power
+    iterations (one per dense side of each stack, and per Procrustes rotation) are
+    loops there, of exactly `POWER_ITERATIONS` steps, and nothing else is."""
+    from wkron_eqx._norms import POWER_ITERATIONS
+
+    jaxpr = _update_jaxpr("conv", rule, 1.0)
+    assert _count_primitives(jaxpr, ("while", "cond")) == {"while": 0, "cond": 0}
+    loops = []  # a fori_loop with a static trip count is a `scan`
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                loops.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr)
+    groups = len(wk.tree_plan(_abstract_tree(TREES["conv"]())[0]).groups)
+    assert len(loops) == (2 if rule == "quad" else 4) * groups
+    for eqn in loops:
+        assert eqn.params["length"] == POWER_ITERATIONS
+        body = eqn.params["jaxpr"].jaxpr
+        assert _count_primitives(body, CONTROL_FLOW) == {"while": 0, "scan": 0, "cond": 0}
 
 
 def _compiled_size(n_leaves: int) -> tuple[int, int]:
