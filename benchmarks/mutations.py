@@ -2,13 +2,15 @@
 
     python benchmarks/mutations.py [--only NAME ...] [--timeout 300] [--output PATH]
 
-Each mutation replaces one exact piece of text in one file of `wkron_eqx/` (it must occur
-there exactly once, or the mutation is reported as invalid and not run). For each, the
-package, tests and benchmarks are copied to a temporary folder, the mutation is applied
-to the copy, and the fast tests below run there (`pytest -x`, stopping at the first
-failure). The real tree is never written to. A mutation is *killed* when a test fails
-(the first failing test is recorded) and *survives* when all pass. Before any mutation,
-the unmutated copy must pass the same tests, and must be the package those tests import.
+The package, tests and benchmarks are first copied to a temporary snapshot, so that
+edits made to the working tree meanwhile do not mix into the run. Each mutation replaces
+one exact piece of text in one file of `wkron_eqx/` (it must occur there exactly once,
+or the mutation is reported as invalid and not run): the snapshot is copied again, the
+mutation applied to that copy, and the fast tests below run there (`pytest -x`, stopping
+at the first failure). The real tree is never written to. A mutation is *killed* when a
+test fails (the first failing test is recorded) and *survives* when all pass. Before
+any mutation, the unmutated snapshot must pass the same tests, and must be the package
+those tests import.
 
 Prints a Markdown table and writes it to `--output` (default
 `benchmarks/results/mutations.md`). Sequential: about a minute per surviving mutation on
@@ -175,9 +177,9 @@ class Outcome(NamedTuple):
     seconds: float
 
 
-def _copy_tree(destination: Path) -> None:
+def _copy_tree(source_root: Path, destination: Path) -> None:
     for name in COPIED:
-        source = ROOT / name
+        source = source_root / name
         if source.is_dir():
             shutil.copytree(source, destination / name, ignore=SKIPPED_WHEN_COPYING)
         else:
@@ -230,9 +232,9 @@ def _run_tests(tree: Path, timeout: float) -> Outcome:
     return Outcome("error", f"pytest exit {process.returncode}: {where}", seconds)
 
 
-def check_mutation(mutation: Mutation) -> str | None:
-    """Why the mutation cannot be applied, or None."""
-    path = ROOT / mutation.path
+def check_mutation(snapshot: Path, mutation: Mutation) -> str | None:
+    """Why the mutation cannot be applied to the snapshot, or None."""
+    path = snapshot / mutation.path
     if not path.exists():
         return f"{mutation.path} does not exist"
     count = path.read_text().count(mutation.original)
@@ -241,24 +243,24 @@ def check_mutation(mutation: Mutation) -> str | None:
     return None
 
 
-def run_mutation(mutation: Mutation, timeout: float) -> Outcome:
-    problem = check_mutation(mutation)
+def run_mutation(snapshot: Path, mutation: Mutation, timeout: float) -> Outcome:
+    problem = check_mutation(snapshot, mutation)
     if problem is not None:
         return Outcome("invalid", problem, 0.0)
     with tempfile.TemporaryDirectory(prefix="wkron_mutant_") as tmp:
         tree = Path(tmp)
-        _copy_tree(tree)
+        _copy_tree(snapshot, tree)
         target = tree / mutation.path
         source = target.read_text()
         target.write_text(source.replace(mutation.original, mutation.replacement, 1))
         return _run_tests(tree, timeout)
 
 
-def baseline(timeout: float) -> Outcome:
-    """The unmutated copy: it must be what the tests import, and must pass."""
+def baseline(snapshot: Path, timeout: float) -> Outcome:
+    """The unmutated snapshot: it must be what the tests import, and must pass."""
     with tempfile.TemporaryDirectory(prefix="wkron_baseline_") as tmp:
         tree = Path(tmp)
-        _copy_tree(tree)
+        _copy_tree(snapshot, tree)
         imported = _imported_from(tree)
         if not imported.is_relative_to(tree.resolve()):
             raise SystemExit(f"the copy imports wkron_eqx from {imported}, not from {tree}")
@@ -295,22 +297,27 @@ def main(argv=None) -> list[tuple[Mutation, Outcome]]:
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/mutations.md"))
     args = parser.parse_args(argv)
     mutations = [m for m in MUTATIONS if not args.only or any(word in m.name for word in args.only)]
-    base = baseline(args.timeout)
-    print(f"baseline (no mutation): {base.status} in {base.seconds:.0f} s", flush=True)
-    if base.status != "survived":
-        raise SystemExit(f"the unmutated tree does not pass the fast tests: {base.detail}")
-    rows = []
-    for mutation in mutations:
-        outcome = run_mutation(mutation, args.timeout)
-        rows.append((mutation, outcome))
-        print(f"{mutation.name}: {outcome.status} {outcome.detail}", flush=True)
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "wkron_eqx") else ""
+    with tempfile.TemporaryDirectory(prefix="wkron_snapshot_") as tmp:
+        snapshot = Path(tmp)
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "wkron_eqx", "tests")
+        _copy_tree(ROOT, snapshot)
+        base = baseline(snapshot, args.timeout)
+        print(f"baseline (no mutation): {base.status} in {base.seconds:.0f} s", flush=True)
+        if base.status != "survived":
+            raise SystemExit(f"the unmutated tree does not pass the fast tests: {base.detail}")
+        rows = []
+        for mutation in mutations:
+            outcome = run_mutation(snapshot, mutation, args.timeout)
+            rows.append((mutation, outcome))
+            print(f"{mutation.name}: {outcome.status} {outcome.detail}", flush=True)
+    dirty = " (with uncommitted changes)" if dirty else ""
     header = [
         "# Mutation check",
         "",
-        f"`python benchmarks/mutations.py`, on commit {_git('rev-parse', '--short', 'HEAD')}"
-        f"{dirty} of `wkron_eqx/`. Each mutation is one textual change of the maths; the fast "
-        "tests ran on a copy with it, `pytest -x`:",
+        f"`python benchmarks/mutations.py`, on commit {commit}{dirty} of `wkron_eqx/` and "
+        "`tests/`. Each mutation is one textual change of the maths; the fast tests ran on "
+        "a copy with it, `pytest -x`:",
         "",
         *[f"- `{t}`" for t in FAST_TESTS],
         "",
