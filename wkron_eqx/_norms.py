@@ -42,25 +42,25 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     """
     f32 = jnp.float32
     tiny = jnp.finfo(f32).tiny
-    # Everything below runs on M / max|M| (entries in [-1, 1]), so that no square
-    # overflows for a large but finite M; the bound is scaled back at the end.
+    # The iteration is on M / ||M||_F (spectral norm in [1/sqrt(n), 1]), so `iters`
+    # steps shrink the vector by at most n^(-iters/2), which float32's range holds for
+    # any n <= 2^16 with `iters` = 10: no renormalisation between steps (on CPU each
+    # would be its own kernel). The scale is applied to the vector after each product,
+    # never to M: a scaled copy of M would be one more stack-sized temporary for XLA
+    # to hold (a matmul cannot fuse its operand's producer). Squares are only taken
+    # of M / max|M| (entries in [-1, 1]), so no square overflows for a large M; the
+    # products stay finite for max|M| * n below float32's maximum.
     peak = jnp.max(jnp.abs(M)).astype(f32)
     peak = jnp.where(peak > 0, peak, 1)
-    M_max = M.astype(f32) / peak
-    energy = jnp.sum(jnp.square(M_max), axis=1)
-    # Iterate with M / ||M||_F, whose spectral norm is in [1/sqrt(n), 1]: `iters` steps
-    # shrink the vector by at most n^(-iters/2), which float32's range holds for any
-    # n <= 2^16 with `iters` = 10, so the steps need no renormalisation between them
-    # (on CPU each one would be its own kernel) and the direction is the same as with.
-    inv_frobenius = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny))
-    M_unit = (M_max * inv_frobenius).astype(M.dtype)
-    x = M_max[jnp.argmax(energy)]
+    energy = jnp.sum(jnp.square(M.astype(f32) / peak), axis=1)
+    step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) / peak
+    x = M[jnp.argmax(energy)].astype(f32) / peak
     x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
-    times = lambda A, x: jnp.matmul(x.astype(A.dtype), A, preferred_element_type=f32)
+    times = lambda x: jnp.matmul(x.astype(M.dtype), M, preferred_element_type=f32)
     if loops_are_cheap():
-        x = jax.lax.fori_loop(0, iters, lambda _, x: times(M_unit, x), x)
+        x = jax.lax.fori_loop(0, iters, lambda _, x: times(x) * step, x)
     else:
         for _ in range(iters):
-            x = times(M_unit, x)
+            x = times(x) * step
     x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
-    return jnp.linalg.norm(times(M_max.astype(M.dtype), x)) * peak
+    return jnp.linalg.norm(times(x) / peak) * peak

@@ -178,6 +178,9 @@ class WhiteKronState(NamedTuple):
       (`preconditioner_update_probability`).
     - `skipped_steps`: steps skipped because the gradient (or the step) was not finite.
     - `factor_updates`: steps on which the factors were updated.
+    - `slots`: per leaf, an int32 vector of where it sits in the step's shared arrays
+      (`_layout.leaf_slots`). They never change; they are data rather than constants
+      so that XLA compiles one set of kernels per leaf shape, not one per leaf.
     - `plan`: the static layout (`Plan`).
     """
 
@@ -188,6 +191,7 @@ class WhiteKronState(NamedTuple):
     update_counter: Int[Array, ""]
     skipped_steps: Int[Array, ""]
     factor_updates: Int[Array, ""]
+    slots: tuple[Int[Array, " k"], ...]
     plan: Plan
 
     def leaf_tree(self) -> PyTree[LeafState]:

@@ -20,7 +20,7 @@ from ._config import Config
 from ._custom_types import Unchecked
 from ._kinds import KINDS, dense
 from ._kron import StepContext
-from ._layout import TreePlan, grouping_for, plan_tree
+from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
 from ._rules import AbstractRule
 from ._sharding import constrain_like
 from ._state import LeafState, Plan, WhiteKronState
@@ -116,12 +116,15 @@ def _precondition(
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.KIND) if views[i].size]
         inputs = {i: views[i] for i in indices}
+        slots = {i: state.slots[i] for i in indices}
         if kind is dense:
-            out, buckets, kind_sum_sq = dense.update(ctx, inputs, buckets, plan, refresh, axis_name)
+            out, buckets, kind_sum_sq = dense.update(
+                ctx, inputs, buckets, slots, plan, refresh, axis_name
+            )
         else:
             kind_state = {i: leaves[i] for i in indices}
             out, kind_state, kind_sum_sq = kind.update(
-                ctx, inputs, kind_state, plan, refresh, axis_name
+                ctx, inputs, kind_state, slots, plan, refresh, axis_name
             )
             for i, s in kind_state.items():
                 leaves[i] = s
@@ -179,6 +182,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             update_counter=zero,
             skipped_steps=zero,
             factor_updates=zero,
+            slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef),
         )
 
@@ -247,8 +251,11 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
             divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
             scales = rms_clip_scale(sum_sqs, sizes) / divisor
-            for i, (out, g) in enumerate(zip(outputs, grads, strict=True)):
-                u = jnp.where(ok, out * scales[i].astype(out.dtype), jnp.zeros((), out.dtype))
+            for out, g, slot in zip(outputs, grads, state.slots, strict=True):
+                # The leaf's index as data (see `leaf_slots`): same-shaped leaves share
+                # one kernel.
+                scale = jax.lax.dynamic_index_in_dim(scales, slot[0], keepdims=False)
+                u = jax.lax.select(ok, out * scale.astype(out.dtype), jnp.zeros_like(out))
                 new_updates.append(u.reshape(g.shape).astype(g.dtype))
         else:
             ok = jnp.array(True)
@@ -261,10 +268,13 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             update_counter=counter.astype(jnp.int32),
             skipped_steps=state.skipped_steps,
             factor_updates=state.factor_updates + refreshed,
+            slots=state.slots,
             plan=state.plan,
         )
         skipped = state._replace(skipped_steps=state.skipped_steps + 1)
-        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), stepped, skipped)
+        # (`lax.select` rather than `jnp.where`: no broadcasting to trace, per array.)
+        keep = lambda new, old: new if new is old else jax.lax.select(ok, new, old)
+        new_state = jax.tree.map(keep, stepped, skipped)
         return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore

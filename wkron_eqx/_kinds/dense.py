@@ -130,6 +130,7 @@ def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
     state: State,
+    slots: dict[int, Int[Array, " k"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
@@ -140,6 +141,8 @@ def update(
 
     - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
     - `state`: the current `DenseState`s, in `plan.buckets` order.
+    - `slots`: leaf index -> its `WhiteKronState.slots` entry: the leaf's index, then
+      the first entry of each of its tile groups in its bucket.
 
     **Returns:**
 
@@ -201,9 +204,10 @@ def update(
         i: [jnp.zeros(())] * len(plan.leaves[i].groups) for i in inputs
     }
     for bucket, result in zip(plan.buckets, results, strict=True):
-        start = 0
         for seg in bucket.segments:
-            pieces[seg.leaf][seg.group] = result[start : start + seg.count]
-            start += seg.count
+            # A runtime start (see `_layout.leaf_slots`): leaves of one shape in one
+            # bucket are then cut out by one shared kernel.
+            start = slots[seg.leaf][1 + seg.group]
+            pieces[seg.leaf][seg.group] = jax.lax.dynamic_slice_in_dim(result, start, seg.count)
     outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
     return outputs, tuple(new_state), sum_sq

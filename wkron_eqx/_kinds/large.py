@@ -9,7 +9,7 @@ sides are long, both factors are diagonal and each layer is one entry.
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .._blocking import (
     cut_strips,
@@ -100,12 +100,15 @@ def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
     state: State,
+    slots: dict[int, Int[Array, " 1"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
 ) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"]]:
     """Precondition every large leaf (each is one stack of strips); update the factors
-    too when `refresh`. Returns as `dense.update`."""
+    too when `refresh`. Returns as `dense.update`; a large leaf has its own
+    factors, so `slots` is not needed."""
+    del slots
     outputs, new_state = {}, {}
     sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
     for i, x in inputs.items():

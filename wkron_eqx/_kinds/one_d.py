@@ -10,7 +10,7 @@ All 1-D leaves are one concatenated computation (see `update`).
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .._config import Config
 from .._kron import StepContext
@@ -44,6 +44,7 @@ def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B n"]],
     state: State,
+    slots: dict[int, Int[Array, " 3"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
@@ -79,16 +80,15 @@ def update(
     out = q * q * x
     sum_sq = jax.ops.segment_sum(jnp.square(out.astype(jnp.float32)), owner, leaves)
     outputs, new_state = {}, {}
-    offset, layer = 0, 0
     for i in order:
+        # Runtime offsets (see `_layout.leaf_slots`): leaves of one shape share kernels.
+        _, offset, layer = slots[i]
         batch, length = inputs[i].shape
-        size = batch * length
-        outputs[i] = out[offset : offset + size].reshape(batch, length)
+        take = lambda v, start, size: jax.lax.dynamic_slice_in_dim(v, start, size)
+        outputs[i] = take(out, offset, batch * length).reshape(batch, length)
         new_state[i] = state[i]
         if refresh:
             new_state[i] = state[i].replace(
-                Ql=q[offset : offset + size].reshape(batch, length),
-                Ll=L[layer : layer + batch],
+                Ql=take(q, offset, batch * length).reshape(batch, length), Ll=take(L, layer, batch)
             )
-        offset, layer = offset + size, layer + batch
     return outputs, new_state, sum_sq
