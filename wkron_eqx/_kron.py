@@ -41,6 +41,7 @@ class StepContext(NamedTuple):
     lr: Scalar  # the preconditioner step size, float32
     balance: Bool[Array, ""]  # whether this step rebalances each (Ql, Qr) pair
     product_dtype: jnp.dtype  # what the products run in (factors may be stored narrower)
+    input_scale: Scalar  # multiplies every input: the momentum's bias correction, float32
     step: Int[Array, ""]  # t = count + 1, the key of this step's noise
     noise_scale: float
 

@@ -193,8 +193,12 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
 
+        # The input is the bias-corrected moment, `new_mu / (1 - b1^t)`. The correction is
+        # one scalar for every leaf, so the kinds apply it to their stacked inputs
+        # (`StepContext.input_scale`): no per-leaf pass, and no per-leaf kernel.
+        input_scale = jnp.ones((), jnp.float32)
         if config.b1 > 0:
-            # In float32, stored in `dtype`; the input is the bias-corrected moment.
+            # In float32, stored in `dtype`.
             f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
             old_mu, mu_def = jax.tree.flatten(state.mu)
             new_mu = optax.tree.update_moment(f32(grads), f32(old_mu), config.b1, 1)
@@ -202,16 +206,19 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             new_mu = [
                 constrain_like(m.astype(dtype), s) for m, s in zip(new_mu, specs, strict=True)
             ]
-            corrected = optax.tree.bias_correction(f32(new_mu), config.b1, t_float)
-            inputs = [x.astype(dtype) for x in corrected]
+            inputs = new_mu
+            input_scale = optax.tree.bias_correction(input_scale, config.b1, t_float)
         else:
             mu_def, new_mu = None, None
             inputs = [g.astype(dtype) for g in grads]
         if config.normalize_grads:
+            # Per leaf, and the scale is undone by the normalisation (but for its 1e-6).
+            inputs = [x * input_scale.astype(dtype) if x.size else x for x in inputs]
             inputs = [
                 x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype) if x.size else x
                 for x in inputs
             ]
+            input_scale = jnp.ones((), jnp.float32)
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
 
         lr = config.preconditioner_lr
@@ -220,6 +227,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
             balance=(t % 100) == 0,
             product_dtype=config.product_dtype,
+            input_scale=input_scale,
             step=t,
             noise_scale=config.noise_scale,
         )

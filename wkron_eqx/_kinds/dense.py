@@ -153,7 +153,8 @@ def update(
     stacks = []
     for bucket in plan.buckets:
         G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
-        stacks.append(pad_stack(G, bucket.stack).astype(ctx.product_dtype))
+        G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
+        stacks.append(G * ctx.input_scale.astype(G.dtype))
     results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
     new_state = list(state)
     leaves = len(plan.leaves)

@@ -81,7 +81,8 @@ def _update_leaf(
     refresh: bool,
     axis_name: str | None,
 ) -> tuple[Float[Array, "B m n"], LeafState]:
-    strips = constrain_stack(cut_strips(x, plan).astype(ctx.product_dtype), axis_name)
+    strips = cut_strips(x, plan).astype(ctx.product_dtype)
+    strips = constrain_stack(strips * ctx.input_scale.astype(strips.dtype), axis_name)
     assert state.Ql is not None and state.Qr is not None
     assert state.Ll is not None and state.Lr is not None
     assert state.valid_rows is not None and state.valid_cols is not None

@@ -68,6 +68,7 @@ def update(
     owner = np.repeat(np.array(order, np.int32), [inputs[i].size for i in order])
     flat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])
     x = flat([inputs[i] for i in order])
+    x = x * ctx.input_scale.astype(x.dtype)
     q = flat([state[i].Ql for i in order])
     L = jnp.concatenate([state[i].Ll for i in order])  # pyright: ignore
     if refresh:
