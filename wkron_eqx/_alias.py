@@ -191,7 +191,9 @@ def _skip_whole_step(
         new_updates, new_state = chain.update(updates, state, params, **extra_args)
         new_state = typing.cast(tuple, new_state)  # the chain's (white_kron, ..., lr) states
         skipped = new_state[0].skipped_steps != state[0].skipped_steps
-        new_updates = jax.tree.map(lambda u: jnp.where(skipped, jnp.zeros_like(u), u), new_updates)
+        new_updates = jax.tree.map(
+            lambda u: jax.lax.select(skipped, jnp.zeros_like(u), u), new_updates
+        )
         rest = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), state[1:], new_state[1:])
         return new_updates, (new_state[0], *rest)
 

@@ -6,10 +6,25 @@ size. A large leaf is cut into strips along its dense side. All functions are pu
 shape-static.
 """
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ._layout import LeafPlan, Part
+
+
+def take(x: Shaped[Array, "n ..."], start: Int[Array, ""], size: int) -> Shaped[Array, "m ..."]:
+    """`x[start : start + size]` for a runtime `start` (a `WhiteKronState.slots` entry),
+    known to be in range: no wrapping of negative indices to trace."""
+    return jax.lax.dynamic_slice_in_dim(x, start, size, allow_negative_indices=False)
+
+
+def zero_pad(x: Shaped[Array, "..."], pads: list[tuple[int, int]]) -> Shaped[Array, "..."]:
+    """`jnp.pad` with zeros at the ends (`pads` as `(before, after)` per axis), as one
+    `lax.pad`: this runs once per leaf, so it is kept to one traced operation."""
+    if all(p == (0, 0) for p in pads):
+        return x
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(lo, hi, 0) for lo, hi in pads])
 
 
 def pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
@@ -17,11 +32,11 @@ def pad_stack(x: Shaped[Array, "n ..."], stack: int) -> Shaped[Array, "m ..."]:
     extra = stack - x.shape[0]
     if extra == 0:
         return x
-    return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+    return zero_pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
 
 def _pad_tail(x: Shaped[Array, "t r c"], rows: int, cols: int) -> Shaped[Array, "t R C"]:
-    return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
+    return zero_pad(x, [(0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])])
 
 
 def _take_group(
@@ -87,7 +102,7 @@ def _strips_along_cols(x: Shaped[Array, "B m n"], parts: tuple[Part, ...], side:
         block = x[:, :, part.start : part.start + part.count * part.size]
         block = block.reshape(batch, rows, part.count, part.size).transpose(0, 2, 1, 3)
         block = block.reshape(-1, rows, part.size)
-        pieces.append(jnp.pad(block, ((0, 0), (0, 0), (0, side - part.size))))
+        pieces.append(zero_pad(block, [(0, 0), (0, 0), (0, side - part.size)]))
     return jnp.concatenate(pieces, axis=0)
 
 

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
+from ._blocking import take
 from ._checks import check_params, check_updates
 from ._config import Config
 from ._custom_types import Unchecked
@@ -262,7 +263,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             for out, g, slot in zip(outputs, grads, state.slots, strict=True):
                 # The leaf's index as data (see `leaf_slots`): same-shaped leaves share
                 # one kernel.
-                scale = jax.lax.dynamic_index_in_dim(scales, slot[0], keepdims=False)
+                scale = take(scales, slot[0], 1)[0]
                 u = jax.lax.select(ok, out * scale.astype(out.dtype), jnp.zeros_like(out))
                 new_updates.append(u.reshape(g.shape).astype(g.dtype))
         else:

@@ -14,7 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._blocking import pad_stack, padded_identity, tile, untile, validity_mask
+from .._blocking import (
+    pad_stack,
+    padded_identity,
+    take,
+    tile,
+    untile,
+    validity_mask,
+    zero_pad,
+)
 from .._config import Config
 from .._kron import Factors, StepContext, apply_stack, update_stack
 from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
@@ -72,7 +80,7 @@ class _Entries(NamedTuple):
 
 def _pad_to(x: Array, *sides: int) -> Array:
     pads = [(0, 0)] + [(0, side - n) for n, side in zip(x.shape[1:], sides, strict=True)]
-    return x if x.shape[1:] == sides else jnp.pad(x, pads)
+    return zero_pad(x, pads)
 
 
 def _enter(
@@ -209,6 +217,6 @@ def update(
             # A runtime start (see `_layout.leaf_slots`): leaves of one shape in one
             # bucket are then cut out by one shared kernel.
             start = slots[seg.leaf][1 + seg.group]
-            pieces[seg.leaf][seg.group] = jax.lax.dynamic_slice_in_dim(result, start, seg.count)
+            pieces[seg.leaf][seg.group] = take(result, start, seg.count)
     outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
     return outputs, tuple(new_state), sum_sq

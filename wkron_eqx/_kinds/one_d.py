@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .._blocking import take
 from .._config import Config
 from .._kron import StepContext
 from .._layout import LeafKind, LeafPlan, TreePlan
@@ -85,7 +86,6 @@ def update(
         # Runtime offsets (see `_layout.leaf_slots`): leaves of one shape share kernels.
         _, offset, layer = slots[i]
         batch, length = inputs[i].shape
-        take = lambda v, start, size: jax.lax.dynamic_slice_in_dim(v, start, size)
         outputs[i] = take(out, offset, batch * length).reshape(batch, length)
         new_state[i] = state[i]
         if refresh:
