@@ -13,7 +13,7 @@ import pytest
 
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
-from wkron_eqx._layout import LeafKind, leaf_plan, merge_shape, plan_tree
+from wkron_eqx._layout import LeafKind, leaf_plan, leaf_slots, merge_shape, plan_tree
 
 
 MANY = hypothesis.settings(max_examples=200, deadline=None)
@@ -355,6 +355,35 @@ def test_buckets_hold_every_real_tile_once_plus_dummies(tree):
     )
     for leaf in plan.leaves:
         _check_leaf(leaf, leaf.batch, block_size, k)
+
+
+@MANY
+@hypothesis.given(tree=_trees())
+def test_leaf_slots_point_at_each_leafs_own_entries(tree):
+    shapes, flags, block_size, max_size_dense, k = tree
+    plan = plan_tree(shapes, flags, block_size, max_size_dense, k)
+    slots = leaf_slots(plan)
+    assert [s[0] for s in slots] == list(range(len(shapes)))
+    # Each bucket's tiles, one by one: which (leaf, tile group) owns it.
+    owners = {
+        (b.rows, b.cols): [(s.leaf, s.group) for s in b.segments for _ in range(s.count)]
+        for b in plan.buckets
+    }
+    element = layer = 0
+    for i, (leaf, slot) in enumerate(zip(plan.leaves, slots, strict=True)):
+        size = leaf.batch * math.prod(leaf.merged)
+        if leaf.kind == LeafKind.DENSE:
+            assert len(slot) == 1 + len(leaf.groups)
+            for g, (group, start) in enumerate(zip(leaf.groups, slot[1:], strict=True)):
+                count = leaf.batch * group.row_part.count * group.col_part.count
+                if count:
+                    assert owners[group.bucket][start : start + count] == [(i, g)] * count
+        elif leaf.kind == LeafKind.ONE_D and size:
+            # The 1-D leaves are concatenated in tree order, empty ones left out.
+            assert slot == (i, element, layer)
+            element, layer = element + size, layer + leaf.batch
+        else:
+            assert slot == (i,)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])

@@ -250,6 +250,19 @@ def test_top_level_state_is_a_named_tuple_for_optax_tree_access():
     assert int(optax.tree_utils.tree_get(scale_state, "count")) == 0
 
 
+def test_slots_are_the_plans_positions_and_never_change():
+    from wkron_eqx._layout import leaf_slots
+
+    tx, params = _optimizer_and_params()
+    state = tx.init(params)
+    expected = leaf_slots(state[0].plan.tree)
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(2):
+        assert [tuple(np.asarray(s).tolist()) for s in state[0].slots] == list(expected)
+        assert all(s.dtype == jnp.int32 for s in state[0].slots)
+        _, state = jax.jit(tx.update)(grads, state, params)
+
+
 # ---------------------------------------------------------------------------------------
 # runtime shape and dtype checks (the suite runs with `--jaxtyping-packages=wkron_eqx,...`)
 
