@@ -78,8 +78,10 @@ def update(
         peak = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths))
         L = track_lipschitz(L, peak + 1)
         z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
-        q = ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype))
-    out = q * q * x
+        q = materialised(ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype)))
+    # Written once, so that each leaf's kernels only cut out their part (else XLA
+    # copies the whole elementwise chain into every leaf's output and state kernels).
+    out = materialised(q * q * x)
     sum_sq = jax.ops.segment_sum(jnp.square(out.astype(jnp.float32)), owner, leaves)
     outputs, new_state = {}, {}
     for i in order:
