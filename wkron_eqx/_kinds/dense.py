@@ -2,9 +2,11 @@
 
 Each leaf is cut into tiles of at most `block_size x block_size`, each with its own
 dense factors sized to the tile (rounded up to `TILE_QUANTUM`), not to `block_size`.
-Tiles of equal stored size share a `DenseState` bucket (on CPU, only within a leaf;
-see `_layout.Grouping`), and each compute group of buckets is one batched
-computation, zero-padded to the group's size.
+Tiles of equal stored size share a `DenseState` bucket, whatever leaf they come from,
+and each compute group of buckets (`_layout.Grouping`: small merges on the CPU,
+generous ones on an accelerator) is one batched computation, zero-padded to the
+group's size. Each leaf's tiles are cut out of their bucket at a runtime position
+(`WhiteKronState.slots`), so that all leaves of one shape share their kernels.
 """
 
 from typing import NamedTuple
