@@ -74,7 +74,7 @@ def test_nnx_update_equals_the_plain_optax_update():
     grads = nnx.grad(_loss)(model, x, y)
     before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     plain_grads = nnx.to_pure_dict(grads)
-    expected, _ = tx.update(plain_grads, tx.init(before), before)
+    expected, _ = jax.jit(tx.update)(plain_grads, tx.init(before), before)
 
     nnx.jit(lambda model, opt, grads: opt.update(model, grads))(model, opt, grads)
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
