@@ -19,6 +19,20 @@ def take(x: Shaped[Array, "n ..."], start: Int[Array, ""], size: int) -> Shaped[
     return jax.lax.dynamic_slice_in_dim(x, start, size, allow_negative_indices=False)
 
 
+def materialised(x: Float[Array, " n"]) -> Float[Array, " n"]:
+    """`x` itself, written once into a buffer.
+
+    XLA's CPU backend copies a cheap elementwise producer into every consumer fusion.
+    For a flat array whose parts are cut out at each leaf's offset (the 1-D leaves'
+    noisy input, new factors and output), that is one copy of the whole producer per
+    leaf: the noise hash alone was 85% of the instructions of a 149-leaf step. A
+    dynamic-update-slice is never fused into its consumers, so writing `x` through
+    one materialises it exactly once.
+    """
+    buffer = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
+    return jax.lax.dynamic_update_slice(buffer, x, (0,))[: x.shape[0]]
+
+
 def zero_pad(x: Shaped[Array, "..."], pads: list[tuple[int, int]]) -> Shaped[Array, "..."]:
     """`jnp.pad` with zeros at the ends (`pads` as `(before, after)` per axis), as one
     `lax.pad`: this runs once per leaf, so it is kept to one traced operation."""

@@ -89,16 +89,3 @@ def add_noise(
     word = hash32(counter, step_key(jnp.uint32(_SEED), jnp.asarray(step).astype(jnp.uint32)))
     eps = (_to_normal(word) * np.float32(scale)).reshape(x.shape).astype(x.dtype)
     return x + (eps if valid is None else jnp.where(valid, eps, 0))
-
-
-def materialised(x: Float[Array, " n"]) -> Float[Array, " n"]:
-    """`x` itself, written once into a buffer.
-
-    XLA's CPU backend copies a cheap elementwise producer (such as the noise) into
-    every consumer fusion; for the 1-D leaves, whose results are cut out at each
-    leaf's offset, that was one copy of the hash per leaf: 85% of the instructions of
-    a 149-leaf step, and of its compile time. A dynamic-update-slice is never fused
-    into its consumers, so writing `x` through one materialises it exactly once.
-    """
-    buffer = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
-    return jax.lax.dynamic_update_slice(buffer, x, (0,))[: x.shape[0]]

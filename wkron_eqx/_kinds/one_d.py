@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._blocking import take
+from .._blocking import materialised, take
 from .._config import Config
 from .._kron import StepContext
 from .._layout import LeafKind, LeafPlan, TreePlan
-from .._noise import add_noise, materialised
+from .._noise import add_noise
 from .._norms import track_lipschitz
 from .._state import LeafState
 
