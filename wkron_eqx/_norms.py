@@ -44,23 +44,25 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     tiny = jnp.finfo(f32).tiny
     # The iteration is on M / ||M||_F (spectral norm in [1/sqrt(n), 1]), so `iters`
     # steps shrink the vector by at most n^(-iters/2), which float32's range holds for
-    # any n <= 2^16 with `iters` = 10: no renormalisation between steps (on CPU each
-    # would be its own kernel). The scale is applied to the vector after each product,
-    # never to M: a scaled copy of M would be one more stack-sized temporary for XLA
-    # to hold (a matmul cannot fuse its operand's producer). Squares are only taken
-    # of M / max|M| (entries in [-1, 1]), so no square overflows for a large M; the
-    # products stay finite for max|M| * n below float32's maximum.
+    # any n <= 2^16 with `iters` = 10: no renormalisation between steps, and none of
+    # the start vector or before the last product either, since the bound is a ratio
+    # of norms (each a kernel of its own: on an accelerator a launch, on the CPU code
+    # to compile). The scale is applied to the vector after each product, never to M:
+    # a scaled copy of M would be one more stack-sized temporary for XLA to hold (a
+    # matmul cannot fuse its operand's producer). Squares are only taken of entries
+    # of M / max|M| (in [-1, 1]) and of products scaled likewise, so no square
+    # overflows for a large M; the products stay finite for max|M| * n below
+    # float32's maximum.
     peak = jnp.max(jnp.abs(M)).astype(f32)
-    peak = jnp.where(peak > 0, peak, 1)
-    energy = jnp.sum(jnp.square(M.astype(f32) / peak), axis=1)
-    step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) / peak
-    x = M[jnp.argmax(energy)].astype(f32) / peak
-    x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
+    inverse = 1 / jnp.where(peak > 0, peak, 1)
+    energy = jnp.sum(jnp.square(M.astype(f32) * inverse), axis=1)
+    step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) * inverse
     times = lambda x: jnp.matmul(x.astype(M.dtype), M, preferred_element_type=f32)
+    x = M[jnp.argmax(energy)].astype(f32) * step
     if loops_are_cheap():
         x = jax.lax.fori_loop(0, iters, lambda _, x: times(x) * step, x)
     else:
         for _ in range(iters):
             x = times(x) * step
-    x = x / jnp.maximum(jnp.linalg.norm(x), tiny)
-    return jnp.linalg.norm(times(x) / peak) * peak
+    # ||x M|| / ||x|| <= ||M||_2, computed as ||x (M / max|M|)|| / ||x|| * max|M|.
+    return jnp.linalg.norm(times(x) * inverse) / jnp.maximum(jnp.linalg.norm(x), tiny) * peak
