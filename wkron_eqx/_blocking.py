@@ -63,6 +63,8 @@ def _take_group(
         row_part.start : row_part.start + rows,
         col_part.start : col_part.start + cols,
     ]
+    if row_part.count == col_part.count == 1:
+        return block  # one tile per layer: already `[tiles, r, c]`
     block = block.reshape(batch, row_part.count, row_part.size, col_part.count, col_part.size)
     block = block.transpose(0, 1, 3, 2, 4)
     return block.reshape(-1, row_part.size, col_part.size)
@@ -72,6 +74,8 @@ def _put_group(
     tiles: Shaped[Array, "tiles R C"], batch: int, row_part: Part, col_part: Part
 ) -> Shaped[Array, "B r c"]:
     tiles = tiles[:, : row_part.size, : col_part.size]
+    if row_part.count == col_part.count == 1:
+        return tiles  # one tile per layer: already `[B, r, c]`
     tiles = tiles.reshape(batch, row_part.count, col_part.count, row_part.size, col_part.size)
     tiles = tiles.transpose(0, 1, 3, 2, 4)
     return tiles.reshape(batch, row_part.count * row_part.size, col_part.count * col_part.size)

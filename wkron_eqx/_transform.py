@@ -202,12 +202,24 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             # In float32, stored in `dtype`.
             f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
             old_mu, mu_def = jax.tree.flatten(state.mu)
-            new_mu = optax.tree.update_moment(f32(grads), f32(old_mu), config.b1, 1)
+            grads32, mu32 = f32(grads), f32(old_mu)
+            # (`optax.tree.update_moment`'s `b1 mu + (1 - b1) g`, without its `g ** 1`:
+            # one traced operation fewer per leaf.)
+            b1 = config.b1
+            new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
             specs = _partition_specs(config, updates)
             new_mu = [
                 constrain_like(m.astype(dtype), s) for m, s in zip(new_mu, specs, strict=True)
             ]
-            inputs = new_mu
+            # The same moment, written as `mu + (1 - b1)(g - mu)`: as a second
+            # expression, each copy is fused into its one consumer (the kinds' stacking
+            # here, the state's select below), where one shared value would be its own
+            # kernel per leaf shape, written out and read back twice. (The two may
+            # differ in the last bit.)
+            inputs = [
+                constrain_like((m + (1 - config.b1) * (g - m)).astype(dtype), s)
+                for g, m, s in zip(grads32, mu32, specs, strict=True)
+            ]
             input_scale = optax.tree.bias_correction(input_scale, config.b1, t_float)
         else:
             mu_def, new_mu = None, None
