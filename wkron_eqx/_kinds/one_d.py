@@ -76,7 +76,7 @@ def update(
         Pg = q * q * materialised(add_noise(x, ctx.step, ctx.noise_scale))
         A = Pg * Pg
         peak = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths))
-        L = track_lipschitz(L, peak + 1)
+        L = materialised(track_lipschitz(L, peak + 1))
         z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
         q = materialised(ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype)))
     # Written once, so that each leaf's kernels only cut out their part (else XLA
