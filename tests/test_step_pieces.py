@@ -92,6 +92,24 @@ def test_spectral_norm_bound_of_a_large_finite_matrix():
     np.testing.assert_allclose(float(spectral_norm_lower_bound(jnp.asarray(M))), 1e20, rtol=1e-3)
 
 
+def _hadamard(n: int) -> np.ndarray:
+    H = np.ones((1, 1))
+    while H.shape[0] < n:
+        H = np.block([[H, H], [H, -H]])
+    return H
+
+
+@pytest.mark.parametrize("kind", ["identity", "hadamard"])
+def test_spectral_norm_bound_of_a_large_flat_spectrum(kind):
+    # Every singular value equal: each step shrinks the iterate by 1/sqrt(n), and the
+    # squares of its entries would leave float32's range (a norm of 0, and a bound ~2^65
+    # too large) unless the norms are taken of rescaled vectors.
+    n, c = (4096 if kind == "identity" else 2048), 3.0
+    M = np.eye(n) if kind == "identity" else _hadamard(n) / np.sqrt(n)  # orthogonal
+    bound = float(spectral_norm_lower_bound(jnp.asarray(c * M, jnp.float32)))
+    np.testing.assert_allclose(bound, c, rtol=1e-3)
+
+
 def test_step_with_a_large_finite_statistic_follows_the_float64_derivation():
     # Two steps at gradient scale 3e8 (A ~ 1e18), then one at 4e9 (A ~ 1e20: finite, but
     # its squares are not). The float64 re-derivation takes all three steps.

@@ -193,9 +193,11 @@ def _entry(compiled_text: str) -> str:
 @pytest.mark.parametrize("loop", [True, False], ids=["cpu-loop", "unrolled"])
 def test_spectral_norm_bound_compiles_to_few_kernels(monkeypatch, loop):
     """Each kernel is a launch on an accelerator and code to compile on the CPU: the
-    bound normalises nothing it does not have to (it is a ratio of norms). Measured:
-    11 kernels as a loop and 30 unrolled; with the start vector and the last iterate
-    normalised (0.5.0) it was 16 and 34."""
+    bound normalises nothing it does not have to (it is a ratio of norms). Counted are
+    the kernels of the entry computation (a loop's body is compiled once, and not
+    counted). Measured with jax 0.10.2: 11 as a loop and 30 unrolled; with the start
+    vector and the last iterate normalised (0.5.0), 16 and 34. XLA's fusion decisions
+    may move these counts between jax versions: re-measure before moving the bounds."""
     from wkron_eqx import _norms
 
     monkeypatch.setattr(_norms, "loops_are_cheap", lambda: loop)
@@ -214,11 +216,13 @@ def test_the_moment_has_no_kernel_of_its_own():
     tx = wk.quad(dtype=jnp.float32)
     state = jax.eval_shape(tx.init, params)
     text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+    reads_gradient = 0
     for line in _entry(text).splitlines():
         if " fusion(" in line:
             operands = re.findall(r"%([\w.-]+)", line.split(" fusion(", 1)[1].split(")")[0])
-            assert not (
-                len(operands) == 2
-                and any("mu" in o for o in operands)
-                and any("updates" in o for o in operands)
-            ), line
+            moments = [o for o in operands if re.match(r"state_0__mu__", o)]
+            gradients = [o for o in operands if re.match(r"updates__", o)]
+            reads_gradient += bool(gradients)
+            assert not (moments and gradients and len(operands) == 2), line
+    # (Not vacuous: the parameters are named as matched above.)
+    assert reads_gradient >= 2

@@ -42,18 +42,21 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     """
     f32 = jnp.float32
     tiny = jnp.finfo(f32).tiny
-    # The iteration is on M / ||M||_F (spectral norm in [1/sqrt(n), 1]), so `iters`
-    # steps shrink the vector by at most n^(-iters/2), which float32's range holds for
-    # any n <= 2^16 with `iters` = 10: no renormalisation between steps, and none of
-    # the start vector or before the last product either, since the bound is a ratio
-    # of norms (each a kernel of its own: on an accelerator a launch, on the CPU code
-    # to compile). The scale is applied to the vector after each product, never to M:
-    # a scaled copy of M would be one more stack-sized temporary for XLA to hold (a
-    # matmul cannot fuse its operand's producer). Squares are only taken of entries
-    # of M / max|M| (in [-1, 1]) and of products scaled likewise, so no square
-    # overflows for a large M; the products stay finite for max|M| * n below
-    # float32's maximum.
+    # The iteration is on M / ||M||_F (spectral norm in [1/sqrt(n), 1]): each step keeps
+    # or shrinks the vector, by at most 1/sqrt(n), so no renormalisation is needed
+    # between steps, nor of the start vector or the last iterate, since the bound is a
+    # ratio of norms (each renormalisation a kernel of its own: on an accelerator a
+    # launch, on the CPU code to compile). The scale is applied to the vector after
+    # each product, never to M: a scaled copy of M would be one more stack-sized
+    # temporary for XLA to hold (a matmul cannot fuse its operand's producer). Squares
+    # are only taken of entries of M / max|M| (in [-1, 1]) and of vectors scaled into
+    # float32's normal range (below), so no square overflows for a large M, and the
+    # products stay finite for max|M| * n below float32's maximum.
+    n = M.shape[0]
     peak = jnp.max(jnp.abs(M)).astype(f32)
+    # (A peak below the smallest normal float32 would overflow its inverse: such an M
+    # counts as 0, as it does anyway where subnormals are flushed to zero.)
+    peak = jnp.where(peak >= tiny, peak, 0)
     inverse = 1 / jnp.where(peak > 0, peak, 1)
     energy = jnp.sum(jnp.square(M.astype(f32) * inverse), axis=1)
     step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) * inverse
@@ -64,5 +67,10 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     else:
         for _ in range(iters):
             x = times(x) * step
-    # ||x M|| / ||x|| <= ||M||_2, computed as ||x (M / max|M|)|| / ||x|| * max|M|.
-    return jnp.linalg.norm(times(x) * inverse) / jnp.maximum(jnp.linalg.norm(x), tiny) * peak
+    # ||x M|| / ||x|| <= ||M||_2, as ||x (M / max|M|)|| / ||x|| * max|M|. The last
+    # iterate's norm is in [n^(-(iters + 1)/2), 1], so both vectors are lifted by
+    # n^((iters + 1)/4) (a constant, cancelled in the ratio) before their squares are
+    # summed: the sums then stay in float32's normal range for any n <= 2^16.
+    lift = float(n) ** ((iters + 1) / 4)
+    top = jnp.linalg.norm(times(x) * (inverse * lift))
+    return top / jnp.maximum(jnp.linalg.norm(x * lift), tiny) * peak
