@@ -54,10 +54,9 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     # products stay finite for max|M| * n below float32's maximum.
     n = M.shape[0]
     peak = jnp.max(jnp.abs(M)).astype(f32)
-    # (A peak below the smallest normal float32 would overflow its inverse: such an M
-    # counts as 0, as it does anyway where subnormals are flushed to zero.)
-    peak = jnp.where(peak >= tiny, peak, 0)
-    inverse = 1 / jnp.where(peak > 0, peak, 1)
+    # (Below the smallest normal float32 a peak's inverse would overflow; such an M is
+    # then iterated unscaled, its squares vanish, and the bound comes out 0.)
+    inverse = 1 / jnp.where(peak >= tiny, peak, 1)
     energy = jnp.sum(jnp.square(M.astype(f32) * inverse), axis=1)
     step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) * inverse
     times = lambda x: jnp.matmul(x.astype(M.dtype), M, preferred_element_type=f32)
