@@ -116,6 +116,10 @@ def test_on_cpu_the_only_loops_are_power_iterations(rule):
         assert _count_primitives(body, CONTROL_FLOW) == {"while": 0, "scan": 0, "cond": 0}
 
 
+def _entry(compiled_text: str) -> str:
+    return compiled_text[compiled_text.index("\nENTRY") :].split("\n}\n")[0]
+
+
 def _kernel(entry_line: str, computations: dict[str, str]) -> str:
     """A fusion's computation with every name blanked: two fusions with the same text
     are the same kernel (XLA compiles it once), whatever buffers they read."""
@@ -135,7 +139,7 @@ def _compiled_size(n_leaves: int) -> tuple[int, int, int]:
     computations = {
         m.group(1): m.group(0) for m in re.finditer(r"^(%[\w.-]+) .*?^\}$", text, re.M | re.S)
     }
-    entry = text[text.index("\nENTRY") :]
+    entry = _entry(text)
     kernels = {_kernel(line, computations) for line in entry.splitlines() if " fusion(" in line}
     return len(lines), sum("is-finite(" in line for line in lines), len(kernels)
 
@@ -184,10 +188,6 @@ def test_accelerator_grouping_merges_buckets_into_fewer_computations():
     gpu = plan_tree(shapes, (False,) * len(shapes), 256, 16384, 1, ACCELERATOR_GROUPING)
     cpu = plan_tree(shapes, (False,) * len(shapes), 256, 16384, 1, CPU_GROUPING)
     assert len(gpu.groups) < len(cpu.groups)
-
-
-def _entry(compiled_text: str) -> str:
-    return compiled_text[compiled_text.index("\nENTRY") :].split("\n}\n")[0]
 
 
 @pytest.mark.parametrize("loop", [True, False], ids=["cpu-loop", "unrolled"])

@@ -217,7 +217,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             # kernel per leaf shape, written out and read back twice. (The two may
             # differ in the last bit.)
             inputs = [
-                constrain_like((m + (1 - config.b1) * (g - m)).astype(dtype), s)
+                constrain_like((m + (1 - b1) * (g - m)).astype(dtype), s)
                 for g, m, s in zip(grads32, mu32, specs, strict=True)
             ]
             input_scale = optax.tree.bias_correction(input_scale, config.b1, t_float)
