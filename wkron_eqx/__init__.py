@@ -32,6 +32,7 @@ from ._transform import scale_by_white_kron as scale_by_white_kron
 
 
 __version__ = importlib.metadata.version("wkron_eqx")
+del importlib  # not part of the namespace
 
 # Sorted (as `sorted` orders them): a name added anywhere merges cleanly.
 __all__ = [

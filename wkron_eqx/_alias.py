@@ -53,8 +53,9 @@ def scale_by_quad(
 
     **Arguments:**
 
-    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5 so that learning rates
-        tuned for Adam carry over; `None` leaves it as is.
+    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5, bringing its RMS to
+        at most 0.22 (AdamW's is at most 1); `None` leaves it as is. Adam's learning
+        rates do not carry over one for one: see the learning-rate guide.
     - `b1`: momentum coefficient in `[0, 1)`; `0` preconditions the raw gradient.
     - `normalize_grads`: divide each leaf's input by its norm (plus `1e-6`) first.
     - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
@@ -129,8 +130,9 @@ def scale_by_skew(
 
     **Arguments:**
 
-    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5 so that learning rates
-        tuned for Adam carry over; `None` leaves it as is.
+    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5, bringing its RMS to
+        at most 0.22 (AdamW's is at most 1); `None` leaves it as is. Adam's learning
+        rates do not carry over one for one: see the learning-rate guide.
     - `b1`: momentum coefficient in `[0, 1)`; `0` preconditions the raw gradient.
     - `normalize_grads`: divide each leaf's input by its norm (plus `1e-6`) first.
     - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
@@ -182,12 +184,21 @@ def scale_by_skew(
 
 
 def _skip_whole_step(
-    chain: optax.GradientTransformationExtraArgs,
+    chain: optax.GradientTransformationExtraArgs, needs_params: bool
 ) -> optax.GradientTransformationExtraArgs:
     """On a step the preconditioner skipped (non-finite gradient), the whole update is zero
-    (no weight decay) and the later transforms keep their state (a schedule's count)."""
+    (no weight decay) and the later transforms keep their state (a schedule's count).
+    With `needs_params` (a weight decay in the chain), a missing `params` is refused
+    before any work is done."""
 
     def update_fn(updates: Unchecked, state: Any, params: Unchecked = None, **extra_args):
+        if needs_params and params is None:
+            raise ValueError(
+                "`update` needs the current `params` for the weight decay: call "
+                "`optimizer.update(grads, opt_state, params)` (with Equinox, `params = "
+                "eqx.filter(model, eqx.is_inexact_array)`), or build the optimizer with "
+                "`weight_decay=0`."
+            )
         new_updates, new_state = chain.update(updates, state, params, **extra_args)
         new_state = typing.cast(tuple, new_state)  # the chain's (white_kron, ..., lr) states
         skipped = new_state[0].skipped_steps != state[0].skipped_steps
@@ -214,10 +225,11 @@ def _with_decay_and_lr(
     check_learning_rate(learning_rate)
     parts = [scale_by_white_kron(rule, config)]
     # An array (from `optax.inject_hyperparams`) may be traced: always add it.
-    if isinstance(weight_decay, jax.Array) or weight_decay > 0:
+    decays = isinstance(weight_decay, jax.Array) or weight_decay > 0
+    if decays:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
-    return _skip_whole_step(optax.chain(*parts))
+    return _skip_whole_step(optax.chain(*parts), needs_params=decays)
 
 
 def quad(

@@ -23,12 +23,17 @@ _FILTER_HINT = (
 )
 
 
-def _name(path: tuple) -> str:
-    # A trailing `.value` is a variable wrapper (Flax NNX's `Param`) around the array,
-    # present in the params and absent from the gradients: the same leaf either way.
+def unwrapped(path: tuple) -> tuple:
+    """`path` without a trailing `.value`: a variable wrapper (Flax NNX's `Param`)
+    around the array, present in the params and absent from the gradients, so the same
+    leaf either way."""
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return jax.tree_util.keystr(path)
+        return path[:-1]
+    return path
+
+
+def _name(path: tuple) -> str:
+    return jax.tree_util.keystr(unwrapped(path))
 
 
 def path_names(tree: Any) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ A step whose result is not finite is undone by selects, not by a conditional.
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
 from ._blocking import take
-from ._checks import check_params, check_updates
+from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
 from ._custom_types import Unchecked
 from ._kinds import KINDS, dense
@@ -31,12 +32,59 @@ _CLIP_RMS = 1.1
 _ADAM_STYLE_DIVISOR = 5.0
 
 
+def _key_name(key: Any) -> Any:
+    """A path entry as a plain name: a dict key, an attribute or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _plain_path(path: tuple) -> tuple:
+    return tuple(_key_name(k) for k in unwrapped(path))
+
+
+_NNX_RECIPE = (
+    "With Flax NNX, a nested dict keyed like the model's attributes works, e.g. "
+    '`{"blocks": True, "head": False}`; so does a tree of the params\' own type: '
+    "`flags = jax.tree.map(lambda _: False, nnx.state(model, nnx.Param))`, then set "
+    '`flags["blocks"] = jax.tree.map(lambda _: True, flags["blocks"])`.'
+)
+
+
+def _flags_by_path(scanned_layers: Any, params: Unchecked) -> list[Any]:
+    """Broadcast a prefix tree of another container type (a plain dict against a Flax
+    NNX `State`, or against an Equinox module's attributes) by matching key paths."""
+    prefix = {_plain_path(p): f for p, f in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]}
+    used, flags = set(), []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = _plain_path(path)
+        owner = next((names[:n] for n in range(len(names), -1, -1) if names[:n] in prefix), None)
+        if owner is None:
+            raise ValueError(
+                "`scanned_layers` must be None, a bool, or a (prefix) tree of bools covering "
+                f"every params leaf; nothing in it covers {jax.tree_util.keystr(unwrapped(path))}"
+                ". " + _NNX_RECIPE
+            )
+        used.add(owner)
+        flags.append(prefix[owner])
+    if unused := [p for p in prefix if p not in used]:
+        unused = ", ".join("".join(f"[{k!r}]" for k in p) for p in unused)
+        raise ValueError(
+            f"`scanned_layers` has entries that name no params leaf: {unused}. " + _NNX_RECIPE
+        )
+    return flags
+
+
 def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
     """Broadcast `scanned_layers` (None, a bool, a full tree or a prefix tree of bools)
     to one flag per leaf of `params`, refusing anything that does not fit.
 
-    A flag is a Python `bool` or a NumPy `np.bool_`; an int or a JAX array is refused
-    (it is too easy to pass a traced or non-boolean value by mistake).
+    A prefix tree of the params' own structure is broadcast as `jax.tree.broadcast`
+    does; one of other containers (a nested dict against a Flax NNX `State` or an
+    Equinox module) is matched by key path. A flag is a Python `bool` or a NumPy
+    `np.bool_`; an int or a JAX array is refused (it is too easy to pass a traced or
+    non-boolean value by mistake).
     """
     leaves = jax.tree.leaves(params)
     if scanned_layers is None:
@@ -44,10 +92,8 @@ def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
     try:
         flags = jax.tree.leaves(jax.tree.broadcast(scanned_layers, params))
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            "`scanned_layers` must be None, a bool, or a tree of bools whose structure is "
-            f"a prefix of the params tree; it does not match: {e}"
-        ) from None
+        del e  # JAX's wording names its internals; ours names the leaf and the fix
+        flags = _flags_by_path(scanned_layers, params)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if len(flags) != len(leaves):
         raise ValueError(
@@ -174,15 +220,17 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
                     for x, s in zip(leaves, specs, strict=True)
                 ]
             )
-        zero = jnp.zeros([], jnp.int32)
+        # A fresh buffer for each counter: a state whose leaves share a buffer cannot be
+        # donated ("Attempt to donate the same buffer twice").
+        zero = lambda: jnp.zeros([], jnp.int32)
         return WhiteKronState(
-            count=zero,
+            count=zero(),
             mu=mu,
             dense=buckets,
             leaves=leaf_states,
-            update_counter=zero,
-            skipped_steps=zero,
-            factor_updates=zero,
+            update_counter=zero(),
+            skipped_steps=zero(),
+            factor_updates=zero(),
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef),
         )
@@ -298,4 +346,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         new_state = jax.tree.map(keep, stepped, skipped)
         return treedef.unflatten(new_updates), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)  # pyright: ignore
+    # Compiled as one program even when called eagerly (un-jitted, every operation would
+    # be dispatched and compiled on its own: seconds for a small tree); inside a user's
+    # jitted step it is traced inline like any other function.
+    return optax.GradientTransformation(init_fn, eqx.filter_jit(update_fn))  # pyright: ignore

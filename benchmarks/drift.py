@@ -1,0 +1,129 @@
+"""How far two runs of the same training drift apart, and how fast a 1-ulp difference grows.
+
+Digits MLP (64-128-128-10, float32, full batch of 1,000 training images, lr 3e-3). For each
+optimizer, three comparisons of the update of the first hidden weight, step by step
+(`||u_a - u_b|| / ||u_b||`):
+
+- `scan vs loop`: the step jitted and called from Python, against the same step under
+  `jax.lax.scan` (two compiled programs, which XLA may fuse and reassociate differently);
+- `1 ulp`: the loop against itself with one weight moved by one ulp at the start;
+- `rerun`: the loop run twice (the same program): must be exactly 0.
+
+The growth rate is the geometric mean of the per-step factor by which the 1-ulp
+difference grows while it is between 1e-6 and 1e-2 (before it saturates).
+
+    python benchmarks/drift.py [--steps 60]
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from _converge_core import mlp_init, xent
+from sklearn.datasets import load_digits
+
+import wkron_eqx as wk
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _data():
+    x, y = load_digits(return_X_y=True)
+    return jnp.asarray(x[:1000] / 16.0, jnp.float32), jnp.asarray(y[:1000])
+
+
+def _step(tx, x, y):
+    def step(params, state):
+        grads = jax.grad(xent)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, updates["w0"]
+
+    return step
+
+
+def _loop(tx, params, steps, x, y):
+    step = jax.jit(_step(tx, x, y))
+    state, out = tx.init(params), []
+    for _ in range(steps):
+        params, state, u = step(params, state)
+        out.append(np.asarray(u))
+    return np.stack(out)
+
+
+def _scan(tx, params, steps, x, y):
+    step = _step(tx, x, y)
+
+    @jax.jit
+    def run(params):
+        def body(carry, _):
+            params, state, u = step(*carry)
+            return (params, state), u
+
+        _, us = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+        return us
+
+    return np.asarray(run(params))
+
+
+def _relative(a, b):
+    axes = tuple(range(1, a.ndim))
+    den = np.sqrt(np.sum(b.astype(np.float64) ** 2, axis=axes))
+    return np.sqrt(np.sum((a.astype(np.float64) - b) ** 2, axis=axes)) / np.maximum(den, 1e-30)
+
+
+def _growth(diff):
+    window = [d for d in diff if 1e-6 <= d <= 1e-2]
+    idx = [i for i, d in enumerate(diff) if 1e-6 <= d <= 1e-2]
+    if len(window) < 2:
+        return None
+    return math.exp((math.log(window[-1]) - math.log(window[0])) / (idx[-1] - idx[0]))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    x, y = _data()
+    params = mlp_init([64, 128, 128, 10], 0)
+    bumped = dict(params, w0=params["w0"].at[3, 5].set(jnp.nextafter(params["w0"][3, 5], 1.0)))
+    kw = dict(learning_rate=3e-3, weight_decay=1e-4, dtype=jnp.float32)
+    optimizers = {
+        "adamw": optax.adamw(3e-3, weight_decay=1e-4),
+        "quad": wk.quad(**kw),
+        "skew": wk.skew(**kw),
+        "quad, noise_scale=0": wk.quad(noise_scale=0.0, **kw),
+        "skew, noise_scale=0": wk.skew(noise_scale=0.0, **kw),
+    }
+    rows = {}
+    for name, tx in optimizers.items():
+        loop = _loop(tx, params, args.steps, x, y)
+        rerun = _relative(_loop(tx, params, args.steps, x, y), loop)
+        scan = _relative(_scan(tx, params, args.steps, x, y), loop)
+        ulp = _relative(_loop(tx, bumped, args.steps, x, y), loop)
+        rows[name] = {
+            "rerun_max": float(rerun.max()),
+            "scan": [float(d) for d in scan],
+            "ulp": [float(d) for d in ulp],
+            "ulp_growth_per_step": _growth(list(ulp)),
+        }
+        at = [s for s in (2, 10, 20, 40, args.steps) if s <= args.steps]
+        print(
+            f"{name:22s} rerun {rows[name]['rerun_max']:.1e}  scan-vs-loop "
+            + " ".join(f"s{s}={scan[s - 1]:.1e}" for s in at)
+            + "  1ulp "
+            + " ".join(f"s{s}={ulp[s - 1]:.1e}" for s in at)
+            + f"  growth/step {rows[name]['ulp_growth_per_step']}",
+            flush=True,
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "drift.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
