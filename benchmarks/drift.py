@@ -71,6 +71,23 @@ def _scan(tx, params, steps, x, y):
     return np.asarray(run(params))
 
 
+def _alone(tx, params, steps, x, y, bump):
+    """The optimizer without the training loop: a fixed sequence of minibatch gradients at
+    the initial params, the first one's first weight moved by one ulp when `bump`."""
+    idx = np.random.default_rng(0).integers(0, x.shape[0], (steps, 128))
+    grads = [jax.grad(xent)(params, x[i], y[i]) for i in idx]
+    if bump:
+        w = grads[0]["w0"]
+        at = np.unravel_index(int(jnp.argmax(jnp.abs(w))), w.shape)
+        grads[0] = dict(grads[0], w0=w.at[at].set(jnp.nextafter(w[at], jnp.inf)))
+    update = jax.jit(tx.update)
+    state, out = tx.init(params), []
+    for g in grads:
+        u, state = update(g, state, params)
+        out.append(np.asarray(u["w0"]))
+    return np.stack(out)
+
+
 def _relative(a, b):
     axes = tuple(range(1, a.ndim))
     den = np.sqrt(np.sum(b.astype(np.float64) ** 2, axis=axes))
@@ -99,6 +116,8 @@ def main():
         "skew": wk.skew(**kw),
         "quad, noise_scale=0": wk.quad(noise_scale=0.0, **kw),
         "skew, noise_scale=0": wk.skew(noise_scale=0.0, **kw),
+        "quad, preconditioner_lr=0.1": wk.quad(preconditioner_lr=0.1, **kw),
+        "skew, preconditioner_lr=0.1": wk.skew(preconditioner_lr=0.1, **kw),
     }
     rows = {}
     for name, tx in optimizers.items():
@@ -106,7 +125,12 @@ def main():
         rerun = _relative(_loop(tx, params, args.steps, x, y), loop)
         scan = _relative(_scan(tx, params, args.steps, x, y), loop)
         ulp = _relative(_loop(tx, bumped, args.steps, x, y), loop)
+        alone = _relative(
+            _alone(tx, params, args.steps, x, y, True), _alone(tx, params, args.steps, x, y, False)
+        )
         rows[name] = {
+            "alone_ulp": [float(d) for d in alone],
+            "alone_growth_per_step": _growth(list(alone)),
             "rerun_max": float(rerun.max()),
             "scan": [float(d) for d in scan],
             "ulp": [float(d) for d in ulp],
@@ -118,7 +142,10 @@ def main():
             + " ".join(f"s{s}={scan[s - 1]:.1e}" for s in at)
             + "  1ulp "
             + " ".join(f"s{s}={ulp[s - 1]:.1e}" for s in at)
-            + f"  growth/step {rows[name]['ulp_growth_per_step']}",
+            + f"  growth/step {rows[name]['ulp_growth_per_step']}"
+            + "  optimizer alone 1ulp "
+            + " ".join(f"s{s}={alone[s - 1]:.1e}" for s in at)
+            + f"  growth/step {rows[name]['alone_growth_per_step']}",
             flush=True,
         )
     RESULTS.mkdir(exist_ok=True)

@@ -179,6 +179,22 @@ def precondition_entry(entry: Entry, G: np.ndarray, rule: str, lr: float, rebala
     return _right(_left(_gram(entry.Ql), G), _gram(entry.Qr))
 
 
+def _start_from(leaf: Leaf, layers: np.ndarray) -> None:
+    """`preconditioner_init_scale=None` on the first step: every factor of a layer is
+    multiplied by `(mean x^4)^(-1/(8k))` over the layer's input `x`, with `k` the number of
+    factors of an entry (1 for a 1-D leaf, else 2), so that `P x` has about unit RMS; a
+    zero or non-finite statistic leaves the factors as they are."""
+    k = 1 if leaf.kind == "one_d" else 2
+    for entry in leaf.entries:
+        mean_4th = np.mean(layers[entry.layer] ** 4) if layers[entry.layer].size else 0.0
+        if not (np.isfinite(mean_4th) and mean_4th > 0):
+            continue
+        scale = mean_4th ** (-1 / (8 * k))
+        entry.Ql = entry.Ql * scale
+        if entry.Qr is not None:
+            entry.Qr = entry.Qr * scale
+
+
 class ReferenceOptimizer:
     """A stateful float64 twin of `scale_by_quad` (`rule="quad"`) / `scale_by_skew`
     (`rule="skew"`) with `noise_scale=0`.
@@ -200,16 +216,18 @@ class ReferenceOptimizer:
         normalize_grads: bool = False,
         max_size_dense: int = 16384,
         preconditioner_lr: float = 0.7,
-        preconditioner_init_scale: float = 1.0,
+        preconditioner_init_scale: float | None = 1.0,
         block_size: int = 256,
         count: int = 0,
     ):
         self.rule, self.lr_style, self.b1 = rule, lr_style, b1
         self.normalize_grads, self.preconditioner_lr = normalize_grads, preconditioner_lr
         self.count = count
+        self.from_input = preconditioner_init_scale is None
         scanned = scanned or [False] * len(shapes)
+        scale = 1.0 if preconditioner_init_scale is None else preconditioner_init_scale
         self.leaves = [
-            plan_leaf(tuple(s), f, block_size, max_size_dense, preconditioner_init_scale)
+            plan_leaf(tuple(s), f, block_size, max_size_dense, scale)
             for s, f in zip(shapes, scanned, strict=True)
         ]
 
@@ -231,6 +249,8 @@ class ReferenceOptimizer:
             if self.normalize_grads:
                 x = x / (np.linalg.norm(x) + 1e-6)
             layers = x.reshape((leaf.batch,) + leaf.merged)
+            if self.from_input and t == 1:
+                _start_from(leaf, layers)
             if leaf.kind == "one_d":
                 layers = layers[..., None]
             out = np.zeros_like(layers)

@@ -1,5 +1,7 @@
 """What `init` and `update` refuse, and how: the leaf is named and the fix is given."""
 
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -83,3 +85,32 @@ def test_state_counts_factor_updates_across_refreshes():
     # Every 4th step refreshes (deterministic counter scheme with p = 1/4).
     assert counters == [1, 2, 3, 0, 1, 2, 3, 0, 1]
     assert refreshes == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("factory", [wk.quad, wk.skew])
+def test_missing_params_with_weight_decay_is_refused_before_any_work(factory, monkeypatch):
+    params = {"w": jnp.ones((4, 3))}
+    tx = factory(weight_decay=1e-2)
+    state = tx.init(params)
+    # Refused before the preconditioner runs: its update is never reached.
+    from wkron_eqx import _transform
+
+    def never(*args):
+        raise AssertionError("the preconditioner ran")
+
+    monkeypatch.setattr(_transform, "_precondition", never)
+    with pytest.raises(ValueError, match=r"needs the current `params`.*weight_decay=0"):
+        tx.update(params, state)
+    # Without a weight decay, `params` is not needed.
+    tx = factory(weight_decay=0.0)
+    monkeypatch.undo()
+    updates, _ = jax.jit(tx.update)(params, tx.init(params))
+    assert updates["w"].shape == (4, 3)
+
+
+def test_the_namespace_holds_the_public_names_only():
+    # Modules are left out: `wkron_eqx.testing`, once imported, is an attribute, and the
+    # suite's jaxtyping import hook adds `jaxtyping`.
+    names = [n for n in dir(wk) if not n.startswith("_")]
+    public = {n for n in names if not inspect.ismodule(getattr(wk, n))}
+    assert public == set(wk.__all__)

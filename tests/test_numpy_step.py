@@ -309,3 +309,28 @@ def test_generic_gradients(rule):
     worst_update, pairs = _run(rule, MIXED_LEAVES, _gaussian, steps=4, **MIXED_CONFIG)
     assert worst_update < GENERIC_TOL
     assert _run.cosine > 0.999
+
+
+def _layer_scaled(sampler):
+    """`sampler`'s gradients with each layer (and leaf) at its own scale, 1e-4 to 1e2."""
+
+    def make(rng, shape, scanned):
+        sample = sampler(rng, shape, scanned)
+        if scanned:
+            scales = 10.0 ** rng.uniform(-4, 2, size=(shape[0],) + (1,) * (len(shape) - 1))
+        else:
+            scales = 10.0 ** rng.uniform(-4, 2)
+        return lambda: (sample() * scales).astype(np.float32)
+
+    return make
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_factors_start_from_the_first_input(rule):
+    """`preconditioner_init_scale=None`: on the first step every layer's factors are
+    rescaled from its own input (the reference's `_start_from`), then stepped as usual;
+    later steps are plain steps. Gradients of every layer at its own scale, 1e-4 to 1e2."""
+    config = dict(MIXED_CONFIG, preconditioner_init_scale=None)
+    worst_update, pairs = _run(rule, MIXED_LEAVES, _layer_scaled(_spiked), **config)
+    worst_factor, worst_lipschitz = _factor_errors(pairs)
+    assert max(worst_update, worst_factor, worst_lipschitz) < TOL

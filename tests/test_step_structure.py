@@ -67,9 +67,11 @@ def accelerator(monkeypatch):
     monkeypatch.setattr(_norms, "loops_are_cheap", lambda: False)
 
 
-def _update_jaxpr(tree: str, rule: str, probability):
+def _update_jaxpr(tree: str, rule: str, probability, **options):
     params, scanned = _abstract_tree(TREES[tree]())
-    tx = getattr(wk, rule)(scanned_layers=scanned, preconditioner_update_probability=probability)
+    tx = getattr(wk, rule)(
+        scanned_layers=scanned, preconditioner_update_probability=probability, **options
+    )
     state = jax.eval_shape(tx.init, params)
     return jax.make_jaxpr(tx.update)(params, state, params).jaxpr
 
@@ -87,6 +89,16 @@ def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability, acc
     for tree in ("conv", "gpt"):
         counts = _count_primitives(_update_jaxpr(tree, rule, probability), CONTROL_FLOW)
         assert counts == {"while": 0, "scan": 0, "cond": 1}
+
+
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+def test_factors_from_the_first_input_add_no_control_flow(rule, accelerator):
+    """`preconditioner_init_scale=None` is a select on the step: no `cond` of its own."""
+    options = dict(preconditioner_init_scale=None)
+    counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
+    assert counts == {"while": 0, "scan": 0, "cond": 0}
+    counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
+    assert counts == {"while": 0, "scan": 0, "cond": 1}
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])

@@ -35,7 +35,7 @@ def scale_by_quad(
     normalize_grads: BoolScalar = False,
     max_size_dense: IntScalar = 16384,
     preconditioner_lr: RealScalar = 0.7,
-    preconditioner_init_scale: RealScalar = 1.0,
+    preconditioner_init_scale: RealScalar | None = 1.0,
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
@@ -61,7 +61,10 @@ def scale_by_quad(
     - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
     - `preconditioner_lr`: factor step size; it decays as `lr / sqrt(1 + t/10000)`
         down to `min(lr, 0.4)`.
-    - `preconditioner_init_scale`: initial factors are this times the identity.
+    - `preconditioner_init_scale`: initial factors are this times the identity. `None`:
+        on the first step, each layer's factors are rescaled from its first input `G`
+        so that `Pl G Pr` has about unit RMS (`(mean G^4)^(-1/8)` for their product);
+        a zero or non-finite first input leaves that layer's factors at 1.
     - `dtype`: storage dtype of the factors and momentum (`jnp.float32` or
         `jnp.bfloat16`); the maths runs in it, except the products (`matmul_dtype`).
     - `scanned_layers`: a bool or a (prefix) tree of bools; a flagged leaf's leading axis
@@ -112,7 +115,7 @@ def scale_by_skew(
     normalize_grads: BoolScalar = False,
     max_size_dense: IntScalar = 16384,
     preconditioner_lr: RealScalar = 0.7,
-    preconditioner_init_scale: RealScalar = 1.0,
+    preconditioner_init_scale: RealScalar | None = 1.0,
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
@@ -138,7 +141,10 @@ def scale_by_skew(
     - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
     - `preconditioner_lr`: factor step size; it decays as `lr / sqrt(1 + t/10000)`
         down to `min(lr, 0.4)`.
-    - `preconditioner_init_scale`: initial factors are this times the identity.
+    - `preconditioner_init_scale`: initial factors are this times the identity. `None`:
+        on the first step, each layer's factors are rescaled from its first input `G`
+        so that `Pl G Pr` has about unit RMS (`(mean G^4)^(-1/8)` for their product);
+        a zero or non-finite first input leaves that layer's factors at 1.
     - `dtype`: storage dtype of the factors and momentum (`jnp.float32` or
         `jnp.bfloat16`); the maths runs in it, except the products (`matmul_dtype`).
     - `scanned_layers`: a bool or a (prefix) tree of bools; a flagged leaf's leading axis
@@ -241,7 +247,7 @@ def quad(
     normalize_grads: BoolScalar = False,
     max_size_dense: IntScalar = 16384,
     preconditioner_lr: RealScalar = 0.7,
-    preconditioner_init_scale: RealScalar = 1.0,
+    preconditioner_init_scale: RealScalar | None = 1.0,
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
@@ -308,7 +314,7 @@ def skew(
     normalize_grads: BoolScalar = False,
     max_size_dense: IntScalar = 16384,
     preconditioner_lr: RealScalar = 0.7,
-    preconditioner_init_scale: RealScalar = 1.0,
+    preconditioner_init_scale: RealScalar | None = 1.0,
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,

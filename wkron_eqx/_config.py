@@ -124,7 +124,7 @@ class Config(eqx.Module):
     normalize_grads: bool = eqx.field(default=False, converter=python_scalar)
     max_size_dense: int = eqx.field(default=16384, converter=python_scalar)
     preconditioner_lr: float = eqx.field(default=0.7, converter=python_float)
-    preconditioner_init_scale: float = eqx.field(default=1.0, converter=python_float)
+    preconditioner_init_scale: float | None = eqx.field(default=1.0, converter=python_float)
     dtype: DTypeLike = jnp.bfloat16
     scanned_layers: Any = None
     block_size: int = eqx.field(default=256, converter=python_scalar)
@@ -147,7 +147,8 @@ class Config(eqx.Module):
             _fail("normalize_grads", self.normalize_grads, "a bool")
         _check_positive_int("max_size_dense", self.max_size_dense)
         _check_positive_float("preconditioner_lr", self.preconditioner_lr)
-        _check_positive_float("preconditioner_init_scale", self.preconditioner_init_scale)
+        if self.preconditioner_init_scale is not None:
+            _check_positive_float("preconditioner_init_scale", self.preconditioner_init_scale)
         _canonical_dtype(self.dtype)
         _check_positive_int("block_size", self.block_size)
         if not (self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)):
@@ -164,6 +165,14 @@ class Config(eqx.Module):
             )
         if self.matmul_dtype is not None:
             _canonical_dtype(self.matmul_dtype, "matmul_dtype")
+
+    @property
+    def initial_scale(self) -> float:
+        """The scale the factors are initialised with: `preconditioner_init_scale`, or 1
+        when it is `None` (each leaf's factors are then rescaled from its first input,
+        on the first step)."""
+        scale = self.preconditioner_init_scale
+        return 1.0 if scale is None else scale
 
     @property
     def compute_dtype(self) -> jnp.dtype:

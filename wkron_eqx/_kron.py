@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, Scalar
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, Scalar
 
 from ._norms import spectral_norm_lower_bound, track_lipschitz
 from ._rules import AbstractRule
@@ -44,6 +44,49 @@ class StepContext(NamedTuple):
     input_scale: Scalar  # multiplies every input: the momentum's bias correction, float32
     step: Int[Array, ""]  # t = count + 1, the key of this step's noise
     noise_scale: float
+    # Whether the factors start from this step's input (`preconditioner_init_scale=None`
+    # and the first step); `None` when they start from a given scale.
+    first: Bool[Array, ""] | None = None
+
+
+INITIAL_SCALE_POWER = 1.0
+"""How far the first step's rescaling goes, in log scale: 1 brings `P G` to unit RMS (as
+psgd_torch's `init_scale=None`), 0.5 half way (HeavyBall's start)."""
+
+
+def initial_scales(
+    sum_4th: Float[Array, " n"], size: ArrayLike, first: Bool[Array, ""], factors: int
+) -> Float[Array, " n"]:
+    """The factor by which each of an entry's `factors` factors is multiplied on the first
+    step, so that `P G` comes out at about unit RMS: the factors' product is scaled by
+    `(mean G^4)^(-1/8)` (and `P = Q^T Q` by its square), split evenly between them.
+
+    **Arguments:**
+
+    - `sum_4th`: per entry (a leaf's layer), the sum of `G^4` over its elements.
+    - `size`: per entry, its number of elements.
+    - `first`: whether this is the first step; otherwise every scale is 1.
+    - `factors`: 1 for a 1-D leaf (one factor), 2 for a matrix.
+
+    **Returns:**
+
+    The scales, float32; 1 where `first` is false or the statistic is zero or not finite
+    (a zero first gradient, or one whose fourth powers underflow float32).
+    """
+    mean_4th = sum_4th.astype(jnp.float32) / jnp.asarray(size, jnp.float32)
+    usable = first & (mean_4th > 0) & jnp.isfinite(mean_4th)
+    scale = jnp.where(usable, mean_4th, 1.0) ** (-INITIAL_SCALE_POWER / (8 * factors))
+    return jnp.where(usable & jnp.isfinite(scale), scale, 1.0)
+
+
+def sum_4th_powers(G: Float[Array, "s r c"]) -> Float[Array, " s"]:
+    """Per entry of a stack, the float32 sum of `G^4` (padding and dummies add 0)."""
+    return jnp.sum(jnp.square(jnp.square(G.astype(jnp.float32))), axis=(1, 2))
+
+
+def rescaled(factors: "Factors", scales: Float[Array, " s"]) -> "Factors":
+    """Both factors of every entry multiplied by the entry's scale."""
+    return factors._replace(Ql=_scaled(factors.Ql, scales), Qr=_scaled(factors.Qr, scales))
 
 
 def _left(Q: Array, X: Array, symmetric: bool) -> Array:

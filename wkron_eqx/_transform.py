@@ -291,10 +291,13 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             input_scale=input_scale,
             step=t,
             noise_scale=config.noise_scale,
+            first=(t == 1) if config.preconditioner_init_scale is None else None,
         )
         axis = config.pipeline_axis_name
 
         refresh = _refresh_due(config, t, state.update_counter)
+        if ctx.first is not None and refresh is not True:
+            refresh = refresh | ctx.first  # the factors start from the first input
         if refresh is True:
             outputs, sum_sqs, buckets, leaf_states = _precondition(
                 ctx, views, state, plan, True, axis

@@ -9,6 +9,7 @@ group's size. Each leaf's tiles are cut out of their bucket at a runtime positio
 (`WhiteKronState.slots`), so that all leaves of one shape share their kernels.
 """
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,7 +27,15 @@ from .._blocking import (
     zero_pad,
 )
 from .._config import Config
-from .._kron import Factors, StepContext, apply_stack, update_stack
+from .._kron import (
+    Factors,
+    StepContext,
+    apply_stack,
+    initial_scales,
+    rescaled,
+    sum_4th_powers,
+    update_stack,
+)
 from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
@@ -50,7 +59,7 @@ def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
 def init(plan: TreePlan, config: Config) -> State:
     """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
     dtype, axis = config.compute_dtype, config.pipeline_axis_name
-    scale = config.preconditioner_init_scale
+    scale = config.initial_scale
     states = []
     for bucket in plan.buckets:
         rows, cols = _valid_sides(bucket, plan)
@@ -132,6 +141,38 @@ def _owners(bucket: Bucket, leaves: int) -> np.ndarray:
     return np.array(owner + [leaves] * (bucket.stack - bucket.valid_count), np.int32)
 
 
+def _layer_offsets(plan: TreePlan) -> np.ndarray:
+    """Where each leaf's layers start in a numbering of every layer of every leaf."""
+    return np.cumsum([0] + [leaf.batch for leaf in plan.leaves])
+
+
+def _layers(bucket: Bucket, plan: TreePlan) -> np.ndarray:
+    """The layer (numbered by `_layer_offsets`) each tile of a bucket belongs to; the
+    last number plus one for a pipeline dummy. A tile group's tiles are layer-major."""
+    offsets = _layer_offsets(plan)
+    layer = [
+        offsets[seg.leaf] + k // (seg.count // plan.leaves[seg.leaf].batch)
+        for seg in bucket.segments
+        for k in range(seg.count)
+    ]
+    return np.array(layer + [offsets[-1]] * (bucket.stack - bucket.valid_count), np.int32)
+
+
+def _initial_scales(ctx: StepContext, stacks: list[Array], plan: TreePlan) -> list[Array]:
+    """Per bucket, the scale of each tile's factors on the first step: its layer's
+    (`initial_scales`), from the sum of `G^4` over all the layer's tiles, whichever
+    buckets they are in."""
+    assert ctx.first is not None
+    layers = [_layers(bucket, plan) for bucket in plan.buckets]
+    count = int(_layer_offsets(plan)[-1])
+    sums = jax.ops.segment_sum(
+        _join([sum_4th_powers(G) for G in stacks]), np.concatenate(layers), count + 1
+    )
+    sizes = np.array([math.prod(leaf.merged) for leaf in plan.leaves for _ in range(leaf.batch)])
+    scales = initial_scales(sums, np.append(np.maximum(sizes, 1), 1), ctx.first, factors=2)
+    return [scales[layer] for layer in layers]
+
+
 def _join(xs: list[Array]) -> Array:
     return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
 
@@ -165,6 +206,9 @@ def update(
         G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
         G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
         stacks.append(G * ctx.input_scale.astype(G.dtype))
+    starts = None
+    if refresh and ctx.first is not None and stacks:
+        starts = _initial_scales(ctx, stacks, plan)
     results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
     new_state = list(state)
     leaves = len(plan.leaves)
@@ -183,6 +227,9 @@ def update(
         )
         valid_rows = _join([e.valid_rows for e in entries])
         valid_cols = _join([e.valid_cols for e in entries])
+        if starts is not None:
+            padded = [starts[m.bucket] for m in group.members]
+            factors = rescaled(factors, constrain_stack(_join(padded), axis_name))
         if refresh:
             # Pipeline dummies draw no noise: entries are numbered among the real ones.
             real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)

@@ -8,7 +8,11 @@ not 256x256) and `block_size` otherwise (the last strip is then zero-padded). If
 sides are long, both factors are diagonal and each layer is one entry.
 """
 
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._blocking import (
@@ -20,7 +24,15 @@ from .._blocking import (
     validity_mask,
 )
 from .._config import Config
-from .._kron import Factors, StepContext, apply_stack, update_stack
+from .._kron import (
+    Factors,
+    StepContext,
+    apply_stack,
+    initial_scales,
+    rescaled,
+    sum_4th_powers,
+    update_stack,
+)
 from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
@@ -44,8 +56,22 @@ def _valid_sides(plan: LeafPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return full[0] + dummies, full[1] + dummies
 
 
+def _strip_layers(plan: LeafPlan) -> np.ndarray:
+    """The layer each entry of the leaf's stack belongs to (`plan.batch` for a pipeline
+    dummy): strips are cut part by part, layer-major within a part (`cut_strips`)."""
+    if plan.diag_left and plan.diag_right:
+        layers = np.arange(plan.batch)
+    else:
+        parts = plan.col_parts if plan.diag_left else plan.row_parts
+        layers = np.concatenate(
+            [np.zeros(0, np.int64)] + [np.repeat(np.arange(plan.batch), p.count) for p in parts]
+        )
+    dummies = np.full(plan.stack - len(layers), plan.batch)
+    return np.concatenate([layers, dummies]).astype(np.int32)
+
+
 def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
-    dtype, scale = config.compute_dtype, config.preconditioner_init_scale
+    dtype, scale = config.compute_dtype, config.initial_scale
     return (padded_ones if diagonal else padded_identity)(valid, side, scale, dtype)
 
 
@@ -89,6 +115,13 @@ def _update_leaf(
     factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
     if not refresh:
         return join_strips(apply_stack(ctx.rule, strips, factors), plan), state
+    if ctx.first is not None:
+        # Each layer's factors from its first input (`initial_scales`).
+        layers = _strip_layers(plan)
+        sums = jax.ops.segment_sum(sum_4th_powers(strips), layers, plan.batch + 1)
+        size = np.append(np.full(plan.batch, max(math.prod(plan.merged), 1)), 1)
+        scales = initial_scales(sums, size, ctx.first, factors=2)[layers]
+        factors = rescaled(factors, constrain_stack(scales, axis_name))
     rows, cols = strips.shape[1:]
     valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
     noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from .._blocking import materialised, take
 from .._config import Config
-from .._kron import StepContext
+from .._kron import StepContext, initial_scales
 from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._norms import track_lipschitz
@@ -29,7 +29,7 @@ def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
     (length,) = plan.merged
     return LeafState.from_plan(
         plan,
-        Ql=jnp.full((plan.batch, length), config.preconditioner_init_scale, config.compute_dtype),
+        Ql=jnp.full((plan.batch, length), config.initial_scale, config.compute_dtype),
         Ll=jnp.zeros(plan.batch, jnp.float32),
         valid_rows=jnp.full(plan.batch, length, jnp.int32),
         valid_cols=jnp.ones(plan.batch, jnp.int32),
@@ -73,6 +73,12 @@ def update(
     q = flat([state[i].Ql for i in order])
     L = jnp.concatenate([state[i].Ll for i in order])  # pyright: ignore
     if refresh:
+        if ctx.first is not None:
+            # Each layer's factor from its first input (`initial_scales`).
+            x32 = x.astype(jnp.float32)
+            sums = jax.ops.segment_sum(jnp.square(jnp.square(x32)), segment, len(lengths))
+            size = np.maximum(np.array(lengths), 1)
+            q = q * initial_scales(sums, size, ctx.first, factors=1)[segment].astype(q.dtype)
         Pg = q * q * materialised(add_noise(x, ctx.step, ctx.noise_scale))
         A = Pg * Pg
         peak = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths))
