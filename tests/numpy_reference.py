@@ -74,7 +74,12 @@ def _identity(size: int, diagonal: bool, scale: float) -> np.ndarray:
 
 
 def plan_leaf(
-    shape: tuple[int, ...], scanned: bool, block_size: int, max_size_dense: int, scale: float
+    shape: tuple[int, ...],
+    scanned: bool,
+    block_size: int,
+    max_size_dense: int,
+    scale: float,
+    memory_save_mode: str | None = None,
 ) -> Leaf:
     """SPEC section 2: classify a leaf and give every entry its initial factors."""
     batch, layer_shape = (shape[0], shape[1:]) if scanned else (1, shape)
@@ -89,6 +94,11 @@ def plan_leaf(
     else:
         m, n = merged
         diag_left, diag_right = m > max_size_dense, n > max_size_dense
+        if memory_save_mode == "all_diag" and m * n:
+            diag_left = diag_right = True
+        elif memory_save_mode == "one_diag" and m * n:
+            # The longer side; the last (right) one of a square leaf.
+            diag_left, diag_right = diag_left or m > n, diag_right or n >= m
         kind = "large" if (diag_left or diag_right) else "dense"
         row_ranges = [slice(0, m)] if diag_left else _ranges(m, block_size)
         col_ranges = [slice(0, n)] if diag_right else _ranges(n, block_size)
@@ -218,6 +228,7 @@ class ReferenceOptimizer:
         preconditioner_lr: float = 0.7,
         preconditioner_init_scale: float | None = 1.0,
         block_size: int = 256,
+        memory_save_mode: str | None = None,
         count: int = 0,
     ):
         self.rule, self.lr_style, self.b1 = rule, lr_style, b1
@@ -227,7 +238,7 @@ class ReferenceOptimizer:
         scanned = scanned or [False] * len(shapes)
         scale = 1.0 if preconditioner_init_scale is None else preconditioner_init_scale
         self.leaves = [
-            plan_leaf(tuple(s), f, block_size, max_size_dense, scale)
+            plan_leaf(tuple(s), f, block_size, max_size_dense, scale, memory_save_mode)
             for s, f in zip(shapes, scanned, strict=True)
         ]
 

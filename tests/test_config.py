@@ -51,6 +51,8 @@ BAD = [
     ("preconditioner_update_probability", 1.5),
     ("matmul_dtype", jnp.float16),
     ("matmul_dtype", "int8"),
+    ("memory_save_mode", "one-diag"),
+    ("memory_save_mode", "diag"),
 ]
 
 
@@ -271,7 +273,11 @@ _OPTIMIZER_REFERENCE = [
     ("weight_decay_mask", None),
     *_SCALE_BY_REFERENCE[2:],
 ]
-_ADDED = {"preconditioner_update_probability": 1.0, "matmul_dtype": None}
+_ADDED = {
+    "preconditioner_update_probability": 1.0,
+    "matmul_dtype": None,
+    "memory_save_mode": None,
+}
 
 
 @pytest.mark.parametrize("factory", FACTORIES)

@@ -136,6 +136,50 @@ def test_leaf_kind_rules(data, block_size, k):
         assert not plan.diag_left and not plan.diag_right
 
 
+@MANY
+@hypothesis.given(
+    data=st.data(),
+    block_size=wkt.block_sizes(1, 16),
+    k=wkt.pipeline_sizes(),
+    mode=st.sampled_from(["one_diag", "all_diag"]),
+)
+def test_memory_save_modes_make_sides_diagonal(data, block_size, k, mode):
+    """`one_diag`: the longer side of every non-empty matrix leaf is diagonal (the right
+    one of a square leaf), besides the long ones; `all_diag`: both. Fewer factor entries
+    than without, never more."""
+    shape = data.draw(wkt.leaf_shapes(block_size=block_size))
+    max_size_dense = data.draw(st.integers(1, 3 * block_size))
+    plan = leaf_plan(shape, False, block_size, max_size_dense, k, mode)
+    default = leaf_plan(shape, False, block_size, max_size_dense, k)
+    merged = expected_merge(shape)
+    if len(merged) == 1 or 0 in merged:
+        assert plan == default  # vectors and empty leaves are unaffected
+        return
+    rows, cols = merged
+    assert plan.kind == LeafKind.LARGE
+    if mode == "all_diag":
+        assert plan.diag_left and plan.diag_right
+    else:
+        long_left, long_right = rows > max_size_dense, cols > max_size_dense
+        assert plan.diag_left == (long_left or rows > cols)
+        assert plan.diag_right == (long_right or cols >= rows)
+
+    def factor_entries(p):
+        if p.kind == LeafKind.DENSE:
+            return sum(
+                p.batch
+                * g.row_part.count
+                * g.col_part.count
+                * (g.bucket[0] ** 2 + g.bucket[1] ** 2)
+                for g in p.groups
+            )
+        left = rows if p.diag_left else p.strip_side**2
+        right = cols if p.diag_right else p.strip_side**2
+        return p.strips * (left + right)
+
+    assert factor_entries(plan) <= factor_entries(default)
+
+
 def test_leaf_kind_values():
     assert (wk.DENSE_PATH, wk.LARGE_PATH, wk.ONE_D_PATH) == (0, 1, 2)
     assert isinstance(wk.DENSE_PATH, int)

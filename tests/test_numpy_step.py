@@ -334,3 +334,15 @@ def test_factors_start_from_the_first_input(rule):
     worst_update, pairs = _run(rule, MIXED_LEAVES, _layer_scaled(_spiked), **config)
     worst_factor, worst_lipschitz = _factor_errors(pairs)
     assert max(worst_update, worst_factor, worst_lipschitz) < TOL
+
+
+@pytest.mark.parametrize("mode", ["one_diag", "all_diag"])
+def test_memory_save_modes(mode):
+    """`memory_save_mode`: the longer side (or every side) of each matrix leaf diagonal,
+    the other cut into strips; each a large leaf of the reference's planning."""
+    worst_update, pairs = _run("quad", MIXED_LEAVES, _spiked, memory_save_mode=mode, **MIXED_CONFIG)
+    worst_factor, worst_lipschitz = _factor_errors(pairs)
+    assert max(worst_update, worst_factor, worst_lipschitz) < TOL
+    diagonal = sum(int(e.Ql.ndim == 1) + int(e.Qr is not None and e.Qr.ndim == 1) for _, e in pairs)
+    matrices = sum(int(e.Qr is not None) for _, e in pairs)
+    assert diagonal >= (2 if mode == "all_diag" else 1) * matrices

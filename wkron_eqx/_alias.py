@@ -45,6 +45,7 @@ def scale_by_quad(
     noise_scale: RealScalar = 1e-9,
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
+    memory_save_mode: str | None = None,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the QUAD factor update.
 
@@ -84,6 +85,11 @@ def scale_by_quad(
         and strip factors) run in. `None`: `dtype`, except `jnp.float32` when `dtype` is
         bfloat16 on a CPU backend (which has no bfloat16 matmul). `jnp.bfloat16` rounds
         as the reference does.
+    - `memory_save_mode`: `None` (a diagonal factor only for a side longer than
+        `max_size_dense`), `"one_diag"` (also the longer side of every matrix leaf, the
+        right one for a square leaf) or `"all_diag"` (every side). A diagonal side is
+        one vector for the whole side; the other side is cut into strips of
+        `block_size`, each with its own dense factor.
 
     **Returns:**
 
@@ -105,6 +111,7 @@ def scale_by_quad(
         noise_scale=noise_scale,
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
+        memory_save_mode=memory_save_mode,
     )
     return scale_by_white_kron(Quad(), config)
 
@@ -125,6 +132,7 @@ def scale_by_skew(
     noise_scale: RealScalar = 1e-9,
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
+    memory_save_mode: str | None = None,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
 
@@ -164,6 +172,11 @@ def scale_by_skew(
         and strip factors) run in. `None`: `dtype`, except `jnp.float32` when `dtype` is
         bfloat16 on a CPU backend (which has no bfloat16 matmul). `jnp.bfloat16` rounds
         as the reference does.
+    - `memory_save_mode`: `None` (a diagonal factor only for a side longer than
+        `max_size_dense`), `"one_diag"` (also the longer side of every matrix leaf, the
+        right one for a square leaf) or `"all_diag"` (every side). A diagonal side is
+        one vector for the whole side; the other side is cut into strips of
+        `block_size`, each with its own dense factor.
 
     **Returns:**
 
@@ -185,6 +198,7 @@ def scale_by_skew(
         noise_scale=noise_scale,
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
+        memory_save_mode=memory_save_mode,
     )
     return scale_by_white_kron(Procrustes(), config)
 
@@ -257,6 +271,7 @@ def quad(
     noise_scale: RealScalar = 1e-9,
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
+    memory_save_mode: str | None = None,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -277,8 +292,8 @@ def quad(
     - `normalize_grads`, `max_size_dense`, `preconditioner_lr`,
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
-        `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`:
-        as `scale_by_quad`.
+        `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
+        `memory_save_mode`: as `scale_by_quad`.
 
     **Returns:**
 
@@ -301,6 +316,7 @@ def quad(
         noise_scale=noise_scale,
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
+        memory_save_mode=memory_save_mode,
     )
     return _with_decay_and_lr(Quad(), config, learning_rate, weight_decay, weight_decay_mask)
 
@@ -324,6 +340,7 @@ def skew(
     noise_scale: RealScalar = 1e-9,
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
+    memory_save_mode: str | None = None,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -344,8 +361,8 @@ def skew(
     - `normalize_grads`, `max_size_dense`, `preconditioner_lr`,
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
-        `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`:
-        as `scale_by_skew`.
+        `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
+        `memory_save_mode`: as `scale_by_skew`.
 
     **Returns:**
 
@@ -368,5 +385,6 @@ def skew(
         noise_scale=noise_scale,
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
+        memory_save_mode=memory_save_mode,
     )
     return _with_decay_and_lr(Procrustes(), config, learning_rate, weight_decay, weight_decay_mask)

@@ -13,6 +13,7 @@ import optax
 from jax.typing import DTypeLike
 
 from ._custom_types import ALLOWED_DTYPES
+from ._layout import MEMORY_SAVE_MODES
 
 
 # A number argument of the factories: a Python number or a NumPy scalar (`Config` keeps the
@@ -41,6 +42,7 @@ STATIC_ARGS: tuple[str, ...] = (
     "noise_scale",
     "preconditioner_update_probability",
     "matmul_dtype",
+    "memory_save_mode",
 )
 
 
@@ -112,7 +114,8 @@ class Config(eqx.Module):
     their defaults and checks live.
 
     Every field has the name and default of the reference (eformer's `white_kron`), plus
-    `preconditioner_update_probability` and `matmul_dtype`; the factories' arguments of
+    `preconditioner_update_probability`, `matmul_dtype` and `memory_save_mode`; the
+    factories' arguments of
     the same names are documented there. Number fields are checked when the Config is
     built: a bad value raises a `ValueError` naming the argument and what it allows.
     `scanned_layers` and `params_partition_specs` are trees, checked against the params
@@ -136,6 +139,7 @@ class Config(eqx.Module):
         default=1.0, converter=python_scalar
     )
     matmul_dtype: DTypeLike | None = None
+    memory_save_mode: str | None = None
 
     def __check_init__(self):
         _refuse_arrays(self)
@@ -165,6 +169,8 @@ class Config(eqx.Module):
             )
         if self.matmul_dtype is not None:
             _canonical_dtype(self.matmul_dtype, "matmul_dtype")
+        if self.memory_save_mode not in MEMORY_SAVE_MODES:
+            _fail("memory_save_mode", self.memory_save_mode, 'one of None, "one_diag", "all_diag"')
 
     @property
     def initial_scale(self) -> float:

@@ -119,12 +119,35 @@ class LeafPlan(NamedTuple):
         return sum(g.row_part.count * g.col_part.count for g in self.groups)
 
 
+MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+
+
+def diagonal_sides(
+    rows: int, cols: int, max_size_dense: int, memory_save_mode: str | None = None
+) -> tuple[bool, bool]:
+    """Which sides of a `rows x cols` matrix leaf get a diagonal factor.
+
+    A side longer than `max_size_dense` always does. `"one_diag"` also makes the longer
+    side diagonal, the right one (the last dimension, as psgd_jax and HeavyBall do) when
+    both are equal; `"all_diag"` makes both diagonal.
+    """
+    left, right = rows > max_size_dense, cols > max_size_dense
+    if rows == 0 or cols == 0:
+        return left, right  # an empty leaf has nothing to save
+    if memory_save_mode == "all_diag":
+        return True, True
+    if memory_save_mode == "one_diag":
+        return left or rows > cols, right or cols >= rows
+    return left, right
+
+
 def leaf_plan(
     shape: tuple[int, ...],
     scanned: bool,
     block_size: int,
     max_size_dense: int,
     pipeline_axis_size: int,
+    memory_save_mode: str | None = None,
 ) -> LeafPlan:
     """Plan one leaf: its kind, merged view and tiles or strips (see `plan_tree`)."""
     if scanned:
@@ -140,7 +163,8 @@ def leaf_plan(
             True, False, (), (), (), 0, 0, batch,
         )  # fmt: skip
     rows, cols = merged
-    if rows <= max_size_dense and cols <= max_size_dense:
+    diag_left, diag_right = diagonal_sides(rows, cols, max_size_dense, memory_save_mode)
+    if not (diag_left or diag_right):
         row_parts = split_axis(rows, block_size)
         col_parts = split_axis(cols, block_size)
         groups = tuple(
@@ -153,7 +177,6 @@ def leaf_plan(
             LeafKind.DENSE, scanned, batch, shape, merged, block_size,
             False, False, row_parts, col_parts, groups, 0, tiles, tiles,
         )  # fmt: skip
-    diag_left, diag_right = rows > max_size_dense, cols > max_size_dense
     if diag_left and diag_right:
         row_parts, col_parts, strip_side, strips = (), (), 0, batch
     elif diag_left:
@@ -332,6 +355,7 @@ def plan_tree(
     max_size_dense: int,
     pipeline_axis_size: int,
     grouping: Grouping = CPU_GROUPING,
+    memory_save_mode: str | None = None,
 ) -> TreePlan:
     """Plan every leaf of a flattened params tree and group dense tiles into buckets.
 
@@ -341,6 +365,8 @@ def plan_tree(
     - `scanned`: for each leaf, whether its leading axis is a stack of layers.
     - `block_size`, `max_size_dense`, `pipeline_axis_size`: as in `scale_by_quad`.
     - `grouping`: how tiles are batched (`grouping_for(jax.default_backend())`).
+    - `memory_save_mode`: which sides get diagonal factors besides the long ones
+      (`diagonal_sides`).
 
     **Returns:**
 
@@ -348,7 +374,9 @@ def plan_tree(
     and their compute groups (`group_buckets`).
     """
     leaves = tuple(
-        leaf_plan(tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size)
+        leaf_plan(
+            tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size, memory_save_mode
+        )
         for s, f in zip(shapes, scanned, strict=True)
     )
     buckets = bucket_tiles(leaves, pipeline_axis_size)

@@ -205,6 +205,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             config.max_size_dense,
             config.pipeline_axis_size,
             grouping_for(jax.default_backend()),
+            config.memory_save_mode,
         )
         buckets = dense.init(plan, config)
         own = {
