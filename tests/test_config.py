@@ -80,6 +80,8 @@ BAD_TYPES = [
     ("max_size_dense", "16"),
     ("b1", "0.9"),
     ("normalize_grads", 1),
+    ("stochastic_rounding", 1),
+    ("memory_save_mode", 1),
     ("lr_style", 1),
     ("dtype", 3),
     ("pipeline_axis_name", 0),
@@ -101,7 +103,9 @@ def test_bad_type_raises_naming_the_argument(factory, name, value):
 # `Config`'s number fields take any type (they go through `python_scalar` first), so it
 # answers a wrong type there with its own `ValueError`, type checker or not.
 _CONFIG_BAD = BAD + [
-    (n, v) for n, v in BAD_TYPES if n not in ("lr_style", "dtype", "pipeline_axis_name")
+    (n, v)
+    for n, v in BAD_TYPES
+    if n not in ("lr_style", "dtype", "pipeline_axis_name", "memory_save_mode")
 ]
 
 
@@ -277,6 +281,7 @@ _ADDED = {
     "preconditioner_update_probability": 1.0,
     "matmul_dtype": None,
     "memory_save_mode": None,
+    "stochastic_rounding": False,
 }
 
 

@@ -92,13 +92,17 @@ def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability, acc
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
-def test_factors_from_the_first_input_add_no_control_flow(rule, accelerator):
+def test_the_new_options_add_no_control_flow(rule, accelerator):
     """`preconditioner_init_scale=None` is a select on the step: no `cond` of its own."""
     options = dict(preconditioner_init_scale=None)
     counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
     counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
     assert counts == {"while": 0, "scan": 0, "cond": 1}
+    # Nor do the memory-save modes or stochastic rounding.
+    options = dict(memory_save_mode="one_diag", stochastic_rounding=True)
+    counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
+    assert counts == {"while": 0, "scan": 0, "cond": 0}
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])

@@ -46,6 +46,7 @@ def scale_by_quad(
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
+    stochastic_rounding: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the QUAD factor update.
 
@@ -90,6 +91,12 @@ def scale_by_quad(
         right one for a square leaf) or `"all_diag"` (every side). A diagonal side is
         one vector for the whole side; the other side is cut into strips of
         `block_size`, each with its own dense factor.
+    - `stochastic_rounding`: when the factors and momentum are stored in bfloat16 but
+        computed in float32 (`matmul_dtype`, or a CPU), round them to storage up or down
+        at random, unbiased, so that updates smaller than half a bfloat16 ulp are not
+        lost; the bits are a hash of the step counter (the same run twice draws the
+        same bits). The 1-D leaves' factor maths then runs in float32 too. No effect
+        with float32 storage.
 
     **Returns:**
 
@@ -112,6 +119,7 @@ def scale_by_quad(
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
+        stochastic_rounding=stochastic_rounding,
     )
     return scale_by_white_kron(Quad(), config)
 
@@ -133,6 +141,7 @@ def scale_by_skew(
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
+    stochastic_rounding: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
 
@@ -177,6 +186,12 @@ def scale_by_skew(
         right one for a square leaf) or `"all_diag"` (every side). A diagonal side is
         one vector for the whole side; the other side is cut into strips of
         `block_size`, each with its own dense factor.
+    - `stochastic_rounding`: when the factors and momentum are stored in bfloat16 but
+        computed in float32 (`matmul_dtype`, or a CPU), round them to storage up or down
+        at random, unbiased, so that updates smaller than half a bfloat16 ulp are not
+        lost; the bits are a hash of the step counter (the same run twice draws the
+        same bits). The 1-D leaves' factor maths then runs in float32 too. No effect
+        with float32 storage.
 
     **Returns:**
 
@@ -199,6 +214,7 @@ def scale_by_skew(
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
+        stochastic_rounding=stochastic_rounding,
     )
     return scale_by_white_kron(Procrustes(), config)
 
@@ -272,6 +288,7 @@ def quad(
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
+    stochastic_rounding: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -293,7 +310,7 @@ def quad(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`: as `scale_by_quad`.
+        `memory_save_mode`, `stochastic_rounding`: as `scale_by_quad`.
 
     **Returns:**
 
@@ -317,6 +334,7 @@ def quad(
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
+        stochastic_rounding=stochastic_rounding,
     )
     return _with_decay_and_lr(Quad(), config, learning_rate, weight_decay, weight_decay_mask)
 
@@ -341,6 +359,7 @@ def skew(
     preconditioner_update_probability: RealScalar | optax.Schedule = 1.0,
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
+    stochastic_rounding: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -362,7 +381,7 @@ def skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`: as `scale_by_skew`.
+        `memory_save_mode`, `stochastic_rounding`: as `scale_by_skew`.
 
     **Returns:**
 
@@ -386,5 +405,6 @@ def skew(
         preconditioner_update_probability=preconditioner_update_probability,
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
+        stochastic_rounding=stochastic_rounding,
     )
     return _with_decay_and_lr(Procrustes(), config, learning_rate, weight_decay, weight_decay_mask)

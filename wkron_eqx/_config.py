@@ -43,6 +43,7 @@ STATIC_ARGS: tuple[str, ...] = (
     "preconditioner_update_probability",
     "matmul_dtype",
     "memory_save_mode",
+    "stochastic_rounding",
 )
 
 
@@ -114,7 +115,8 @@ class Config(eqx.Module):
     their defaults and checks live.
 
     Every field has the name and default of the reference (eformer's `white_kron`), plus
-    `preconditioner_update_probability`, `matmul_dtype` and `memory_save_mode`; the
+    `preconditioner_update_probability`, `matmul_dtype`, `memory_save_mode` and
+    `stochastic_rounding`; the
     factories' arguments of
     the same names are documented there. Number fields are checked when the Config is
     built: a bad value raises a `ValueError` naming the argument and what it allows.
@@ -140,6 +142,7 @@ class Config(eqx.Module):
     )
     matmul_dtype: DTypeLike | None = None
     memory_save_mode: str | None = None
+    stochastic_rounding: bool = eqx.field(default=False, converter=python_scalar)
 
     def __check_init__(self):
         _refuse_arrays(self)
@@ -171,6 +174,8 @@ class Config(eqx.Module):
             _canonical_dtype(self.matmul_dtype, "matmul_dtype")
         if self.memory_save_mode not in MEMORY_SAVE_MODES:
             _fail("memory_save_mode", self.memory_save_mode, 'one of None, "one_diag", "all_diag"')
+        if not isinstance(self.stochastic_rounding, bool):
+            _fail("stochastic_rounding", self.stochastic_rounding, "a bool")
 
     @property
     def initial_scale(self) -> float:

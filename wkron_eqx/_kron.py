@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Scalar
 
+from ._noise import stochastic_round
 from ._norms import spectral_norm_lower_bound, track_lipschitz
 from ._rules import AbstractRule
 
@@ -47,6 +48,15 @@ class StepContext(NamedTuple):
     # Whether the factors start from this step's input (`preconditioner_init_scale=None`
     # and the first step); `None` when they start from a given scale.
     first: Bool[Array, ""] | None = None
+    stochastic_rounding: bool = False  # round the stored factors stochastically
+
+
+def store(ctx: StepContext, x: Array, dtype, stream: int) -> Array:
+    """`x` in its storage `dtype`: rounded stochastically with `ctx.stochastic_rounding`
+    (`stream` tells the arrays of one step apart), else a plain cast."""
+    if ctx.stochastic_rounding:
+        return stochastic_round(x, dtype, ctx.step, stream)
+    return x.astype(dtype)
 
 
 INITIAL_SCALE_POWER = 1.0
@@ -190,8 +200,8 @@ def update_stack(
     out, (Ql, Qr, Ll, Lr) = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
-    Ql = _scaled(Ql, left).astype(factors.Ql.dtype)
-    Qr = _scaled(Qr, right).astype(factors.Qr.dtype)
+    Ql = store(ctx, _scaled(Ql, left), factors.Ql.dtype, stream=1)
+    Qr = store(ctx, _scaled(Qr, right), factors.Qr.dtype, stream=2)
     return out, Factors(Ql, Qr, Ll, Lr)
 
 

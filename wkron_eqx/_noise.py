@@ -89,3 +89,32 @@ def add_noise(
     word = hash32(counter, step_key(jnp.uint32(_SEED), jnp.asarray(step).astype(jnp.uint32)))
     eps = (_to_normal(word) * np.float32(scale)).reshape(x.shape).astype(x.dtype)
     return x + (eps if valid is None else jnp.where(valid, eps, 0))
+
+
+_ROUNDING_SEED = 0x5B0F
+
+
+def stochastic_round(
+    x: Float[Array, "*s"], dtype, step: Array | int, stream: Array | int = 0
+) -> Float[Array, "*s"]:
+    """`x` rounded to `dtype`, up or down at random with the probabilities that make the
+    rounding unbiased (`E[round(x)] = x`), where `dtype` is narrower than float32.
+
+    For bfloat16 (the upper 16 bits of a float32), 16 random bits are added to the low
+    half of `x`'s float32 bits before they are cut off: `x` rounds up with probability
+    equal to its distance from the lower neighbour, in ulps. The bits are
+    `hash32(j, key)` with a key from `(stream, step)`, so the same run draws the same
+    bits and no key lives in the state. Non-finite values round as usual; another
+    target dtype (float32) is a plain cast.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype != jnp.dtype(jnp.bfloat16) or x.size == 0:
+        return x.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    seed = jnp.uint32(_ROUNDING_SEED) ^ jnp.asarray(stream).astype(jnp.uint32)
+    key = step_key(seed, jnp.asarray(step).astype(jnp.uint32))
+    noise = hash32(jax.lax.iota(jnp.uint32, x32.size), key).reshape(x32.shape) >> np.uint32(16)
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    cut = (bits + noise) & np.uint32(0xFFFF0000)
+    rounded = jax.lax.bitcast_convert_type(cut, jnp.float32)
+    return jnp.where(jnp.isfinite(x32), rounded, x32).astype(dtype)

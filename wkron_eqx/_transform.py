@@ -23,6 +23,7 @@ from ._custom_types import Unchecked
 from ._kinds import KINDS, dense
 from ._kron import StepContext
 from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
+from ._noise import stochastic_round
 from ._rules import AbstractRule
 from ._sharding import constrain_like
 from ._state import LeafState, Plan, WhiteKronState
@@ -257,9 +258,15 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             b1 = config.b1
             new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
             specs = _partition_specs(config, updates)
-            new_mu = [
-                constrain_like(m.astype(dtype), s) for m, s in zip(new_mu, specs, strict=True)
-            ]
+            if config.stochastic_rounding:
+                # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
+                stored = [
+                    stochastic_round(m, dtype, t, (slot[0] + 16).astype(jnp.uint32))
+                    for m, slot in zip(new_mu, state.slots, strict=True)
+                ]
+            else:
+                stored = [m.astype(dtype) for m in new_mu]
+            new_mu = [constrain_like(m, s) for m, s in zip(stored, specs, strict=True)]
             # The same moment, written as `mu + (1 - b1)(g - mu)`: as a second
             # expression, each copy is fused into its one consumer (the kinds' stacking
             # here, the state's select below), where one shared value would be its own
@@ -293,6 +300,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             step=t,
             noise_scale=config.noise_scale,
             first=(t == 1) if config.preconditioner_init_scale is None else None,
+            stochastic_rounding=config.stochastic_rounding,
         )
         axis = config.pipeline_axis_name
 

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from .._blocking import materialised, take
 from .._config import Config
-from .._kron import StepContext, initial_scales
+from .._kron import StepContext, initial_scales, store
 from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._norms import track_lipschitz
@@ -71,6 +71,10 @@ def update(
     x = flat([inputs[i] for i in order])
     x = x * ctx.input_scale.astype(x.dtype)
     q = flat([state[i].Ql for i in order])
+    storage = q.dtype
+    if refresh and ctx.stochastic_rounding:
+        # The factor maths in float32, rounded to storage stochastically at the end.
+        q, x = q.astype(jnp.float32), x.astype(jnp.float32)
     L = jnp.concatenate([state[i].Ll for i in order])  # pyright: ignore
     if refresh:
         if ctx.first is not None:
@@ -88,6 +92,8 @@ def update(
     # Written once, so that each leaf's kernels only cut out their part (else XLA
     # copies the whole elementwise chain into every leaf's output and state kernels).
     out = materialised(q * q * x)
+    if refresh and ctx.stochastic_rounding:
+        q = materialised(store(ctx, q, storage, stream=3))
     sum_sq = jax.ops.segment_sum(jnp.square(out.astype(jnp.float32)), owner, leaves)
     outputs, new_state = {}, {}
     for i in order:
