@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Scalar
 
-from ._noise import stochastic_round
+from ._noise import LEFT_STREAM, RIGHT_STREAM, stochastic_round
 from ._norms import spectral_norm_lower_bound, track_lipschitz
 from ._rules import AbstractRule
 
@@ -200,8 +200,8 @@ def update_stack(
     out, (Ql, Qr, Ll, Lr) = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
-    Ql = store(ctx, _scaled(Ql, left), factors.Ql.dtype, stream=1)
-    Qr = store(ctx, _scaled(Qr, right), factors.Qr.dtype, stream=2)
+    Ql = store(ctx, _scaled(Ql, left), factors.Ql.dtype, stream=LEFT_STREAM)
+    Qr = store(ctx, _scaled(Qr, right), factors.Qr.dtype, stream=RIGHT_STREAM)
     return out, Factors(Ql, Qr, Ll, Lr)
 
 

@@ -93,6 +93,11 @@ def add_noise(
 
 _ROUNDING_SEED = 0x5B0F
 
+# The rounding streams of one step, distinct so that no two arrays draw the same bits: a
+# stack's left and right factors, the 1-D factors, and the momentum (this plus the leaf's
+# index).
+LEFT_STREAM, RIGHT_STREAM, ONE_D_STREAM, MOMENTUM_STREAM = 1, 2, 3, 16
+
 
 def stochastic_round(
     x: Float[Array, "*s"], dtype, step: Array | int, stream: Array | int = 0

@@ -23,7 +23,7 @@ from ._custom_types import Unchecked
 from ._kinds import KINDS, dense
 from ._kron import StepContext
 from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
-from ._noise import stochastic_round
+from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
 from ._sharding import constrain_like
 from ._state import LeafState, Plan, WhiteKronState
@@ -92,8 +92,8 @@ def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
         return (False,) * len(leaves)
     try:
         flags = jax.tree.leaves(jax.tree.broadcast(scanned_layers, params))
-    except (ValueError, TypeError) as e:
-        del e  # JAX's wording names its internals; ours names the leaf and the fix
+    except (ValueError, TypeError):
+        # Not JAX's wording (it names its internals): ours names the leaf and the fix.
         flags = _flags_by_path(scanned_layers, params)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     if len(flags) != len(leaves):
@@ -261,7 +261,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             if config.stochastic_rounding:
                 # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
                 stored = [
-                    stochastic_round(m, dtype, t, (slot[0] + 16).astype(jnp.uint32))
+                    stochastic_round(m, dtype, t, (slot[0] + MOMENTUM_STREAM).astype(jnp.uint32))
                     for m, slot in zip(new_mu, state.slots, strict=True)
                 ]
             else:

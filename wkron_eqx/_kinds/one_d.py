@@ -16,7 +16,7 @@ from .._blocking import materialised, take
 from .._config import Config
 from .._kron import StepContext, initial_scales, store
 from .._layout import LeafKind, LeafPlan, TreePlan
-from .._noise import add_noise
+from .._noise import ONE_D_STREAM, add_noise
 from .._norms import track_lipschitz
 from .._state import LeafState
 
@@ -93,7 +93,7 @@ def update(
     # copies the whole elementwise chain into every leaf's output and state kernels).
     out = materialised(q * q * x)
     if refresh and ctx.stochastic_rounding:
-        q = materialised(store(ctx, q, storage, stream=3))
+        q = materialised(store(ctx, q, storage, stream=ONE_D_STREAM))
     sum_sq = jax.ops.segment_sum(jnp.square(out.astype(jnp.float32)), owner, leaves)
     outputs, new_state = {}, {}
     for i in order:
