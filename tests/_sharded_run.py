@@ -134,6 +134,36 @@ def _dummies_inert(state) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves if x.dtype.kind == "f")
 
 
+def _cached(grads: list, params0: dict, mesh) -> dict:
+    """`cache_preconditioner` on the mesh (p = 0.5, so steps alternate between updating
+    the factors and applying the stored sides) against the same run on one device."""
+    cached = dict(cache_preconditioner=True, preconditioner_update_probability=0.5)
+    tx = wk.quad(**CONFIG, **cached)
+    state, single = jax.jit(tx.init)(params0), []
+    for g in grads[:4]:
+        u, state = jax.jit(tx.update)(g, state, params0)
+        single.append(u)
+    sharded_tx = wk.quad(**SHARDED, **cached)
+    specs = wk.get_opt_state_partition_specs(params0, **SHARDED, **cached)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+    with jax.set_mesh(mesh):
+        state = jax.jit(sharded_tx.init, out_shardings=shardings)(params0)
+        update = jax.jit(sharded_tx.update, out_shardings=(None, shardings))
+        cosines = []
+        for g, want in zip(grads[:4], single, strict=True):
+            u, state = update(g, state, params0)
+            cosines += [_cosine(u[k], want[k]) for k in SHAPES]
+        sides = {
+            f"{jax.tree_util.keystr(path)}": _placement(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(state[0].cache)[0]
+        }
+    return {
+        "min_cosine": min(cosines),
+        "placement": sides,
+        "mismatch": _mismatches(state, shardings),
+    }
+
+
 def main() -> dict:
     report: dict = {"devices": jax.device_count()}
     params0 = _arrays(0)
@@ -219,6 +249,8 @@ def main() -> dict:
             "init": {k: _placement(x) for k, x in _stacked_arrays(bare).items()},
             "update": {k: _placement(x) for k, x in _stacked_arrays(stepped).items()},
         }
+
+    report["cached"] = _cached(grads, params0, mesh)
 
     # The deprecated `with mesh:` context is detected too.
     with warnings.catch_warnings():

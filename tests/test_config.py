@@ -81,6 +81,7 @@ BAD_TYPES = [
     ("b1", "0.9"),
     ("normalize_grads", 1),
     ("stochastic_rounding", 1),
+    ("cache_preconditioner", "yes"),
     ("memory_save_mode", 1),
     ("lr_style", 1),
     ("dtype", 3),
@@ -282,6 +283,7 @@ _ADDED = {
     "matmul_dtype": None,
     "memory_save_mode": None,
     "stochastic_rounding": False,
+    "cache_preconditioner": False,
 }
 
 

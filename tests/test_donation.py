@@ -42,6 +42,10 @@ CASES = {
         wk.skew,
         dict(normalize_grads=True, preconditioner_update_probability=0.5, dtype=jnp.float32),
     ),
+    "quad-cached-bf16-p0.5": (
+        wk.quad,
+        dict(cache_preconditioner=True, preconditioner_update_probability=0.5),
+    ),
 }
 
 

@@ -119,6 +119,16 @@ def test_explicit_mesh(sharded_report):
     assert all(spec.startswith(f"P('{_AXIS}'") for spec in auto["specs"])
 
 
+def test_cached_sides_are_sharded_like_the_factors(sharded_report):
+    cached = sharded_report["cached"]
+    assert cached["min_cosine"] > 0.9999
+    assert cached["mismatch"] == []
+    assert cached["placement"]  # dense buckets and large leaves store sides
+    for placement in cached["placement"].values():
+        assert placement["devices"] == 4
+        assert placement["shard_rows"] == [placement["stack"] // 4] * 4
+
+
 def test_serialised_sharded_state_resumes_bit_identically(sharded_report):
     assert sharded_report["restored_shardings_equal"]
     assert sharded_report["resume_bit_identical"]
@@ -215,8 +225,11 @@ def _mirror(specs, state, axis_name: str | None) -> int:
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("scanned", [None, {"stack": True}])
 @pytest.mark.parametrize("pipeline", [None, _AXIS])
-def test_specs_mirror_state(weight_decay, scanned, pipeline):
+@pytest.mark.parametrize("cache", [False, True])
+def test_specs_mirror_state(weight_decay, scanned, pipeline, cache):
     kwargs = dict(weight_decay=weight_decay, max_size_dense=64, block_size=16)
+    if cache:
+        kwargs |= dict(cache_preconditioner=True, preconditioner_update_probability=0.5)
     if scanned is not None:
         kwargs["scanned_layers"] = {k: k in scanned for k in _SPEC_PARAMS}
     if pipeline is not None:
@@ -229,7 +242,10 @@ def test_specs_mirror_state(weight_decay, scanned, pipeline):
     inner = state[0]
     stacked = sum(len(jax.tree.leaves(d)) for d in inner.dense)
     stacked += len(jax.tree.leaves(inner.leaf_tree()["large"]))
-    assert sharded == (0 if pipeline is None else stacked)
+    # with the cache, a side per factor of every dense bucket and large leaf
+    sides = 0 if inner.cache is None else len(jax.tree.leaves(inner.cache))
+    assert sides == (2 * len(inner.dense) + 2 if cache else 0)  # one large leaf
+    assert sharded == (0 if pipeline is None else stacked + sides)
 
 
 def test_specs_default_arguments():

@@ -99,10 +99,41 @@ def test_the_new_options_add_no_control_flow(rule, accelerator):
     assert counts == {"while": 0, "scan": 0, "cond": 0}
     counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
     assert counts == {"while": 0, "scan": 0, "cond": 1}
-    # Nor do the memory-save modes or stochastic rounding.
+    # Nor do the memory-save modes, stochastic rounding or the cache.
     options = dict(memory_save_mode="one_diag", stochastic_rounding=True)
     counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
+    options = dict(cache_preconditioner=True)
+    counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
+    assert counts == {"while": 0, "scan": 0, "cond": 1}
+
+
+def _branch_products(jaxpr) -> list[int]:
+    """The `dot_general`s in each branch of the step's one `cond` (0: apply only)."""
+    conds = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                conds.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr)
+    (cond,) = conds
+    return [
+        _count_primitives(b.jaxpr, ["dot_general"])["dot_general"] for b in cond.params["branches"]
+    ]
+
+
+@pytest.mark.parametrize("rule", ["quad", "skew"])
+def test_the_cache_halves_the_products_of_a_step_that_only_applies(rule, accelerator):
+    """With `cache_preconditioner`, a step that only applies does one product per dense
+    side instead of two; a step that updates does none more than without it."""
+    plain = _branch_products(_update_jaxpr("gpt", rule, 0.5))
+    cached = _branch_products(_update_jaxpr("gpt", rule, 0.5, cache_preconditioner=True))
+    assert cached[0] * 2 == plain[0] > 0
+    assert cached[1] <= plain[1]
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])

@@ -47,6 +47,7 @@ def scale_by_quad(
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
+    cache_preconditioner: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the QUAD factor update.
 
@@ -97,6 +98,12 @@ def scale_by_quad(
         lost; the bits are a hash of the step counter (the same run twice draws the
         same bits). The 1-D leaves' factor maths then runs in float32 too. No effect
         with float32 storage.
+    - `cache_preconditioner`: with an update probability below 1, also store each
+        factor's side `P = Q^T Q` (`q^2` for a diagonal one) whenever the factors are
+        updated, so that a step that only applies them computes `Pl G Pr` with one
+        product per side instead of two. It costs one more array the size of each
+        dense factor (and each diagonal one) in the state; 1-D leaves store none. With
+        a constant probability of 1 nothing is stored (every step updates).
 
     **Returns:**
 
@@ -120,6 +127,7 @@ def scale_by_quad(
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
         stochastic_rounding=stochastic_rounding,
+        cache_preconditioner=cache_preconditioner,
     )
     return scale_by_white_kron(Quad(), config)
 
@@ -142,6 +150,7 @@ def scale_by_skew(
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
+    cache_preconditioner: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
 
@@ -192,6 +201,12 @@ def scale_by_skew(
         lost; the bits are a hash of the step counter (the same run twice draws the
         same bits). The 1-D leaves' factor maths then runs in float32 too. No effect
         with float32 storage.
+    - `cache_preconditioner`: with an update probability below 1, also store each
+        factor's side `P = Q^T Q` (`q^2` for a diagonal one) whenever the factors are
+        updated, so that a step that only applies them computes `Pl G Pr` with one
+        product per side instead of two. It costs one more array the size of each
+        dense factor (and each diagonal one) in the state; 1-D leaves store none. With
+        a constant probability of 1 nothing is stored (every step updates).
 
     **Returns:**
 
@@ -215,6 +230,7 @@ def scale_by_skew(
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
         stochastic_rounding=stochastic_rounding,
+        cache_preconditioner=cache_preconditioner,
     )
     return scale_by_white_kron(Procrustes(), config)
 
@@ -289,6 +305,7 @@ def quad(
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
+    cache_preconditioner: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -310,7 +327,7 @@ def quad(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`: as `scale_by_quad`.
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as `scale_by_quad`.
 
     **Returns:**
 
@@ -335,6 +352,7 @@ def quad(
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
         stochastic_rounding=stochastic_rounding,
+        cache_preconditioner=cache_preconditioner,
     )
     return _with_decay_and_lr(Quad(), config, learning_rate, weight_decay, weight_decay_mask)
 
@@ -360,6 +378,7 @@ def skew(
     matmul_dtype: DTypeLike | None = None,
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
+    cache_preconditioner: BoolScalar = False,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -381,7 +400,7 @@ def skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`: as `scale_by_skew`.
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as `scale_by_skew`.
 
     **Returns:**
 
@@ -406,5 +425,6 @@ def skew(
         matmul_dtype=matmul_dtype,
         memory_save_mode=memory_save_mode,
         stochastic_rounding=stochastic_rounding,
+        cache_preconditioner=cache_preconditioner,
     )
     return _with_decay_and_lr(Procrustes(), config, learning_rate, weight_decay, weight_decay_mask)

@@ -44,6 +44,7 @@ STATIC_ARGS: tuple[str, ...] = (
     "matmul_dtype",
     "memory_save_mode",
     "stochastic_rounding",
+    "cache_preconditioner",
 )
 
 
@@ -115,8 +116,8 @@ class Config(eqx.Module):
     their defaults and checks live.
 
     Every field has the name and default of the reference (eformer's `white_kron`), plus
-    `preconditioner_update_probability`, `matmul_dtype`, `memory_save_mode` and
-    `stochastic_rounding`; the
+    `preconditioner_update_probability`, `matmul_dtype`, `memory_save_mode`,
+    `stochastic_rounding` and `cache_preconditioner`; the
     factories' arguments of
     the same names are documented there. Number fields are checked when the Config is
     built: a bad value raises a `ValueError` naming the argument and what it allows.
@@ -143,6 +144,7 @@ class Config(eqx.Module):
     matmul_dtype: DTypeLike | None = None
     memory_save_mode: str | None = None
     stochastic_rounding: bool = eqx.field(default=False, converter=python_scalar)
+    cache_preconditioner: bool = eqx.field(default=False, converter=python_scalar)
 
     def __check_init__(self):
         _refuse_arrays(self)
@@ -176,6 +178,16 @@ class Config(eqx.Module):
             _fail("memory_save_mode", self.memory_save_mode, 'one of None, "one_diag", "all_diag"')
         if not isinstance(self.stochastic_rounding, bool):
             _fail("stochastic_rounding", self.stochastic_rounding, "a bool")
+        if not isinstance(self.cache_preconditioner, bool):
+            _fail("cache_preconditioner", self.cache_preconditioner, "a bool")
+
+    @property
+    def caches(self) -> bool:
+        """Whether the state stores the preconditioner's sides: with
+        `cache_preconditioner`, unless every step updates the factors (a constant
+        probability of 1), when no step would read them."""
+        prob = self.preconditioner_update_probability
+        return self.cache_preconditioner and (callable(prob) or prob < 1)
 
     @property
     def initial_scale(self) -> float:

@@ -35,6 +35,14 @@ class Factors(NamedTuple):
     Lr: Float[Array, " stack"]
 
 
+class Grams(NamedTuple):
+    """A stack's stored preconditioner sides, `Pl = Ql^T Ql` and `Pr = Qr^T Qr` (`q^2`
+    for a diagonal factor), for steps that only apply (`cache_preconditioner`)."""
+
+    Pl: Float[Array, "stack *l"]
+    Pr: Float[Array, "stack *r"]
+
+
 class StepContext(NamedTuple):
     """What one update step knows beyond the entries."""
 
@@ -122,6 +130,19 @@ def _right(X: Array, Q: Array, symmetric: bool) -> Array:
     return (X @ Qt) @ Q if m < n else X @ (Qt @ Q)
 
 
+def gram(Q: Array, symmetric: bool) -> Array:
+    """`Q^T Q` of one factor (`q^2` for a diagonal one)."""
+    if Q.ndim == 1:
+        return Q * Q
+    return (Q if symmetric else Q.T) @ Q
+
+
+def _apply_grams(Pl: Array, Pr: Array, G: Array) -> Array:
+    """`Pl G Pr` from the sides themselves: one product per dense side."""
+    X = Pl[:, None] * G if Pl.ndim == 1 else Pl @ G
+    return X * Pr[None, :] if Pr.ndim == 1 else X @ Pr
+
+
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
     """`Pl G Pr` with `P = Q^T Q` (or `q^2` for a diagonal factor); `symmetric` says
     that each dense `Q` equals its transpose, so `Q^T` is `Q` itself."""
@@ -166,7 +187,7 @@ def _scaled(Q: Array, s: Array) -> Array:
     return Q * s.reshape(s.shape + (1,) * (Q.ndim - 1)).astype(Q.dtype)
 
 
-def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
+def _entry_step(ctx: StepContext, cache: bool, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols):
     Pg = _apply(Ql, Qr, Gn, ctx.rule.symmetric)
     # c = numel / side: for the left factor that is the number of valid columns.
     c_left = jnp.where(valid_rows > 0, valid_cols, 0).astype(jnp.float32)
@@ -175,7 +196,12 @@ def _entry_step(ctx: StepContext, G, Gn, Ql, Qr, Ll, Lr, valid_rows, valid_cols)
     A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
     Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
     Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
-    return _apply(Ql, Qr, G, ctx.rule.symmetric), (Ql, Qr, Ll, Lr)
+    if not cache:
+        return _apply(Ql, Qr, G, ctx.rule.symmetric), (Ql, Qr, Ll, Lr), None
+    # The output from the sides that are stored anyway: for a tile no wider than its
+    # factors, the same products `_apply` would do.
+    Pl, Pr = gram(Ql, ctx.rule.symmetric), gram(Qr, ctx.rule.symmetric)
+    return _apply_grams(Pl, Pr, G), (Ql, Qr, Ll, Lr), (Pl, Pr)
 
 
 def update_stack(
@@ -185,30 +211,50 @@ def update_stack(
     factors: Factors,
     valid_rows: Int[Array, " s"],
     valid_cols: Int[Array, " s"],
-) -> tuple[Float[Array, "s r c"], Factors]:
+    cache: bool = False,
+) -> tuple[Float[Array, "s r c"], Factors, Grams | None]:
     """Update every entry's factors from `Gn` (`G` plus noise, or `G` itself), then
     precondition `G` with the new factors.
 
-    The maths runs in `G`'s dtype; the new factors come back in the dtype they came in.
+    The maths runs in `G`'s dtype; the new factors (and sides) come back in the dtype
+    the factors came in.
 
     **Returns:**
 
-    `(Pl' G Pr', new factors)` for the whole stack.
+    `(Pl' G Pr', new factors, new sides)` for the whole stack; the sides `Pl' = Ql'^T
+    Ql'` and `Pr'` only with `cache` (else `None`).
     """
     left, right = balance_scales(ctx.balance, factors.Ql, factors.Qr)
     Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
-    out, (Ql, Qr, Ll, Lr) = jax.vmap(
-        lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, g, gn, ql, qr, ll, lr, vr, vc)
+    out, (Ql, Qr, Ll, Lr), sides = jax.vmap(
+        lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, cache, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
-    Ql = store(ctx, _scaled(Ql, left), factors.Ql.dtype, stream=LEFT_STREAM)
+    dtype = factors.Ql.dtype
+    Ql = store(ctx, _scaled(Ql, left), dtype, stream=LEFT_STREAM)
     Qr = store(ctx, _scaled(Qr, right), factors.Qr.dtype, stream=RIGHT_STREAM)
-    return out, Factors(Ql, Qr, Ll, Lr)
+    grams = None
+    if sides is not None:
+        # The balance multiplies each Q by a scalar, so its side by the square. A side is
+        # recomputed at every update, not accumulated: rounded to nearest, it has no bias
+        # to keep.
+        Pl = _scaled(sides[0], left * left).astype(dtype)
+        grams = Grams(Pl, _scaled(sides[1], right * right).astype(factors.Qr.dtype))
+    return out, Factors(Ql, Qr, Ll, Lr), grams
+
+
+def initial_grams(factors: Factors, symmetric: bool, dtype) -> Grams:
+    """The sides of freshly initialised factors, in `dtype` (the factors' storage)."""
+    side = lambda Q: jax.vmap(lambda q: gram(q.astype(jnp.float32), symmetric))(Q).astype(dtype)
+    return Grams(side(factors.Ql), side(factors.Qr))
 
 
 def apply_stack(
-    rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors
+    rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors, grams: Grams | None = None
 ) -> Float[Array, "s r c"]:
     """Precondition with the current factors only (no noise, no factor update), in
-    `G`'s dtype."""
+    `G`'s dtype: from the stored sides when there are `grams`."""
+    if grams is not None:
+        Pl, Pr = grams.Pl.astype(G.dtype), grams.Pr.astype(G.dtype)
+        return jax.vmap(_apply_grams)(Pl, Pr, G)
     Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
     return jax.vmap(lambda ql, qr, g: _apply(ql, qr, g, rule.symmetric))(Ql, Qr, G)

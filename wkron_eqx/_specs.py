@@ -46,11 +46,12 @@ def _mu_specs(params: ParamsOrShapes, params_partition_specs: Any) -> Any:
 def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     """The `PartitionSpec` tree of the state of `quad(**kwargs)` / `skew(**kwargs)`.
 
-    Stacked factor arrays (every `DenseState` field, and a large leaf's factors) are
-    sharded over `pipeline_axis_name` along their leading axis; the momentum follows
-    `params_partition_specs` (or the params' own shardings); everything else is
-    replicated. Unlike the reference, the default `weight_decay` here is the one of
-    `quad`/`skew` (0.1), so the specs always match `quad(**kwargs).init(params)`.
+    Stacked factor arrays (every `DenseState` field, a large leaf's factors, and the
+    stored sides of `cache_preconditioner`) are sharded over `pipeline_axis_name`
+    along their leading axis; the momentum follows `params_partition_specs` (or the
+    params' own shardings); everything else is replicated. Unlike the reference, the
+    default `weight_decay` here is the one of `quad`/`skew` (0.1), so the specs always
+    match `quad(**kwargs).init(params)`.
 
     **Arguments:**
 
@@ -89,6 +90,8 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
         else _mu_specs(params, scale_kwargs.get("params_partition_specs")),
         dense=tuple(jax.tree.map(stacked, d) for d in shapes.dense),
         leaves=tuple(leaf_specs(s) for s in shapes.leaves),
+        # the stored sides are stacked like the factors they come from
+        cache=None if shapes.cache is None else jax.tree.map(stacked, shapes.cache),
     )
     # quad/skew always add the decay for an array weight_decay (it may be injected)
     has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0

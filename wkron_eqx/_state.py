@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._kron import Grams
 from ._layout import LeafKind, LeafPlan, TreePlan
 
 
@@ -163,6 +164,25 @@ class Plan(eqx.Module):
     treedef: Any = eqx.field(static=True)  # the params' tree structure
 
 
+class PreconditionerCache(eqx.Module):
+    """The stored sides `Pl = Ql^T Ql`, `Pr = Qr^T Qr` of every stacked factor pair
+    (`cache_preconditioner`), refreshed whenever the factors are; a step that only
+    applies the factors computes `Pl G Pr` from them.
+
+    **Fields:**
+
+    - `dense`: one `Grams` per `DenseState` bucket, shaped like its `Ql` and `Qr`.
+    - `leaves`: per parameter leaf, the `Grams` of a large leaf (a diagonal side is
+      `q^2`, `[stack, length]`), `None` for the others (1-D leaves store none: their
+      `q^2 g` is one elementwise pass either way).
+
+    Both are in the factors' storage dtype and sharded like them.
+    """
+
+    dense: tuple[Grams, ...]
+    leaves: tuple[Grams | None, ...]
+
+
 class WhiteKronState(NamedTuple):
     """State of `scale_by_quad` / `scale_by_skew`.
 
@@ -182,6 +202,8 @@ class WhiteKronState(NamedTuple):
       (`_layout.leaf_slots`). They never change; they are data rather than constants
       so that XLA compiles one set of kernels per leaf shape, not one per leaf.
     - `plan`: the static layout (`Plan`).
+    - `cache`: the stored preconditioner sides (`PreconditionerCache`) with
+      `cache_preconditioner` and an update probability below 1; else `None`.
     """
 
     count: Int[Array, ""]
@@ -193,6 +215,7 @@ class WhiteKronState(NamedTuple):
     factor_updates: Int[Array, ""]
     slots: tuple[Int[Array, " k"], ...]
     plan: Plan
+    cache: PreconditionerCache | None = None
 
     def leaf_tree(self) -> PyTree[LeafState]:
         """`leaves` arranged in the params' tree structure (e.g. `state.leaf_tree()["w"]`)."""

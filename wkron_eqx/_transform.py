@@ -26,7 +26,7 @@ from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
 from ._sharding import constrain_like
-from ._state import LeafState, Plan, WhiteKronState
+from ._state import LeafState, Plan, PreconditionerCache, WhiteKronState
 
 
 _CLIP_RMS = 1.1
@@ -139,6 +139,11 @@ def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
     return _CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)
 
 
+def _finite(sum_sqs: Array) -> Array:
+    """Whether a step is sound: every leaf's sum of squared outputs is finite."""
+    return jnp.all(jnp.isfinite(sum_sqs))
+
+
 def _refresh_due(config: Config, t: Array, counter: Array) -> Array | bool:
     """Whether the factors update this step (deterministic counter scheme)."""
     prob = config.preconditioner_update_probability
@@ -155,31 +160,40 @@ def _precondition(
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[list[Array], Array, tuple, tuple[LeafState, ...]]:
+) -> tuple[list[Array], Array, tuple, tuple[LeafState, ...], PreconditionerCache | None]:
     """Every non-empty leaf through its kind; returns the outputs (as views), each
-    leaf's sum of squared outputs, and the new dense buckets and leaf states."""
+    leaf's sum of squared outputs, and the new dense buckets, leaf states and cache."""
     outputs = list(views)
     buckets, leaves = state.dense, list(state.leaves)
+    cache = state.cache
+    dense_cache, leaf_cache = (None, None) if cache is None else (cache.dense, list(cache.leaves))
     sum_sq = jnp.zeros(len(views), jnp.float32)
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.KIND) if views[i].size]
         inputs = {i: views[i] for i in indices}
         slots = {i: state.slots[i] for i in indices}
         if kind is dense:
-            out, buckets, kind_sum_sq = dense.update(
-                ctx, inputs, buckets, slots, plan, refresh, axis_name
+            out, buckets, kind_sum_sq, dense_cache = dense.update(
+                ctx, inputs, buckets, dense_cache, slots, plan, refresh, axis_name
             )
         else:
             kind_state = {i: leaves[i] for i in indices}
-            out, kind_state, kind_sum_sq = kind.update(
-                ctx, inputs, kind_state, slots, plan, refresh, axis_name
+            kind_cache = None if leaf_cache is None else {i: leaf_cache[i] for i in indices}
+            out, kind_state, kind_sum_sq, kind_cache = kind.update(
+                ctx, inputs, kind_state, kind_cache, slots, plan, refresh, axis_name
             )
             for i, s in kind_state.items():
                 leaves[i] = s
+            if leaf_cache is not None and kind_cache is not None:
+                for i, g in kind_cache.items():
+                    leaf_cache[i] = g
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x
-    return outputs, sum_sq, buckets, tuple(leaves)
+    if cache is not None:
+        assert dense_cache is not None and leaf_cache is not None
+        cache = PreconditionerCache(dense=dense_cache, leaves=tuple(leaf_cache))
+    return outputs, sum_sq, buckets, tuple(leaves), cache
 
 
 def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTransformation:
@@ -209,10 +223,18 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             config.memory_save_mode,
         )
         buckets = dense.init(plan, config)
-        own = {
-            i: s for kind in KINDS if kind is not dense for i, s in kind.init(plan, config).items()
-        }
+        per_kind = {kind: kind.init(plan, config) for kind in KINDS if kind is not dense}
+        own = {i: s for kind_state in per_kind.values() for i, s in kind_state.items()}
         leaf_states = tuple(own.get(i, LeafState.from_plan(p)) for i, p in enumerate(plan.leaves))
+        cache = None
+        if config.caches:
+            leaf_cache = {}
+            for kind, kind_state in per_kind.items():
+                leaf_cache.update(kind.init_cache(kind_state, config, rule.symmetric) or {})
+            cache = PreconditionerCache(
+                dense=dense.init_cache(buckets, config, rule.symmetric),
+                leaves=tuple(leaf_cache.get(i) for i in range(len(plan.leaves))),
+            )
         mu = None
         if config.b1 > 0:
             specs = _partition_specs(config, params)
@@ -235,6 +257,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             factor_updates=zero(),
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef),
+            cache=cache,
         )
 
     def update_fn(updates: Unchecked, state: WhiteKronState, params: Unchecked = None):
@@ -307,17 +330,30 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         refresh = _refresh_due(config, t, state.update_counter)
         if ctx.first is not None and refresh is not True:
             refresh = refresh | ctx.first  # the factors start from the first input
+        factors = (state.dense, state.leaves, state.cache)
         if refresh is True:
-            outputs, sum_sqs, buckets, leaf_states = _precondition(
+            outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
                 ctx, views, state, plan, True, axis
             )
             counter, refreshed = state.update_counter, jnp.ones([], jnp.int32)
         else:
-            outputs, sum_sqs, buckets, leaf_states = jax.lax.cond(
+
+            def guarded_update():
+                # The non-finite guard (below) for the factors, inside the branch that
+                # changes them: outside, the select would need the old factors alive
+                # beside the branch's result, and XLA would copy every factor through
+                # the branch that only applies them.
+                outputs, sum_sqs, *new = _precondition(ctx, views, state, plan, True, axis)
+                ok = _finite(sum_sqs)
+                kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), factors)
+                return outputs, sum_sqs, *kept
+
+            outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
                 refresh,
-                lambda: _precondition(ctx, views, state, plan, True, axis),
+                guarded_update,
                 lambda: _precondition(ctx, views, state, plan, False, axis),
             )
+            factors = (buckets, leaf_states, cache)  # already guarded
             counter = jnp.where(refresh, 0, state.update_counter + 1)
             refreshed = jnp.asarray(refresh, jnp.int32)
 
@@ -327,7 +363,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         # step is sound. One reduction over them gives the verdict.
         new_updates = []
         if outputs:
-            ok = jnp.all(jnp.isfinite(sum_sqs))
+            ok = _finite(sum_sqs)
             # Every leaf's clip factor in one vectorised computation, not one per leaf.
             sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
             divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
@@ -351,8 +387,14 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             factor_updates=state.factor_updates + refreshed,
             slots=state.slots,
             plan=state.plan,
+            cache=cache,
         )
-        skipped = state._replace(skipped_steps=state.skipped_steps + 1)
+        skipped = state._replace(
+            skipped_steps=state.skipped_steps + 1,
+            dense=factors[0],
+            leaves=factors[1],
+            cache=factors[2],
+        )
         # (`lax.select` rather than `jnp.where`: no broadcasting to trace, per array.)
         keep = lambda new, old: new if new is old else jax.lax.select(ok, new, old)
         new_state = jax.tree.map(keep, stepped, skipped)

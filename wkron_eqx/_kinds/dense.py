@@ -29,8 +29,10 @@ from .._blocking import (
 from .._config import Config
 from .._kron import (
     Factors,
+    Grams,
     StepContext,
     apply_stack,
+    initial_grams,
     initial_scales,
     rescaled,
     sum_4th_powers,
@@ -44,6 +46,7 @@ from .._state import DenseState
 
 KIND = LeafKind.DENSE
 State = tuple[DenseState, ...]
+Cache = tuple[Grams, ...]  # the stored sides of each bucket (`cache_preconditioner`)
 
 
 def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
@@ -79,6 +82,21 @@ def init(plan: TreePlan, config: Config) -> State:
     return tuple(states)
 
 
+def init_cache(state: State, config: Config, symmetric: bool) -> Cache:
+    """The sides of each bucket's initial factors, sharded like them."""
+    axis = config.pipeline_axis_name
+    return tuple(
+        Grams(
+            *(constrain_stack(P, axis) for P in initial_grams(_factors(b), symmetric, b.Ql.dtype))
+        )
+        for b in state
+    )
+
+
+def _factors(state: DenseState) -> Factors:
+    return Factors(state.Ql, state.Qr, state.Ll, state.Lr)
+
+
 class _Entries(NamedTuple):
     """A stack of tiles as a compute group sees it: oriented and padded."""
 
@@ -87,6 +105,7 @@ class _Entries(NamedTuple):
     valid_rows: Int[Array, " s"]
     valid_cols: Int[Array, " s"]
     real: tuple[int, ...]  # 1 for a real tile, 0 for a pipeline dummy
+    grams: Grams | None
 
 
 def _pad_to(x: Array, *sides: int) -> Array:
@@ -95,7 +114,12 @@ def _pad_to(x: Array, *sides: int) -> Array:
 
 
 def _enter(
-    member: GroupMember, group: ComputeGroup, bucket: Bucket, state: DenseState, G
+    member: GroupMember,
+    group: ComputeGroup,
+    bucket: Bucket,
+    state: DenseState,
+    G,
+    grams: Grams | None,
 ) -> _Entries:
     """One bucket as its group sees it: transposed (left and right swapped) if the
     member says so, then zero-padded to the group's size."""
@@ -104,6 +128,11 @@ def _enter(
     if member.transposed:
         G = jnp.swapaxes(G, 1, 2)
         left, right = right, left
+        grams = None if grams is None else Grams(grams.Pr, grams.Pl)
+    if grams is not None:
+        grams = Grams(
+            _pad_to(grams.Pl, group.rows, group.rows), _pad_to(grams.Pr, group.cols, group.cols)
+        )
     return _Entries(
         _pad_to(G, group.rows, group.cols),
         Factors(
@@ -115,24 +144,34 @@ def _enter(
         left[2],
         right[2],
         (1,) * bucket.valid_count + (0,) * (bucket.stack - bucket.valid_count),
+        grams,
     )
 
 
 def _leave(
-    member: GroupMember, bucket: Bucket, state: DenseState, out: Array, factors: Factors | None
-) -> tuple[Array, DenseState]:
+    member: GroupMember,
+    bucket: Bucket,
+    state: DenseState,
+    out: Array,
+    factors: Factors | None,
+    grams: Grams | None,
+) -> tuple[Array, DenseState, Grams | None]:
     """Undo `_enter` for one member's slice of the group's results."""
     rows, cols = (bucket.cols, bucket.rows) if member.transposed else (bucket.rows, bucket.cols)
     out = out[:, :rows, :cols]
     if member.transposed:
         out = jnp.swapaxes(out, 1, 2)
+    if grams is not None:
+        grams = Grams(grams.Pl[:, :rows, :rows], grams.Pr[:, :cols, :cols])
+        if member.transposed:
+            grams = Grams(grams.Pr, grams.Pl)
     if factors is None:
-        return out, state
+        return out, state, grams
     Ql, Qr = factors.Ql[:, :rows, :rows], factors.Qr[:, :cols, :cols]
     Ll, Lr = factors.Ll, factors.Lr
     if member.transposed:
         Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
-    return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
+    return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
 
 
 def _owners(bucket: Bucket, leaves: int) -> np.ndarray:
@@ -181,24 +220,26 @@ def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
     state: State,
+    cache: Cache | None,
     slots: dict[int, Int[Array, " k"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"]]:
+) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
     """Precondition every dense leaf; update the factors too when `refresh`.
 
     **Arguments:**
 
     - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
     - `state`: the current `DenseState`s, in `plan.buckets` order.
+    - `cache`: the buckets' stored sides (`cache_preconditioner`), or `None`.
     - `slots`: leaf index -> its `WhiteKronState.slots` entry: the leaf's index, then
       the first entry of each of its tile groups in its bucket.
 
     **Returns:**
 
-    `(outputs, new buckets, sums of squares)`: the outputs keyed like `inputs`, and
-    each leaf's sum of squared outputs (0 for leaves of other kinds).
+    `(outputs, new buckets, sums of squares, new cache)`: the outputs keyed like
+    `inputs`, and each leaf's sum of squared outputs (0 for leaves of other kinds).
     """
     tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
     stacks = []
@@ -211,11 +252,19 @@ def update(
         starts = _initial_scales(ctx, stacks, plan)
     results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
     new_state = list(state)
+    new_cache = None if cache is None else list(cache)
     leaves = len(plan.leaves)
     sum_sq = jnp.zeros(leaves, jnp.float32)
     for group in plan.groups:
         entries = [
-            _enter(m, group, plan.buckets[m.bucket], state[m.bucket], stacks[m.bucket])
+            _enter(
+                m,
+                group,
+                plan.buckets[m.bucket],
+                state[m.bucket],
+                stacks[m.bucket],
+                None if cache is None else cache[m.bucket],
+            )
             for m in group.members
         ]
         G = constrain_stack(_join([e.G for e in entries]), axis_name)
@@ -227,6 +276,14 @@ def update(
         )
         valid_rows = _join([e.valid_rows for e in entries])
         valid_cols = _join([e.valid_cols for e in entries])
+        grams = None
+        if cache is not None:
+            grams = Grams(
+                *(
+                    constrain_stack(_join(list(g)), axis_name)
+                    for g in zip(*[e.grams for e in entries])
+                )
+            )
         if starts is not None:
             padded = [starts[m.bucket] for m in group.members]
             factors = rescaled(factors, constrain_stack(_join(padded), axis_name))
@@ -235,9 +292,11 @@ def update(
             real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
             valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
             Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
-            out, factors = update_stack(ctx, G, Gn, factors, valid_rows, valid_cols)
+            out, factors, grams = update_stack(
+                ctx, G, Gn, factors, valid_rows, valid_cols, cache=cache is not None
+            )
         else:
-            out = apply_stack(ctx.rule, G, factors)
+            out = apply_stack(ctx.rule, G, factors, grams)
         # Per-leaf sums of squares of the output from one reduction over the group's
         # tiles (padding and dummies are zero), for the RMS clip.
         owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
@@ -249,9 +308,12 @@ def update(
             part = slice(offset, offset + size)
             offset += size
             mine = Factors(*(f[part] for f in factors)) if refresh else None
-            results[m.bucket], bucket_state = _leave(
-                m, plan.buckets[m.bucket], state[m.bucket], out[part], mine
+            my_grams = None if grams is None or not refresh else Grams(*(g[part] for g in grams))
+            results[m.bucket], bucket_state, my_grams = _leave(
+                m, plan.buckets[m.bucket], state[m.bucket], out[part], mine, my_grams
             )
+            if new_cache is not None and my_grams is not None:
+                new_cache[m.bucket] = Grams(*(constrain_stack(g, axis_name) for g in my_grams))
             new_state[m.bucket] = bucket_state.replace(
                 **{
                     k: constrain_stack(getattr(bucket_state, k), axis_name)
@@ -268,4 +330,4 @@ def update(
             start = slots[seg.leaf][1 + seg.group]
             pieces[seg.leaf][seg.group] = take(result, start, seg.count)
     outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
-    return outputs, tuple(new_state), sum_sq
+    return outputs, tuple(new_state), sum_sq, None if new_cache is None else tuple(new_cache)

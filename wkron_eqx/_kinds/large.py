@@ -26,8 +26,10 @@ from .._blocking import (
 from .._config import Config
 from .._kron import (
     Factors,
+    Grams,
     StepContext,
     apply_stack,
+    initial_grams,
     initial_scales,
     rescaled,
     sum_4th_powers,
@@ -41,6 +43,7 @@ from .._state import LeafState
 
 KIND = LeafKind.LARGE
 State = dict[int, LeafState]
+Cache = dict[int, Grams]  # each leaf's stored sides (`cache_preconditioner`)
 
 
 def _valid_sides(plan: LeafPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -99,22 +102,36 @@ def init(plan: TreePlan, config: Config) -> State:
     return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
 
 
+def _factors(state: LeafState) -> Factors:
+    assert state.Ql is not None and state.Qr is not None
+    assert state.Ll is not None and state.Lr is not None
+    return Factors(state.Ql, state.Qr, state.Ll, state.Lr)
+
+
+def init_cache(state: State, config: Config, symmetric: bool) -> Cache:
+    """The sides of each large leaf's initial factors, sharded like them."""
+    constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
+    return {
+        i: Grams(*map(constrain, initial_grams(_factors(s), symmetric, config.compute_dtype)))
+        for i, s in state.items()
+    }
+
+
 def _update_leaf(
     ctx: StepContext,
     x: Float[Array, "B m n"],
     state: LeafState,
+    grams: Grams | None,
     plan: LeafPlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[Float[Array, "B m n"], LeafState]:
+) -> tuple[Float[Array, "B m n"], LeafState, Grams | None]:
     strips = cut_strips(x, plan).astype(ctx.product_dtype)
     strips = constrain_stack(strips * ctx.input_scale.astype(strips.dtype), axis_name)
-    assert state.Ql is not None and state.Qr is not None
-    assert state.Ll is not None and state.Lr is not None
     assert state.valid_rows is not None and state.valid_cols is not None
-    factors = Factors(state.Ql, state.Qr, state.Ll, state.Lr)
+    factors = _factors(state)
     if not refresh:
-        return join_strips(apply_stack(ctx.rule, strips, factors), plan), state
+        return join_strips(apply_stack(ctx.rule, strips, factors, grams), plan), state, grams
     if ctx.first is not None:
         # Each layer's factors from its first input (`initial_scales`).
         layers = _strip_layers(plan)
@@ -125,29 +142,35 @@ def _update_leaf(
     rows, cols = strips.shape[1:]
     valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
     noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)
-    out, factors = update_stack(ctx, strips, noisy, factors, state.valid_rows, state.valid_cols)
+    out, factors, grams = update_stack(
+        ctx, strips, noisy, factors, state.valid_rows, state.valid_cols, cache=grams is not None
+    )
     Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
-    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr)
+    if grams is not None:
+        grams = Grams(*(constrain_stack(g, axis_name) for g in grams))
+    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
 
 
 def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B m n"]],
     state: State,
+    cache: Cache | None,
     slots: dict[int, Int[Array, " 1"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"]]:
+) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
     """Precondition every large leaf (each is one stack of strips); update the factors
     too when `refresh`. Returns as `dense.update`; a large leaf has its own
     factors, so `slots` is not needed."""
     del slots
-    outputs, new_state = {}, {}
+    outputs, new_state, new_cache = {}, {}, {}
     sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
     for i, x in inputs.items():
-        outputs[i], new_state[i] = _update_leaf(
-            ctx, x, state[i], plan.leaves[i], refresh, axis_name
+        grams = None if cache is None else cache[i]
+        outputs[i], new_state[i], new_cache[i] = _update_leaf(
+            ctx, x, state[i], grams, plan.leaves[i], refresh, axis_name
         )
         sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
-    return outputs, new_state, sum_sq
+    return outputs, new_state, sum_sq, None if cache is None else new_cache

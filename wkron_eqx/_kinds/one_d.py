@@ -41,17 +41,24 @@ def init(plan: TreePlan, config: Config) -> State:
     return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
 
 
+def init_cache(state: State, config: Config, symmetric: bool) -> None:
+    """Nothing: a 1-D leaf stores no sides (see `update`)."""
+    del state, config, symmetric
+
+
 def update(
     ctx: StepContext,
     inputs: dict[int, Float[Array, "B n"]],
     state: State,
+    cache: dict[int, None] | None,
     slots: dict[int, Int[Array, " 3"]],
     plan: TreePlan,
     refresh: bool,
     axis_name: str | None,
-) -> tuple[dict[int, Float[Array, "B n"]], State, Float[Array, " leaves"]]:
+) -> tuple[dict[int, Float[Array, "B n"]], State, Float[Array, " leaves"], None]:
     """Precondition every 1-D leaf at once; update the factors too when `refresh`.
-    Returns as `dense.update`.
+    Returns as `dense.update`. A 1-D leaf stores no sides (`cache`): its `q^2 g` is one
+    elementwise pass with or without them.
 
     All 1-D leaves are concatenated into one vector, every layer of a scanned leaf its
     own segment with its own Lipschitz estimate, so the kind is a few kernels however
@@ -59,10 +66,10 @@ def update(
     kernels, and XLA's compile time follows the kernels: 2106 against 1518 on the
     149-leaf transformer tree.)
     """
-    del axis_name  # 1-D factors are small and stay replicated
+    del axis_name, cache  # 1-D factors are small and stay replicated
     leaves = len(plan.leaves)
     if not inputs:
-        return {}, {}, jnp.zeros(leaves, jnp.float32)
+        return {}, {}, jnp.zeros(leaves, jnp.float32), None
     order = sorted(inputs)
     lengths = [inputs[i].shape[1] for i in order for _ in range(inputs[i].shape[0])]
     segment = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
@@ -106,4 +113,4 @@ def update(
             new_state[i] = state[i].replace(
                 Ql=take(q, offset, batch * length).reshape(batch, length), Ll=take(L, layer, batch)
             )
-    return outputs, new_state, sum_sq
+    return outputs, new_state, sum_sq, None
