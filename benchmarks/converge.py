@@ -1,6 +1,10 @@
 """Convergence: loss vs step and vs wall time, wkron_eqx against optax.adamw and eformer.
 
     python benchmarks/converge.py [--reference-python .refenv/bin/python]
+    python benchmarks/converge.py --memory-modes
+
+The second form runs quad and skew under each `memory_save_mode` instead (no adamw, no
+reference) and writes `benchmarks/results/converge_memory_modes.json`.
 
 Two problems: an MLP (64-128-128-10) on scikit-learn's bundled digits (minibatches of
 128, a fixed sequence) and a least-squares problem `0.5 ||A W B - C||^2` whose Hessian
@@ -86,10 +90,44 @@ def digits_data() -> dict:
     }
 
 
-def ours(name: str, lr):
+def ours(name: str, lr, **options):
     if name == "adamw":
         return optax.adamw(lr, weight_decay=0.0)
-    return getattr(wk, name)(learning_rate=lr, weight_decay=0.0, dtype=jnp.float32)
+    return getattr(wk, name)(learning_rate=lr, weight_decay=0.0, dtype=jnp.float32, **options)
+
+
+def memory_modes() -> None:
+    """Both problems for quad and skew under each `memory_save_mode`, best lr each."""
+    data, problem = digits_data(), least_squares_problems(LS_PROBLEMS)
+    results = {}
+    for mode in (None, "one_diag", "all_diag"):
+        for name in ("quad", "skew"):
+            key = f"{name}, {mode}"
+            for lr in GRIDS["digits"][name]:
+                tx = ours(name, lr, memory_save_mode=mode)
+                results[f"digits/ours/{key}/{lr}"] = run_digits(tx, data, DIGITS_STEPS, DIGITS_EVAL)
+            for lr in GRIDS["lsq"][name]:
+                tx = ours(name, optax.cosine_decay_schedule(lr, LS_STEPS), memory_save_mode=mode)
+                results[f"lsq/ours/{key}/{lr}"] = run_least_squares_problems(
+                    tx, problem, LS_STEPS, LS_EVAL
+                )
+            print("done", key, file=sys.stderr, flush=True)
+    best = summarise(results)
+    print(
+        "| optimizer, mode | digits: lr | steps to loss 0.01 | final loss | test acc "
+        "| least squares: lr | final loss (geometric mean of 5) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for key in dict.fromkeys(k.split("/")[2] for k in best):
+        d, q = best[f"digits/ours/{key}"], best[f"lsq/ours/{key}"]
+        hit = steps_to(d["curve"], DIGITS_EVAL, TARGET_LOSS)
+        print(
+            f"| {key} | {d['lr']:g} | {hit if hit is not None else f'>{DIGITS_STEPS}'} "
+            f"| {d['final_loss']:.4f} | {100 * d['test_accuracy']:.2f}% | {q['lr']:g} "
+            f"| {q['final_loss']:.3e} |"
+        )
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "converge_memory_modes.json").write_text(json.dumps(best, indent=1))
 
 
 def steps_to(curve, every, target):
@@ -113,7 +151,10 @@ def summarise(results: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference-python", default=str(HERE.parent / ".refenv/bin/python"))
+    parser.add_argument("--memory-modes", action="store_true")
     args = parser.parse_args(argv)
+    if args.memory_modes:
+        return memory_modes()
     data = digits_data()
     problem = least_squares_problems(LS_PROBLEMS)
     results = {}

@@ -28,6 +28,17 @@ import wkron_eqx._kron as kron
 RESULTS = Path(__file__).parent / "results"
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 AT = (1, 5, 20, 100)
+# The starts from the first gradient: the moment of `G` the scale is read from (4:
+# psgd_torch's, 2: the RMS), how far it goes (1: `P G` at unit RMS, 0.5: HeavyBall's
+# half-way start), and whether the factors also move on that first step.
+STARTS = {
+    "identity": {},
+    "full": dict(moment=4, power=1.0, moves=True),
+    "half": dict(moment=4, power=0.5, moves=True),
+    "rms": dict(moment=2, power=1.0, moves=True),
+    "full, still": dict(moment=4, power=1.0, moves=False),
+    "rms, still": dict(moment=2, power=1.0, moves=False),
+}
 
 
 def _params(key):
@@ -39,7 +50,10 @@ def _params(key):
     return params
 
 
-def _run(tx, x, y, steps, seed):
+def _run(tx, x, y, steps, seeds):
+    """Per seed, the first hidden weight's update RMS and the training loss at each step
+    (one compiled program for all seeds)."""
+
     @jax.jit
     def run(key):
         k_init, k_batch = jax.random.split(key)
@@ -57,14 +71,14 @@ def _run(tx, x, y, steps, seed):
         _, (rms, loss) = jax.lax.scan(body, (params, tx.init(params)), batches)
         return rms, loss
 
-    return [np.asarray(a) for a in run(jax.random.key(seed))]
+    return [[np.asarray(a) for a in run(jax.random.key(seed))] for seed in seeds]
 
 
 def _optimizer(name, lr):
     kw = dict(learning_rate=lr, weight_decay=1e-4, dtype=jnp.float32)
     if name == "adamw":
         return optax.adamw(lr, weight_decay=1e-4)
-    rule, start = name.split(", ")
+    rule, start = name.split(", ", 1)
     init = 1.0 if start == "identity" else None
     return getattr(wk, rule)(preconditioner_init_scale=init, **kw)
 
@@ -77,19 +91,20 @@ def main():
     digits = load_digits()
     x = jnp.asarray(digits.data[:1400] / 16.0, jnp.float32)
     y = jnp.asarray(digits.target[:1400])
-    names = ["adamw"] + [
-        f"{r}, {s}" for r in ("quad", "skew") for s in ("identity", "full", "half")
-    ]
+    names = ["adamw"] + [f"{r}, {s}" for r in ("quad", "skew") for s in STARTS]
     rows = []
     print(
         "| optimizer | lr | " + " | ".join(f"RMS/lr @{s}" for s in AT) + " | loss @50 | loss @100 |"
     )
     print("|---" * (4 + len(AT)) + "|")
     for name in names:
-        kron.INITIAL_SCALE_POWER = 0.5 if name.endswith("half") else 1.0
+        start = STARTS.get(name.split(", ", 1)[-1], {})
+        kron.INITIAL_SCALE_POWER = start.get("power", 1.0)
+        kron.INITIAL_SCALE_MOMENT = start.get("moment", 4)
+        kron.FIRST_STEP_MOVES = start.get("moves", True)
         for lr in LEARNING_RATES:
             tx = _optimizer(name, lr)
-            runs = [_run(tx, x, y, args.steps, seed) for seed in range(args.seeds)]
+            runs = _run(tx, x, y, args.steps, range(args.seeds))
             rms = np.mean([r[0] for r in runs], axis=0) / lr
             loss = np.array([r[1] for r in runs])
             row = {
@@ -107,7 +122,7 @@ def main():
                 + f" | {mean(row['loss_50'])} | {mean(row['loss_100'])} |",
                 flush=True,
             )
-    kron.INITIAL_SCALE_POWER = 1.0
+    kron.INITIAL_SCALE_POWER, kron.INITIAL_SCALE_MOMENT, kron.FIRST_STEP_MOVES = 1.0, 4, True
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "init_scale.json").write_text(json.dumps(rows, indent=1))
 

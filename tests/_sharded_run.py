@@ -164,6 +164,37 @@ def _cached(grads: list, params0: dict, mesh) -> dict:
     }
 
 
+def _explicit(grads, params0, single, mesh, pipeline: int = 4) -> dict:
+    """Steps on a mesh with Explicit axes, the weights of `dense` sharded over its first
+    axis: cosines against one device, and the specs in the results' types."""
+    config = dict(SHARDED, pipeline_axis_size=pipeline, params_partition_specs=None)
+    tx = wk.quad(**config)
+    first = mesh.axis_names[0]
+    spec = lambda k: P(first, None) if k == "dense" else P()
+    place = lambda tree: {
+        k: jax.device_put(v, NamedSharding(mesh, spec(k))) for k, v in tree.items()
+    }
+    typed = lambda x: str(jax.typeof(x).sharding.spec)
+    with jax.set_mesh(mesh):
+        params = place(params0)
+        state = jax.jit(tx.init)(params)
+        init_specs = {k: typed(x) for k, x in _stacked_arrays(state).items()}
+        update = jax.jit(tx.update)
+        cosines = {k: [] for k in SHAPES}
+        for g, want in zip(grads, single, strict=True):
+            u, state = update(place(g), state, params)
+            for k in SHAPES:
+                cosines[k].append(_cosine(u[k], want[k]))
+        return {
+            "min_cosine": {k: min(v) for k, v in cosines.items()},
+            "init_specs": init_specs,
+            "update_specs": {k: typed(x) for k, x in _stacked_arrays(state).items()},
+            "placement": {k: _placement(x) for k, x in _stacked_arrays(state).items()},
+            "mu_specs": {k: typed(x) for k, x in state[0].mu.items()},
+            "update_out_specs": {k: typed(x) for k, x in u.items()},
+        }
+
+
 def main() -> dict:
     report: dict = {"devices": jax.device_count()}
     params0 = _arrays(0)
@@ -261,23 +292,12 @@ def main() -> dict:
         {str(x.sharding.spec) for x in _stacked_arrays(legacy).values()}
     )
 
-    # `jax.make_mesh` defaults to Explicit axes: a clear error, and `auto_axes` works.
-    explicit = jax.make_mesh((4,), (AXIS,))
-    with jax.set_mesh(explicit):
-        try:
-            jax.jit(sharded_tx.init)(params0)
-            report["explicit_error"] = None
-        except ValueError as e:
-            report["explicit_error"] = str(e)
-        auto_init = jax.jit(jax.sharding.auto_axes(sharded_tx.init, out_sharding=specs))
-        auto_update = jax.jit(
-            jax.sharding.auto_axes(sharded_tx.update, out_sharding=(PARAM_SPECS, specs))
-        )
-        u, state = auto_update(grads[0], auto_init(params0), params0)
-        report["explicit_auto_axes"] = {
-            "min_cosine": min(_cosine(u[k], single[0][k]) for k in SHAPES),
-            "specs": sorted({str(x.sharding.spec) for x in _stacked_arrays(state).values()}),
-        }
+    # `jax.make_mesh` defaults to Explicit axes: `init` and `update` run unwrapped, and
+    # the shardings are in the results' types.
+    report["explicit"] = _explicit(grads, params0, single, jax.make_mesh((4,), (AXIS,)))
+    # A mixed mesh: the data axis Explicit, the pipeline axis Auto.
+    mixed = jax.make_mesh((2, 2), ("data", AXIS), axis_types=(AxisType.Explicit, AxisType.Auto))
+    report["mixed"] = _explicit(grads, params0, single, mixed, pipeline=2)
     return report
 
 

@@ -24,6 +24,8 @@ FACTORIES = {
 }
 
 BAD = [
+    ("pipeline_axis_name", ("data", "data")),
+    ("pipeline_axis_name", ()),
     ("block_size", 0),
     ("block_size", -1),
     ("block_size", True),  # a bool is an int to a type checker, not to `Config`

@@ -28,17 +28,11 @@ _HERE = pathlib.Path(__file__).parent
 _AXIS = "pp"
 
 
-@pytest.fixture(scope="module")
-def sharded_report() -> dict:
+def _subprocess_report(script: str) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "")
-        + " --xla_force_host_platform_device_count=4"
-        + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    ).strip()
-    env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_PLATFORMS", None)  # (each script sets its own device count)
     done = subprocess.run(
-        [sys.executable, str(_HERE / "_sharded_run.py")],
+        [sys.executable, str(_HERE / script)],
         env=env,
         cwd=_HERE.parent,
         capture_output=True,
@@ -47,6 +41,36 @@ def sharded_report() -> dict:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def sharded_report() -> dict:
+    return _subprocess_report("_sharded_run.py")
+
+
+@pytest.fixture(scope="module")
+def eight_device_report() -> dict:
+    return _subprocess_report("_sharded_axes.py")
+
+
+def test_stacks_spread_over_two_mesh_axes(eight_device_report):
+    """`pipeline_axis_name=("data", "fsdp")` on a `2 x 4` mesh (Explicit axes): every
+    stacked array holds 1/8 of its stack on each of the 8 devices, the types say so,
+    `get_opt_state_partition_specs` mirrors them, and the numbers are one device's."""
+    run = eight_device_report["two_axes"]
+    assert eight_device_report["devices"] == 8
+    assert run["min_cosine"] > 0.9999
+    assert run["stacks"]
+    for stack in run["stacks"].values():
+        assert stack["devices"] == 8 and stack["shard_rows"] == [stack["stack"] // 8], stack
+        assert stack["spec"].startswith("P(('data', 'fsdp')"), stack
+    assert run["specs_match"]
+
+
+def test_pipeline_axes_are_checked_against_the_mesh(eight_device_report):
+    errors = eight_device_report["two_axes"]["errors"]
+    assert "`pipeline_axis_size=4`" in errors["size"] and "which is 8" in errors["size"]
+    assert "['pp']" in errors["missing"]
 
 
 def test_sharded_updates_match_single_device(sharded_report):
@@ -111,12 +135,26 @@ def test_deprecated_with_mesh_context_is_detected(sharded_report):
     assert f"P('{_AXIS}',)" in sharded_report["legacy_mesh_specs"]
 
 
-def test_explicit_mesh(sharded_report):
-    # `jax.make_mesh` defaults to Explicit axes: a clear error, and `auto_axes` works.
-    assert "need Auto axes" in sharded_report["explicit_error"]
-    auto = sharded_report["explicit_auto_axes"]
-    assert auto["min_cosine"] > 0.9999
-    assert all(spec.startswith(f"P('{_AXIS}'") for spec in auto["specs"])
+@pytest.mark.parametrize("mesh", ["explicit", "mixed"])
+def test_explicit_mesh_axes_work_unwrapped(sharded_report, mesh):
+    """`jax.make_mesh`'s default (Explicit axes) and a mixed mesh (`data` Explicit, the
+    pipeline axis Auto): `init` and `update` run as they are, the stacks are split over
+    the pipeline axis, and the momentum's and the updates' types are the params' own
+    (`P(first axis, None)` for `dense`). Types only name Explicit axes, so on the mixed
+    mesh the stacks' placement is read from their shards."""
+    run = sharded_report[mesh]
+    assert min(run["min_cosine"].values()) > 0.9999, run["min_cosine"]
+    first, pipeline = ("pp", 4) if mesh == "explicit" else ("data", 2)
+    if mesh == "explicit":
+        for specs in (run["init_specs"], run["update_specs"]):
+            assert specs and all(s.startswith(f"P('{_AXIS}'") for s in specs.values()), specs
+    for placement in run["placement"].values():
+        assert placement["devices"] == 4
+        assert placement["shard_rows"] == [placement["stack"] // pipeline] * 4, placement
+    replicated = lambda spec: spec.replace("None", "").strip("P(,) ") == ""
+    for specs in (run["mu_specs"], run["update_out_specs"]):
+        assert specs["dense"] == f"P('{first}', None)"
+        assert all(replicated(s) for k, s in specs.items() if k != "dense"), specs
 
 
 def test_cached_sides_are_sharded_like_the_factors(sharded_report):

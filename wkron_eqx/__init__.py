@@ -25,6 +25,7 @@ from ._state import (
     DenseState as DenseState,
     LeafState as LeafState,
     Plan as Plan,
+    PreconditionerCache as PreconditionerCache,
     WhiteKronState as WhiteKronState,
 )
 from ._stats import preconditioner_stats as preconditioner_stats, tree_plan as tree_plan
@@ -46,6 +47,7 @@ __all__ = [
     "LeafState",
     "ONE_D_PATH",
     "Plan",
+    "PreconditionerCache",
     "Procrustes",
     "Quad",
     "STATIC_ARGS",

@@ -39,7 +39,7 @@ def scale_by_quad(
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
-    pipeline_axis_name: str | None = None,
+    pipeline_axis_name: str | tuple[str, ...] | None = None,
     pipeline_axis_size: IntScalar = 1,
     params_partition_specs: PyTree[PartitionSpec] | None = None,
     noise_scale: RealScalar = 1e-9,
@@ -74,8 +74,11 @@ def scale_by_quad(
         is a stack of independent layers, each preconditioned separately. `init` refuses
         a tree that does not fit the params, naming the leaf.
     - `block_size`: the largest side of a dense tile.
-    - `pipeline_axis_name`: mesh axis over which stacked factors are sharded.
-    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this.
+    - `pipeline_axis_name`: mesh axis (or tuple of axes) over which stacked factors
+        are sharded.
+    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this;
+        under a mesh, a multiple of the size of `pipeline_axis_name` (the product of the
+        sizes, for several axes).
     - `params_partition_specs`: a `PartitionSpec` or tree of them for the params; the
         momentum is constrained to it.
     - `noise_scale`: scale of the Gaussian noise added to the gradient for the factor
@@ -142,7 +145,7 @@ def scale_by_skew(
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
-    pipeline_axis_name: str | None = None,
+    pipeline_axis_name: str | tuple[str, ...] | None = None,
     pipeline_axis_size: IntScalar = 1,
     params_partition_specs: PyTree[PartitionSpec] | None = None,
     noise_scale: RealScalar = 1e-9,
@@ -177,8 +180,11 @@ def scale_by_skew(
         is a stack of independent layers, each preconditioned separately. `init` refuses
         a tree that does not fit the params, naming the leaf.
     - `block_size`: the largest side of a dense tile.
-    - `pipeline_axis_name`: mesh axis over which stacked factors are sharded.
-    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this.
+    - `pipeline_axis_name`: mesh axis (or tuple of axes) over which stacked factors
+        are sharded.
+    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this;
+        under a mesh, a multiple of the size of `pipeline_axis_name` (the product of the
+        sizes, for several axes).
     - `params_partition_specs`: a `PartitionSpec` or tree of them for the params; the
         momentum is constrained to it.
     - `noise_scale`: scale of the Gaussian noise added to the gradient for the factor
@@ -297,7 +303,7 @@ def quad(
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
-    pipeline_axis_name: str | None = None,
+    pipeline_axis_name: str | tuple[str, ...] | None = None,
     pipeline_axis_size: IntScalar = 1,
     params_partition_specs: PyTree[PartitionSpec] | None = None,
     noise_scale: RealScalar = 1e-9,
@@ -370,7 +376,7 @@ def skew(
     dtype: DTypeLike = jnp.bfloat16,
     scanned_layers: PyTree | None = None,
     block_size: IntScalar = 256,
-    pipeline_axis_name: str | None = None,
+    pipeline_axis_name: str | tuple[str, ...] | None = None,
     pipeline_axis_size: IntScalar = 1,
     params_partition_specs: PyTree[PartitionSpec] | None = None,
     noise_scale: RealScalar = 1e-9,

@@ -134,7 +134,9 @@ class Config(eqx.Module):
     dtype: DTypeLike = jnp.bfloat16
     scanned_layers: Any = None
     block_size: int = eqx.field(default=256, converter=python_scalar)
-    pipeline_axis_name: str | None = None
+    pipeline_axis_name: str | tuple[str, ...] | None = eqx.field(
+        default=None, converter=lambda x: tuple(x) if isinstance(x, list) else x
+    )
     pipeline_axis_size: int = eqx.field(default=1, converter=python_scalar)
     params_partition_specs: Any = None
     noise_scale: float = eqx.field(default=1e-9, converter=python_float)
@@ -160,8 +162,18 @@ class Config(eqx.Module):
             _check_positive_float("preconditioner_init_scale", self.preconditioner_init_scale)
         _canonical_dtype(self.dtype)
         _check_positive_int("block_size", self.block_size)
-        if not (self.pipeline_axis_name is None or isinstance(self.pipeline_axis_name, str)):
-            _fail("pipeline_axis_name", self.pipeline_axis_name, "a str or None")
+        names = self.pipeline_axis_name
+        if not (
+            names is None
+            or isinstance(names, str)
+            or (
+                isinstance(names, tuple)
+                and names
+                and all(isinstance(n, str) for n in names)
+                and len(set(names)) == len(names)
+            )
+        ):
+            _fail("pipeline_axis_name", names, "a str, a tuple of distinct strs, or None")
         _check_positive_int("pipeline_axis_size", self.pipeline_axis_size)
         if not (_is_number(self.noise_scale) and 0 <= self.noise_scale < math.inf):
             _fail("noise_scale", self.noise_scale, "a finite float >= 0")

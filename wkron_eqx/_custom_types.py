@@ -11,3 +11,6 @@ Updates: TypeAlias = PyTree[Array]
 Unchecked: TypeAlias = PyTree
 
 ALLOWED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+# One mesh axis name, several (the stacks are then spread over all of them), or none.
+AxisNames: TypeAlias = str | tuple[str, ...] | None

@@ -71,17 +71,26 @@ INITIAL_SCALE_POWER = 1.0
 """How far the first step's rescaling goes, in log scale: 1 brings `P G` to unit RMS (as
 psgd_torch's `init_scale=None`), 0.5 half way (HeavyBall's start)."""
 
+INITIAL_SCALE_MOMENT = 4
+"""The moment of the first input the start is read from: 4 is psgd_torch's
+`(mean G^4)^(1/4)`, 2 the RMS itself."""
+
+FIRST_STEP_MOVES = True
+"""Whether the factors also take their first step on the step that rescales them."""
+
 
 def initial_scales(
-    sum_4th: Float[Array, " n"], size: ArrayLike, first: Bool[Array, ""], factors: int
+    sums: Float[Array, " n"], size: ArrayLike, first: Bool[Array, ""], factors: int
 ) -> Float[Array, " n"]:
     """The factor by which each of an entry's `factors` factors is multiplied on the first
-    step, so that `P G` comes out at about unit RMS: the factors' product is scaled by
-    `(mean G^4)^(-1/8)` (and `P = Q^T Q` by its square), split evenly between them.
+    step, so that `P G` comes out at about unit RMS: the product of the sides `P = Q^T Q`
+    is scaled by `(mean |G|^k)^(-1/k)` (`k = INITIAL_SCALE_MOMENT`), split evenly
+    between the factors.
 
     **Arguments:**
 
-    - `sum_4th`: per entry (a leaf's layer), the sum of `G^4` over its elements.
+    - `sums`: per entry (a leaf's layer), the sum of `|G|^k` over its elements
+      (`sum_powers`).
     - `size`: per entry, its number of elements.
     - `first`: whether this is the first step; otherwise every scale is 1.
     - `factors`: 1 for a 1-D leaf (one factor), 2 for a matrix.
@@ -89,17 +98,24 @@ def initial_scales(
     **Returns:**
 
     The scales, float32; 1 where `first` is false or the statistic is zero or not finite
-    (a zero first gradient, or one whose fourth powers underflow float32).
+    (a zero first gradient, or one whose powers underflow float32).
     """
-    mean_4th = sum_4th.astype(jnp.float32) / jnp.asarray(size, jnp.float32)
-    usable = first & (mean_4th > 0) & jnp.isfinite(mean_4th)
-    scale = jnp.where(usable, mean_4th, 1.0) ** (-INITIAL_SCALE_POWER / (8 * factors))
+    k = INITIAL_SCALE_MOMENT
+    mean = sums.astype(jnp.float32) / jnp.asarray(size, jnp.float32)
+    usable = first & (mean > 0) & jnp.isfinite(mean)
+    scale = jnp.where(usable, mean, 1.0) ** (-INITIAL_SCALE_POWER / (2 * k * factors))
     return jnp.where(usable & jnp.isfinite(scale), scale, 1.0)
 
 
-def sum_4th_powers(G: Float[Array, "s r c"]) -> Float[Array, " s"]:
-    """Per entry of a stack, the float32 sum of `G^4` (padding and dummies add 0)."""
-    return jnp.sum(jnp.square(jnp.square(G.astype(jnp.float32))), axis=(1, 2))
+def powers(x: Array) -> Array:
+    """`|x|^k` (`k = INITIAL_SCALE_MOMENT`) in float32, elementwise."""
+    x2 = jnp.square(x.astype(jnp.float32))
+    return x2 if INITIAL_SCALE_MOMENT == 2 else jnp.square(x2)
+
+
+def sum_powers(G: Float[Array, "s r c"]) -> Float[Array, " s"]:
+    """Per entry of a stack, the float32 sum of `|G|^k` (padding and dummies add 0)."""
+    return jnp.sum(powers(G), axis=(1, 2))
 
 
 def rescaled(factors: "Factors", scales: Float[Array, " s"]) -> "Factors":

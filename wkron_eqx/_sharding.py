@@ -1,13 +1,21 @@
-"""Pipeline sharding: constraints on stacked axes inside `init` and `update`.
+"""Pipeline sharding: constraints on stacked axes inside `init` and `update`, the
+partition specs of a state, and running both under a mesh with Explicit axes.
 
 (`get_opt_state_partition_specs`, which builds on the transforms, is in `_specs.py`.)
 """
 
+import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
 from jaxtyping import Array
+
+from ._custom_types import AxisNames
+from ._layout import LeafKind
+from ._state import LeafState, WhiteKronState
 
 
 def _active_axes() -> dict[str, AxisType]:
@@ -43,15 +51,53 @@ def _constrain(x: Array, spec: PartitionSpec, axes: dict[str, AxisType]) -> Arra
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def constrain_stack(x: Array, axis_name: str | None) -> Array:
-    """Shard the leading (stack) axis of `x` over `axis_name` when a mesh with that
-    axis is active; otherwise return `x` unchanged."""
-    if axis_name is None or x.ndim == 0:
+def axis_names(axis_name: AxisNames) -> tuple[str, ...]:
+    """`pipeline_axis_name` as a tuple of names (empty for `None`)."""
+    if axis_name is None:
+        return ()
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def active_stack_axis(axis_name: AxisNames, stack_size: int) -> AxisNames:
+    """`axis_name` when the mesh in scope has every one of its axes, else `None`; a
+    mesh with only some of them, or whose axes' sizes do not divide `stack_size`
+    (`pipeline_axis_size`), is refused with a `ValueError` that names them."""
+    names = axis_names(axis_name)
+    if not names:
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    present = set() if mesh is None or mesh.empty else set(mesh.axis_names)
+    sizes = {} if mesh is None or mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+    present |= set(_active_axes())  # the deprecated `with mesh:` too
+    if not present & set(names):
+        return None
+    if missing := [n for n in names if n not in present]:
+        raise ValueError(
+            f"`pipeline_axis_name={axis_name!r}` names mesh axes {missing} that the active "
+            f"mesh (axes {sorted(present)}) lacks."
+        )
+    total = 1
+    for n in names:
+        total *= sizes.get(n, 1)
+    if stack_size % total:
+        raise ValueError(
+            f"`pipeline_axis_size={stack_size}` must be a multiple of the size of the "
+            f"mesh axes {names} it shards over, which is {total}: pass "
+            f"`pipeline_axis_size={total}`."
+        )
+    return axis_name
+
+
+def constrain_stack(x: Array, axis_name: AxisNames) -> Array:
+    """Shard the leading (stack) axis of `x` over `axis_name` (one mesh axis or
+    several) when a mesh with those axes is active; otherwise return `x` unchanged."""
+    names = axis_names(axis_name)
+    if not names or x.ndim == 0:
         return x
     axes = _active_axes()
-    if axis_name not in axes:
+    if not all(n in axes for n in names):
         return x
-    return _constrain(x, PartitionSpec(axis_name), axes)
+    return _constrain(x, PartitionSpec(names[0] if len(names) == 1 else names), axes)
 
 
 def constrain_like(x: Array, spec: PartitionSpec | None) -> Array:
@@ -62,3 +108,91 @@ def constrain_like(x: Array, spec: PartitionSpec | None) -> Array:
     if not axes:
         return x
     return _constrain(x, spec, axes)
+
+
+def _stacked(axis_name: AxisNames, x: Any) -> PartitionSpec:
+    names = axis_names(axis_name)
+    if not names or x.ndim == 0:
+        return PartitionSpec()
+    return PartitionSpec(names[0] if len(names) == 1 else names, *([None] * (x.ndim - 1)))
+
+
+def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> WhiteKronState:
+    """The `PartitionSpec` of every array of `state` (arrays or shapes): the stacked
+    factor arrays (every `DenseState` field, a large leaf's factors, the stored sides)
+    over `axis_name` along their leading axis, the momentum as `mu_specs` (a tree like
+    the params), everything else replicated."""
+    stacked = functools.partial(_stacked, axis_name)
+    replicated = lambda _: PartitionSpec()
+
+    def leaf_specs(s: LeafState) -> LeafState:
+        return jax.tree.map(stacked if s.kind == LeafKind.LARGE else replicated, s)
+
+    specs = jax.tree.map(replicated, state)
+    return specs._replace(
+        mu=None if state.mu is None else mu_specs,
+        dense=tuple(jax.tree.map(stacked, d) for d in state.dense),
+        leaves=tuple(leaf_specs(s) for s in state.leaves),
+        cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
+    )
+
+
+def type_spec(x: Any) -> PartitionSpec:
+    """The `PartitionSpec` in `x`'s type (sharding in types), or in its committed
+    sharding; replicated when it has neither."""
+    for sharding in (getattr(jax.typeof(x), "sharding", None), getattr(x, "sharding", None)):
+        spec = getattr(sharding, "spec", None)
+        if isinstance(spec, PartitionSpec):
+            return spec
+    return PartitionSpec()
+
+
+def _without(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    """`spec` with the named `axes` left out (they are Auto inside `with_auto_axes`)."""
+
+    def keep(entry):
+        if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+            return entry
+        names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n not in axes)
+        return None if not names else names[0] if len(names) == 1 else names
+
+    return PartitionSpec(*(keep(e) for e in spec))
+
+
+def with_auto_axes(fun: Callable, out_specs: Callable[..., Any]) -> Callable:
+    """`fun`, run with the active mesh's Explicit axes turned Auto (so that its sharding
+    constraints place the stacks), its outputs then resharded to `out_specs(out, *args)`.
+
+    Under no mesh, or one with Auto axes only, `fun` itself runs. This is
+    `jax.sharding.auto_axes` with output specs that follow from the output's structure,
+    which the caller cannot know in advance.
+    """
+
+    @functools.wraps(fun)
+    def run(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        explicit = () if mesh is None or mesh.empty else tuple(mesh.explicit_axes)
+        if not explicit:
+            return fun(*args)
+        auto = mesh.update_axis_types({name: AxisType.Auto for name in explicit})
+        with jax.sharding.use_abstract_mesh(auto):
+            inner = jax.tree.map(
+                lambda x: (
+                    jax.sharding.reshard(x, _without(type_spec(x), explicit))
+                    if isinstance(x, jax.Array)
+                    else x
+                ),
+                args,
+            )
+            out = fun(*inner)
+        # Only the Explicit axes go in the types; the Auto ones (of a mixed mesh) were
+        # placed by the constraints inside.
+        others = tuple(n for n in mesh.axis_names if n not in explicit)
+        specs = jax.tree.map(
+            lambda spec: _without(spec, others),
+            out_specs(out, *args),
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+        return jax.sharding.reshard(out, specs)
+
+    return run

@@ -9,8 +9,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._alias import quad, scale_by_quad
 from ._config import check_weight_decay, python_scalar
-from ._layout import LeafKind
-from ._state import LeafState
+from ._sharding import state_specs
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
@@ -18,15 +17,6 @@ ParamsOrShapes: TypeAlias = PyTree[ArrayLike | jax.ShapeDtypeStruct]
 
 _QUAD_KWARGS = frozenset(inspect.signature(quad).parameters)
 _SCALE_KWARGS = frozenset(inspect.signature(scale_by_quad).parameters)
-
-
-def _stacked(axis_name: str | None):
-    def spec(x) -> PartitionSpec:
-        if axis_name is None or x.ndim == 0:
-            return PartitionSpec()
-        return PartitionSpec(axis_name, *([None] * (x.ndim - 1)))
-
-    return spec
 
 
 def _param_spec(p: Any) -> PartitionSpec:
@@ -74,25 +64,8 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
     # `init` refuses a bad `scanned_layers` tree with the same ValueError.
     shapes = jax.eval_shape(scale_by_quad(**scale_kwargs).init, params)
-    stacked = _stacked(scale_kwargs.get("pipeline_axis_name"))
-    replicated = PartitionSpec()
-
-    def leaf_specs(s: LeafState) -> LeafState:
-        if s.kind == LeafKind.LARGE:
-            return jax.tree.map(stacked, s)
-        return jax.tree.map(lambda _: replicated, s)
-
-    # Counters replicated; then the stacked and momentum fields replaced.
-    specs = jax.tree.map(lambda _: replicated, shapes)
-    specs = specs._replace(
-        mu=None
-        if shapes.mu is None
-        else _mu_specs(params, scale_kwargs.get("params_partition_specs")),
-        dense=tuple(jax.tree.map(stacked, d) for d in shapes.dense),
-        leaves=tuple(leaf_specs(s) for s in shapes.leaves),
-        # the stored sides are stacked like the factors they come from
-        cache=None if shapes.cache is None else jax.tree.map(stacked, shapes.cache),
-    )
+    mu = _mu_specs(params, scale_kwargs.get("params_partition_specs"))
+    specs = state_specs(shapes, scale_kwargs.get("pipeline_axis_name"), mu)
     # quad/skew always add the decay for an array weight_decay (it may be injected)
     has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0
     return (specs, None, None) if has_decay else (specs, None)

@@ -16,16 +16,23 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
+from . import _kron as kron
 from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
-from ._custom_types import Unchecked
+from ._custom_types import AxisNames, Unchecked
 from ._kinds import KINDS, dense
 from ._kron import StepContext
 from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
-from ._sharding import constrain_like
+from ._sharding import (
+    active_stack_axis,
+    constrain_like,
+    state_specs,
+    type_spec,
+    with_auto_axes,
+)
 from ._state import LeafState, Plan, PreconditionerCache, WhiteKronState
 
 
@@ -159,7 +166,7 @@ def _precondition(
     state: WhiteKronState,
     plan: TreePlan,
     refresh: bool,
-    axis_name: str | None,
+    axis_name: AxisNames,
 ) -> tuple[list[Array], Array, tuple, tuple[LeafState, ...], PreconditionerCache | None]:
     """Every non-empty leaf through its kind; returns the outputs (as views), each
     leaf's sum of squared outputs, and the new dense buckets, leaf states and cache."""
@@ -211,6 +218,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
     dtype = config.compute_dtype
 
     def init_fn(params: Unchecked) -> WhiteKronState:
+        active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)  # checks
         leaves, treedef, names = check_params(params)
         flags = scanned_flags(config.scanned_layers, params)
         plan = plan_tree(
@@ -314,15 +322,19 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
 
         lr = config.preconditioner_lr
+        first = (t == 1) if config.preconditioner_init_scale is None else None
+        lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4))
+        if first is not None and not kron.FIRST_STEP_MOVES:
+            lr = jnp.where(first, 0.0, lr)
         ctx = StepContext(
             rule=rule,
-            lr=jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4)),
+            lr=lr,
             balance=(t % 100) == 0,
             product_dtype=config.product_dtype,
             input_scale=input_scale,
             step=t,
             noise_scale=config.noise_scale,
-            first=(t == 1) if config.preconditioner_init_scale is None else None,
+            first=first,
             stochastic_rounding=config.stochastic_rounding,
         )
         axis = config.pipeline_axis_name
@@ -400,7 +412,30 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         new_state = jax.tree.map(keep, stepped, skipped)
         return treedef.unflatten(new_updates), new_state
 
+    def mesh_axis() -> AxisNames:
+        return active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)
+
+    def mu_specs(params: Unchecked) -> Any:
+        if config.params_partition_specs is None:
+            return jax.tree.map(type_spec, params)
+        return jax.tree.unflatten(jax.tree.structure(params), _partition_specs(config, params))
+
+    # Under a mesh with Explicit axes (`jax.make_mesh`'s default) the step runs with them
+    # Auto, and its results come out with the shardings in their types: the stacks over
+    # the pipeline axis, the momentum and the updates like the params and gradients.
+    def init_specs(state: WhiteKronState, params: Unchecked) -> WhiteKronState:
+        return state_specs(state, mesh_axis(), mu_specs(params))
+
+    def update_specs(out, updates: Unchecked, state: WhiteKronState, params: Unchecked = None):
+        del params
+        new_updates, new_state = out
+        mu = None if state.mu is None else jax.tree.map(type_spec, state.mu)
+        return jax.tree.map(type_spec, updates), state_specs(new_state, mesh_axis(), mu)
+
     # Compiled as one program even when called eagerly (un-jitted, every operation would
     # be dispatched and compiled on its own: seconds for a small tree); inside a user's
     # jitted step it is traced inline like any other function.
-    return optax.GradientTransformation(init_fn, eqx.filter_jit(update_fn))  # pyright: ignore
+    return optax.GradientTransformation(
+        with_auto_axes(init_fn, init_specs),
+        eqx.filter_jit(with_auto_axes(update_fn, update_specs)),  # pyright: ignore
+    )

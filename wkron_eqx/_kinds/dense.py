@@ -27,6 +27,7 @@ from .._blocking import (
     zero_pad,
 )
 from .._config import Config
+from .._custom_types import AxisNames
 from .._kron import (
     Factors,
     Grams,
@@ -35,7 +36,7 @@ from .._kron import (
     initial_grams,
     initial_scales,
     rescaled,
-    sum_4th_powers,
+    sum_powers,
     update_stack,
 )
 from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
@@ -199,13 +200,13 @@ def _layers(bucket: Bucket, plan: TreePlan) -> np.ndarray:
 
 def _initial_scales(ctx: StepContext, stacks: list[Array], plan: TreePlan) -> list[Array]:
     """Per bucket, the scale of each tile's factors on the first step: its layer's
-    (`initial_scales`), from the sum of `G^4` over all the layer's tiles, whichever
+    (`initial_scales`), from the sum of `|G|^k` over all the layer's tiles, whichever
     buckets they are in."""
     assert ctx.first is not None
     layers = [_layers(bucket, plan) for bucket in plan.buckets]
     count = int(_layer_offsets(plan)[-1])
     sums = jax.ops.segment_sum(
-        _join([sum_4th_powers(G) for G in stacks]), np.concatenate(layers), count + 1
+        _join([sum_powers(G) for G in stacks]), np.concatenate(layers), count + 1
     )
     sizes = np.array([math.prod(leaf.merged) for leaf in plan.leaves for _ in range(leaf.batch)])
     scales = initial_scales(sums, np.append(np.maximum(sizes, 1), 1), ctx.first, factors=2)
@@ -224,7 +225,7 @@ def update(
     slots: dict[int, Int[Array, " k"]],
     plan: TreePlan,
     refresh: bool,
-    axis_name: str | None,
+    axis_name: AxisNames,
 ) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
     """Precondition every dense leaf; update the factors too when `refresh`.
 

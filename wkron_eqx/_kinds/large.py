@@ -24,6 +24,7 @@ from .._blocking import (
     validity_mask,
 )
 from .._config import Config
+from .._custom_types import AxisNames
 from .._kron import (
     Factors,
     Grams,
@@ -32,7 +33,7 @@ from .._kron import (
     initial_grams,
     initial_scales,
     rescaled,
-    sum_4th_powers,
+    sum_powers,
     update_stack,
 )
 from .._layout import LeafKind, LeafPlan, TreePlan
@@ -124,7 +125,7 @@ def _update_leaf(
     grams: Grams | None,
     plan: LeafPlan,
     refresh: bool,
-    axis_name: str | None,
+    axis_name: AxisNames,
 ) -> tuple[Float[Array, "B m n"], LeafState, Grams | None]:
     strips = cut_strips(x, plan).astype(ctx.product_dtype)
     strips = constrain_stack(strips * ctx.input_scale.astype(strips.dtype), axis_name)
@@ -135,7 +136,7 @@ def _update_leaf(
     if ctx.first is not None:
         # Each layer's factors from its first input (`initial_scales`).
         layers = _strip_layers(plan)
-        sums = jax.ops.segment_sum(sum_4th_powers(strips), layers, plan.batch + 1)
+        sums = jax.ops.segment_sum(sum_powers(strips), layers, plan.batch + 1)
         size = np.append(np.full(plan.batch, max(math.prod(plan.merged), 1)), 1)
         scales = initial_scales(sums, size, ctx.first, factors=2)[layers]
         factors = rescaled(factors, constrain_stack(scales, axis_name))
@@ -159,7 +160,7 @@ def update(
     slots: dict[int, Int[Array, " 1"]],
     plan: TreePlan,
     refresh: bool,
-    axis_name: str | None,
+    axis_name: AxisNames,
 ) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
     """Precondition every large leaf (each is one stack of strips); update the factors
     too when `refresh`. Returns as `dense.update`; a large leaf has its own

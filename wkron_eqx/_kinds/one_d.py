@@ -14,7 +14,8 @@ from jaxtyping import Array, Float, Int
 
 from .._blocking import materialised, take
 from .._config import Config
-from .._kron import StepContext, initial_scales, store
+from .._custom_types import AxisNames
+from .._kron import StepContext, initial_scales, powers, store
 from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import ONE_D_STREAM, add_noise
 from .._norms import track_lipschitz
@@ -54,7 +55,7 @@ def update(
     slots: dict[int, Int[Array, " 3"]],
     plan: TreePlan,
     refresh: bool,
-    axis_name: str | None,
+    axis_name: AxisNames,
 ) -> tuple[dict[int, Float[Array, "B n"]], State, Float[Array, " leaves"], None]:
     """Precondition every 1-D leaf at once; update the factors too when `refresh`.
     Returns as `dense.update`. A 1-D leaf stores no sides (`cache`): its `q^2 g` is one
@@ -86,8 +87,7 @@ def update(
     if refresh:
         if ctx.first is not None:
             # Each layer's factor from its first input (`initial_scales`).
-            x32 = x.astype(jnp.float32)
-            sums = jax.ops.segment_sum(jnp.square(jnp.square(x32)), segment, len(lengths))
+            sums = jax.ops.segment_sum(powers(x), segment, len(lengths))
             size = np.maximum(np.array(lengths), 1)
             q = q * initial_scales(sums, size, ctx.first, factors=1)[segment].astype(q.dtype)
         Pg = q * q * materialised(add_noise(x, ctx.step, ctx.noise_scale))

@@ -1,0 +1,129 @@
+"""The 8-device half of `test_sharding.py`, run in a subprocess of its own: the stacks
+spread over two mesh axes (`pipeline_axis_name=("data", "fsdp")`) on a `2 x 4` mesh with
+Explicit axes, and FSDP-sharded weights in a jitted Equinox training step. Prints one
+JSON object on the last line of stdout. Run by hand: `python tests/_sharded_axes.py`.
+"""
+
+import os
+
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+).strip()
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import wkron_eqx as wk
+
+
+AXES = ("data", "fsdp")
+SHAPES = {
+    "dense": (40, 24),
+    "large": (100, 20),
+    "bias": (24,),
+    "stack": (3, 16, 8),
+}
+CONFIG = dict(
+    learning_rate=0.01,
+    dtype=jnp.float32,
+    noise_scale=0.0,
+    max_size_dense=64,
+    block_size=16,
+    scanned_layers={k: k == "stack" for k in SHAPES},
+)
+
+
+def _arrays(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return 1.0 if denominator == 0 else float(a @ b / denominator)
+
+
+def _stacks(state) -> dict:
+    inner = state[0]
+    out = {
+        f"dense[{i}].{k}": x
+        for i, d in enumerate(inner.dense)
+        for k, x in d.to_dict().items()
+        if isinstance(x, jax.Array)
+    }
+    for path, leaf in zip(inner.plan.paths, inner.leaves, strict=True):
+        if leaf.kind == wk.LARGE_PATH:
+            out |= {f"{path}.{k}": x for k, x in leaf.to_dict().items() if isinstance(x, jax.Array)}
+    return out
+
+
+def _trimmed(spec: P) -> tuple:
+    """A spec without its trailing `None`s (`P()` and `P(None, None)` are the same)."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+def two_axes() -> dict:
+    params, grads = _arrays(0), [_arrays(s + 1) for s in range(3)]
+    tx = wk.quad(**CONFIG)
+    state, single = tx.init(params), []
+    for g in grads:
+        u, state = jax.jit(tx.update)(g, state, params)
+        single.append(u)
+    sharded = dict(CONFIG, pipeline_axis_name=AXES, pipeline_axis_size=8)
+    tx = wk.quad(**sharded)
+    mesh = jax.make_mesh((2, 4), AXES)
+    report: dict = {}
+    with jax.set_mesh(mesh):
+        state = jax.jit(tx.init)(params)
+        cosines = []
+        for g, want in zip(grads, single, strict=True):
+            u, state = jax.jit(tx.update)(g, state, params)
+            cosines += [_cosine(u[k], want[k]) for k in SHAPES]
+        report["min_cosine"] = min(cosines)
+        report["stacks"] = {
+            k: {
+                "stack": x.shape[0],
+                "shard_rows": sorted({s.data.shape[0] for s in x.addressable_shards}),
+                "devices": len({s.device for s in x.addressable_shards}),
+                "spec": str(jax.typeof(x).sharding.spec),
+            }
+            for k, x in _stacks(state).items()
+        }
+        specs = wk.get_opt_state_partition_specs(params, **sharded)[0]
+        report["specs_match"] = all(
+            _trimmed(spec) == _trimmed(jax.typeof(x).sharding.spec)
+            for spec, x in zip(
+                jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
+                jax.tree.leaves(state[0]),
+                strict=True,
+            )
+        )
+        errors = {}
+        for name, kwargs in {
+            "size": dict(pipeline_axis_name=AXES, pipeline_axis_size=4),
+            "missing": dict(pipeline_axis_name=("data", "pp"), pipeline_axis_size=8),
+        }.items():
+            try:
+                wk.quad(**CONFIG, **kwargs).init(params)
+                errors[name] = None
+            except ValueError as e:
+                errors[name] = str(e)
+        report["errors"] = errors
+    return report
+
+
+if __name__ == "__main__":
+    result = {"devices": jax.device_count(), "two_axes": two_axes()}
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
