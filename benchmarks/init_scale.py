@@ -3,9 +3,11 @@ start, on the digits MLP (64-128-128-10, float32, minibatches of 128, weight dec
 
 For each optimizer, learning rate and seed: the RMS of the first hidden weight's update
 divided by the learning rate at steps 1, 5, 20 and 100, and the full training loss at
-steps 50 and 100. Two starts from the first gradient are measured: the full one (`P G`
-at unit RMS, psgd_torch's statistic) and the half-way one (HeavyBall's, the same
-statistic to the power 0.5), set through `wkron_eqx._kron.INITIAL_SCALE_POWER`.
+steps 50 and 100. The starts from the first gradient (`STARTS`, set through
+`wkron_eqx._kron`'s constants): psgd_torch's ("full": `(mean G^4)^(1/4)`, with a factor
+step on the first step), HeavyBall's ("half": the same, half way in log scale), the RMS
+instead ("rms"), and each without the first factor step ("still"). "rms, still" is what
+`preconditioner_init_scale=None` does.
 
     python benchmarks/init_scale.py [--seeds 3] [--steps 100]
 """
@@ -93,6 +95,7 @@ def main():
     y = jnp.asarray(digits.target[:1400])
     names = ["adamw"] + [f"{r}, {s}" for r in ("quad", "skew") for s in STARTS]
     rows = []
+    defaults = kron.INITIAL_SCALE_POWER, kron.INITIAL_SCALE_MOMENT, kron.FIRST_STEP_MOVES
     print(
         "| optimizer | lr | " + " | ".join(f"RMS/lr @{s}" for s in AT) + " | loss @50 | loss @100 |"
     )
@@ -122,7 +125,7 @@ def main():
                 + f" | {mean(row['loss_50'])} | {mean(row['loss_100'])} |",
                 flush=True,
             )
-    kron.INITIAL_SCALE_POWER, kron.INITIAL_SCALE_MOMENT, kron.FIRST_STEP_MOVES = 1.0, 4, True
+    kron.INITIAL_SCALE_POWER, kron.INITIAL_SCALE_MOMENT, kron.FIRST_STEP_MOVES = defaults
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "init_scale.json").write_text(json.dumps(rows, indent=1))
 

@@ -191,15 +191,16 @@ def precondition_entry(entry: Entry, G: np.ndarray, rule: str, lr: float, rebala
 
 def _start_from(leaf: Leaf, layers: np.ndarray) -> None:
     """`preconditioner_init_scale=None` on the first step: every factor of a layer is
-    multiplied by `(mean x^4)^(-1/(8k))` over the layer's input `x`, with `k` the number of
-    factors of an entry (1 for a 1-D leaf, else 2), so that `P x` has about unit RMS; a
-    zero or non-finite statistic leaves the factors as they are."""
+    multiplied by `(mean x^2)^(-1/(4k))` over the layer's input `x`, with `k` the number of
+    factors of an entry (1 for a 1-D leaf, else 2), so that `P x` has unit RMS; a zero or
+    non-finite statistic leaves the factors as they are. (The factors then take no step
+    on that first step: see `step`.)"""
     k = 1 if leaf.kind == "one_d" else 2
     for entry in leaf.entries:
-        mean_4th = np.mean(layers[entry.layer] ** 4) if layers[entry.layer].size else 0.0
-        if not (np.isfinite(mean_4th) and mean_4th > 0):
+        mean_sq = np.mean(layers[entry.layer] ** 2) if layers[entry.layer].size else 0.0
+        if not (np.isfinite(mean_sq) and mean_sq > 0):
             continue
-        scale = mean_4th ** (-1 / (8 * k))
+        scale = mean_sq ** (-1 / (4 * k))
         entry.Ql = entry.Ql * scale
         if entry.Qr is not None:
             entry.Qr = entry.Qr * scale
@@ -260,15 +261,17 @@ class ReferenceOptimizer:
             if self.normalize_grads:
                 x = x / (np.linalg.norm(x) + 1e-6)
             layers = x.reshape((leaf.batch,) + leaf.merged)
+            step_lr = lr_p
             if self.from_input and t == 1:
                 _start_from(leaf, layers)
+                step_lr = 0.0  # the first step only sets the scale
             if leaf.kind == "one_d":
                 layers = layers[..., None]
             out = np.zeros_like(layers)
             for entry in leaf.entries:
                 G = layers[entry.layer, entry.rows, entry.cols]
                 out[entry.layer, entry.rows, entry.cols] = precondition_entry(
-                    entry, G, self.rule, lr_p, rebalance
+                    entry, G, self.rule, step_lr, rebalance
                 )
             u = out.reshape(leaf.shape)
             if u.size:

@@ -328,8 +328,8 @@ def _layer_scaled(sampler):
 @pytest.mark.parametrize("rule", RULES)
 def test_factors_start_from_the_first_input(rule):
     """`preconditioner_init_scale=None`: on the first step every layer's factors are
-    rescaled from its own input (the reference's `_start_from`), then stepped as usual;
-    later steps are plain steps. Gradients of every layer at its own scale, 1e-4 to 1e2."""
+    rescaled from its own input (the reference's `_start_from`) and not stepped; later
+    steps are plain steps. Gradients of every layer at its own scale, 1e-4 to 1e2."""
     config = dict(MIXED_CONFIG, preconditioner_init_scale=None)
     worst_update, pairs = _run(rule, MIXED_LEAVES, _layer_scaled(_spiked), **config)
     worst_factor, worst_lipschitz = _factor_errors(pairs)

@@ -67,25 +67,25 @@ def store(ctx: StepContext, x: Array, dtype, stream: int) -> Array:
     return x.astype(dtype)
 
 
+# How `preconditioner_init_scale=None` starts, as measured by
+# `benchmarks/init_scale.py` (which sets these to compare the alternatives): the RMS of
+# the first input (moment 2; psgd_torch reads `(mean G^4)^(1/4)`, moment 4, which the
+# heavy tails of real gradients make 1.5-2x larger), all the way to unit RMS (power 1;
+# HeavyBall goes half way, 0.5), and no factor step on that first step (the first step
+# of the rule would whiten one sample and shrink the output 2-3x). Together they give a
+# first update at the steady size, and the lowest loss at step 50 of every variant.
 INITIAL_SCALE_POWER = 1.0
-"""How far the first step's rescaling goes, in log scale: 1 brings `P G` to unit RMS (as
-psgd_torch's `init_scale=None`), 0.5 half way (HeavyBall's start)."""
-
-INITIAL_SCALE_MOMENT = 4
-"""The moment of the first input the start is read from: 4 is psgd_torch's
-`(mean G^4)^(1/4)`, 2 the RMS itself."""
-
-FIRST_STEP_MOVES = True
-"""Whether the factors also take their first step on the step that rescales them."""
+INITIAL_SCALE_MOMENT = 2
+FIRST_STEP_MOVES = False
 
 
 def initial_scales(
     sums: Float[Array, " n"], size: ArrayLike, first: Bool[Array, ""], factors: int
 ) -> Float[Array, " n"]:
     """The factor by which each of an entry's `factors` factors is multiplied on the first
-    step, so that `P G` comes out at about unit RMS: the product of the sides `P = Q^T Q`
-    is scaled by `(mean |G|^k)^(-1/k)` (`k = INITIAL_SCALE_MOMENT`), split evenly
-    between the factors.
+    step, so that `P G` comes out at unit RMS: the product of the sides `P = Q^T Q` is
+    scaled by `(mean |G|^k)^(-1/k)` (`k = INITIAL_SCALE_MOMENT`: the RMS of `G`), split
+    evenly between the factors.
 
     **Arguments:**
 
