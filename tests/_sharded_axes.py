@@ -124,6 +124,60 @@ def two_axes() -> dict:
     return report
 
 
+def fsdp() -> dict:
+    """An Equinox MLP whose weights are sharded `P("fsdp", None)` or `P(None, "fsdp")`,
+    trained by a jitted step with the stacks over `("data", "fsdp")`: cosine per leaf
+    against one device over 3 steps, and where the weights and momentum live."""
+    import equinox as eqx
+    import optax
+
+    model = eqx.nn.MLP(24, 16, width_size=40, depth=2, key=jax.random.key(0))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    tx = wk.quad(**dict(CONFIG, scanned_layers=None), pipeline_axis_name=AXES, pipeline_axis_size=8)
+    plain = wk.quad(**dict(CONFIG, scanned_layers=None))
+
+    def loss(params, x):
+        return jnp.mean(jax.vmap(eqx.combine(params, static))(x) ** 2)
+
+    def stepper(tx):
+        @eqx.filter_jit
+        def step(params, state, x):
+            grads = jax.grad(loss)(params, x)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, updates
+
+        return step
+
+    xs = [jax.random.normal(jax.random.key(s), (16, 24)) for s in range(3)]
+    p, state, single = params, plain.init(params), []
+    for x in xs:
+        p, state, u = stepper(plain)(p, state, x)
+        single.append(u)
+    mesh = jax.make_mesh((2, 4), AXES)
+    report = {}
+    for layout, spec in (("rows", P("fsdp", None)), ("cols", P(None, "fsdp"))):
+        with jax.set_mesh(mesh):
+            place = lambda x: jax.device_put(x, NamedSharding(mesh, spec if x.ndim == 2 else P()))
+            p = jax.tree.map(place, params)
+            state, cosines = tx.init(p), []
+            for x, want in zip(xs, single, strict=True):
+                x = jax.device_put(x, NamedSharding(mesh, P("data")))
+                p, state, u = stepper(tx)(p, state, x)
+                cosines += [
+                    _cosine(a, b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want))
+                ]
+            weight = p.layers[1].weight
+            report[layout] = {
+                "min_cosine": min(cosines),
+                "weight_spec": str(jax.typeof(weight).sharding.spec),
+                "mu_spec": str(jax.typeof(state[0].mu.layers[1].weight).sharding.spec),
+                "update_spec": str(jax.typeof(u.layers[1].weight).sharding.spec),
+            }
+    return report
+
+
 if __name__ == "__main__":
-    result = {"devices": jax.device_count(), "two_axes": two_axes()}
+    from jax.sharding import NamedSharding
+
+    result = {"devices": jax.device_count(), "two_axes": two_axes(), "fsdp": fsdp()}
     sys.stdout.write("\n" + json.dumps(result) + "\n")

@@ -67,6 +67,13 @@ def test_stacks_spread_over_two_mesh_axes(eight_device_report):
     assert run["specs_match"]
 
 
+@pytest.mark.parametrize("layout, spec", [("rows", "P('fsdp', None)"), ("cols", "P(None, 'fsdp')")])
+def test_fsdp_sharded_weights_in_a_jitted_equinox_step(eight_device_report, layout, spec):
+    run = eight_device_report["fsdp"][layout]
+    assert run["min_cosine"] > 0.9999
+    assert run["weight_spec"] == run["mu_spec"] == run["update_spec"] == spec
+
+
 def test_pipeline_axes_are_checked_against_the_mesh(eight_device_report):
     errors = eight_device_report["two_axes"]["errors"]
     assert "`pipeline_axis_size=4`" in errors["size"] and "which is 8" in errors["size"]
