@@ -194,3 +194,24 @@ def _sides_of(state):
         for s, g in zip(state.leaves, state.cache.leaves, strict=True)
     )
     return state.cache.__class__(dense=dense, leaves=leaves)
+
+
+def test_a_cached_state_checkpoints_and_resumes_bit_identically(tmp_path):
+    """`eqx.tree_serialise_leaves` round trip of a state holding sides, then two more
+    steps (one applying, one updating) equal to the uninterrupted run; and
+    `preconditioner_stats` reads the state."""
+    import equinox as eqx
+
+    tx = wk.scale_by_quad(cache_preconditioner=True, **COMMON)
+    _, states = _run(tx, 5)
+    path = tmp_path / "state.eqx"
+    eqx.tree_serialise_leaves(path, states[2])
+    restored = eqx.tree_deserialise_leaves(path, tx.init(_tree(0)))
+    assert_trees_equal(restored, states[2])
+    params, update = _tree(0), jax.jit(tx.update)
+    state = restored
+    for t in (3, 4):
+        _, state = update(_tree(t + 1), state, params)
+        assert_trees_equal(state, states[t])
+    stats = wk.preconditioner_stats(state)
+    assert set(stats) == set(SHAPES) and int(stats["large"]["kind"]) == wk.LARGE_PATH

@@ -108,19 +108,24 @@ def test_the_new_options_add_no_control_flow(rule, accelerator):
     assert counts == {"while": 0, "scan": 0, "cond": 1}
 
 
-def _branch_products(jaxpr) -> list[int]:
-    """The `dot_general`s in each branch of the step's one `cond` (0: apply only)."""
-    conds = []
+def _equations(jaxpr, name: str) -> list:
+    """Every equation of primitive `name` in `jaxpr` and the jaxprs nested in it."""
+    found = []
 
     def visit(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "cond":
-                conds.append(eqn)
+            if eqn.primitive.name == name:
+                found.append(eqn)
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
     visit(jaxpr)
-    (cond,) = conds
+    return found
+
+
+def _branch_products(jaxpr) -> list[int]:
+    """The `dot_general`s in each branch of the step's one `cond` (0: apply only)."""
+    (cond,) = _equations(jaxpr, "cond")
     return [
         _count_primitives(b.jaxpr, ["dot_general"])["dot_general"] for b in cond.params["branches"]
     ]
@@ -145,16 +150,7 @@ def test_on_cpu_the_only_loops_are_power_iterations(rule):
 
     jaxpr = _update_jaxpr("conv", rule, 1.0)
     assert _count_primitives(jaxpr, ("while", "cond")) == {"while": 0, "cond": 0}
-    loops = []  # a fori_loop with a static trip count is a `scan`
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "scan":
-                loops.append(eqn)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                visit(sub)
-
-    visit(jaxpr)
+    loops = _equations(jaxpr, "scan")  # a fori_loop with a static trip count is a `scan`
     groups = len(wk.tree_plan(_abstract_tree(TREES["conv"]())[0]).groups)
     assert len(loops) == (2 if rule == "quad" else 4) * groups
     for eqn in loops:
