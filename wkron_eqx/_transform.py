@@ -21,7 +21,7 @@ from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
-from ._kinds import KINDS, dense
+from ._kinds import KINDS, StateParts
 from ._kron import StepContext
 from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
@@ -171,36 +171,42 @@ def _precondition(
     """Every non-empty leaf through its kind; returns the outputs (as views), each
     leaf's sum of squared outputs, and the new dense buckets, leaf states and cache."""
     outputs = list(views)
-    buckets, leaves = state.dense, list(state.leaves)
-    cache = state.cache
-    dense_cache, leaf_cache = (None, None) if cache is None else (cache.dense, list(cache.leaves))
+    parts = _parts(state)
     sum_sq = jnp.zeros(len(views), jnp.float32)
     for kind in KINDS:
-        indices = [i for i in plan.of_kind(kind.KIND) if views[i].size]
-        inputs = {i: views[i] for i in indices}
-        slots = {i: state.slots[i] for i in indices}
-        if kind is dense:
-            out, buckets, kind_sum_sq, dense_cache = dense.update(
-                ctx, inputs, buckets, dense_cache, slots, plan, refresh, axis_name
-            )
-        else:
-            kind_state = {i: leaves[i] for i in indices}
-            kind_cache = None if leaf_cache is None else {i: leaf_cache[i] for i in indices}
-            out, kind_state, kind_sum_sq, kind_cache = kind.update(
-                ctx, inputs, kind_state, kind_cache, slots, plan, refresh, axis_name
-            )
-            for i, s in kind_state.items():
-                leaves[i] = s
-            if leaf_cache is not None and kind_cache is not None:
-                for i, g in kind_cache.items():
-                    leaf_cache[i] = g
+        indices = [i for i in plan.of_kind(kind.kind) if views[i].size]
+        kind_state, kind_cache = kind.get(parts, indices)
+        out, kind_state, kind_sum_sq, kind_cache = kind.update(
+            ctx,
+            {i: views[i] for i in indices},
+            kind_state,
+            kind_cache,
+            {i: state.slots[i] for i in indices},
+            plan,
+            refresh,
+            axis_name,
+        )
+        parts = kind.put(parts, kind_state, kind_cache)
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x
-    if cache is not None:
-        assert dense_cache is not None and leaf_cache is not None
-        cache = PreconditionerCache(dense=dense_cache, leaves=tuple(leaf_cache))
-    return outputs, sum_sq, buckets, tuple(leaves), cache
+    return outputs, sum_sq, parts.dense, parts.leaves, _cache(parts)
+
+
+def _parts(state: WhiteKronState) -> StateParts:
+    cache = state.cache
+    return StateParts(
+        dense=state.dense,
+        leaves=state.leaves,
+        dense_cache=None if cache is None else cache.dense,
+        leaf_cache=None if cache is None else cache.leaves,
+    )
+
+
+def _cache(parts: StateParts) -> PreconditionerCache | None:
+    if parts.dense_cache is None or parts.leaf_cache is None:
+        return None
+    return PreconditionerCache(dense=parts.dense_cache, leaves=parts.leaf_cache)
 
 
 def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTransformation:
@@ -230,19 +236,17 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             grouping_for(jax.default_backend()),
             config.memory_save_mode,
         )
-        buckets = dense.init(plan, config)
-        per_kind = {kind: kind.init(plan, config) for kind in KINDS if kind is not dense}
-        own = {i: s for kind_state in per_kind.values() for i, s in kind_state.items()}
-        leaf_states = tuple(own.get(i, LeafState.from_plan(p)) for i, p in enumerate(plan.leaves))
-        cache = None
-        if config.caches:
-            leaf_cache = {}
-            for kind, kind_state in per_kind.items():
-                leaf_cache.update(kind.init_cache(kind_state, config, rule.symmetric) or {})
-            cache = PreconditionerCache(
-                dense=dense.init_cache(buckets, config, rule.symmetric),
-                leaves=tuple(leaf_cache.get(i) for i in range(len(plan.leaves))),
-            )
+        caches = config.caches
+        parts = StateParts(
+            dense=(),
+            leaves=tuple(LeafState.from_plan(p) for p in plan.leaves),  # dense leaves' stay
+            dense_cache=() if caches else None,
+            leaf_cache=(None,) * len(plan.leaves) if caches else None,
+        )
+        for kind in KINDS:
+            kind_state = kind.init(plan, config)
+            kind_cache = kind.init_cache(kind_state, config, rule.symmetric) if caches else None
+            parts = kind.put(parts, kind_state, kind_cache)
         mu = None
         if config.b1 > 0:
             specs = _partition_specs(config, params)
@@ -258,14 +262,14 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         return WhiteKronState(
             count=zero(),
             mu=mu,
-            dense=buckets,
-            leaves=leaf_states,
+            dense=parts.dense,
+            leaves=parts.leaves,
             update_counter=zero(),
             skipped_steps=zero(),
             factor_updates=zero(),
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef),
-            cache=cache,
+            cache=_cache(parts),
         )
 
     def update_fn(updates: Unchecked, state: WhiteKronState, params: Unchecked = None):

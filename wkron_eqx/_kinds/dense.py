@@ -10,7 +10,7 @@ group's size. Each leaf's tiles are cut out of their bucket at a runtime positio
 """
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import DenseState
+from ._base import AbstractKind, StateParts
 
 
 KIND = LeafKind.DENSE
@@ -332,3 +333,37 @@ def update(
             pieces[seg.leaf][seg.group] = take(result, start, seg.count)
     outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
     return outputs, tuple(new_state), sum_sq, None if new_cache is None else tuple(new_cache)
+
+
+class DenseKind(AbstractKind[State, Cache]):
+    """`DENSE_PATH`, as the step sees it (the functions above do the work)."""
+
+    kind: ClassVar[LeafKind] = KIND
+
+    def init(self, plan: TreePlan, config: Config) -> State:
+        return init(plan, config)
+
+    def init_cache(self, state: State, config: Config, symmetric: bool):
+        return init_cache(state, config, symmetric)
+
+    def get(self, parts: StateParts, indices: list[int]) -> tuple[State, Cache | None]:
+        del indices  # the buckets hold every dense leaf's tiles
+        return parts.dense, parts.dense_cache
+
+    def put(self, parts: StateParts, state: State, cache: Cache | None) -> StateParts:
+        return parts._replace(
+            dense=state, dense_cache=parts.dense_cache if cache is None else cache
+        )
+
+    def update(
+        self,
+        ctx: StepContext,
+        inputs: dict,
+        state: State,
+        cache: Cache | None,
+        slots: dict,
+        plan: TreePlan,
+        refresh: bool,
+        axis_name: AxisNames,
+    ):
+        return update(ctx, inputs, state, cache, slots, plan, refresh, axis_name)

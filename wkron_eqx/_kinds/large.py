@@ -9,6 +9,7 @@ sides are long, both factors are diagonal and each layer is one entry.
 """
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import LeafState
+from ._base import AbstractLeafKind
 
 
 KIND = LeafKind.LARGE
@@ -175,3 +177,28 @@ def update(
         )
         sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
     return outputs, new_state, sum_sq, None if cache is None else new_cache
+
+
+class LargeKind(AbstractLeafKind):
+    """`LARGE_PATH`, as the step sees it (the functions above do the work)."""
+
+    kind: ClassVar[LeafKind] = KIND
+
+    def init(self, plan: TreePlan, config: Config) -> State:
+        return init(plan, config)
+
+    def init_cache(self, state: State, config: Config, symmetric: bool):
+        return init_cache(state, config, symmetric)
+
+    def update(
+        self,
+        ctx: StepContext,
+        inputs: dict,
+        state: State,
+        cache: Cache | None,
+        slots: dict,
+        plan: TreePlan,
+        refresh: bool,
+        axis_name: AxisNames,
+    ):
+        return update(ctx, inputs, state, cache, slots, plan, refresh, axis_name)

@@ -7,6 +7,8 @@ Each layer gets one diagonal factor `q` (`[length]`) and one Lipschitz estimate:
 All 1-D leaves are one concatenated computation (see `update`).
 """
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import ONE_D_STREAM, add_noise
 from .._norms import track_lipschitz
 from .._state import LeafState
+from ._base import AbstractLeafKind
 
 
 KIND = LeafKind.ONE_D
@@ -114,3 +117,28 @@ def update(
                 Ql=take(q, offset, batch * length).reshape(batch, length), Ll=take(L, layer, batch)
             )
     return outputs, new_state, sum_sq, None
+
+
+class OneDKind(AbstractLeafKind):
+    """`ONE_D_PATH`, as the step sees it (the functions above do the work)."""
+
+    kind: ClassVar[LeafKind] = KIND
+
+    def init(self, plan: TreePlan, config: Config) -> State:
+        return init(plan, config)
+
+    def init_cache(self, state: State, config: Config, symmetric: bool):
+        return init_cache(state, config, symmetric)
+
+    def update(
+        self,
+        ctx: StepContext,
+        inputs: dict,
+        state: State,
+        cache: dict[int, None] | None,
+        slots: dict,
+        plan: TreePlan,
+        refresh: bool,
+        axis_name: AxisNames,
+    ):
+        return update(ctx, inputs, state, cache, slots, plan, refresh, axis_name)

@@ -1,0 +1,115 @@
+"""`AbstractKind`: what every leaf kind gives the step, and `StateParts`, the parts of a
+`WhiteKronState` that the kinds own."""
+
+import abc
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import equinox as eqx
+from jaxtyping import Array, Float, Int
+
+from .._config import Config
+from .._custom_types import AxisNames
+from .._kron import Grams, StepContext
+from .._layout import LeafKind, TreePlan
+from .._state import DenseState, LeafState
+
+
+class StateParts(NamedTuple):
+    """The factor-holding parts of a state, as the kinds read and write them: the dense
+    buckets, one `LeafState` per leaf, and (with `cache_preconditioner`) the stored
+    sides of each bucket and of each leaf (`None` where it has none)."""
+
+    dense: tuple[DenseState, ...]
+    leaves: tuple[LeafState, ...]
+    dense_cache: tuple[Grams, ...] | None
+    leaf_cache: tuple[Grams | None, ...] | None
+
+
+_State = TypeVar("_State")
+_Cache = TypeVar("_Cache")
+
+
+class AbstractKind(eqx.Module, Generic[_State, _Cache]):
+    """A kind of leaf (dense tiles, large strips, 1-D vectors): how its factors are
+    initialised, kept in the state, and stepped.
+
+    Each kind owns the type of its part of the state (`_State`: the dense kind's
+    buckets, a leaf kind's `LeafState`s by leaf index) and of its stored sides
+    (`_Cache`); the step loops over the kinds without naming one.
+    """
+
+    kind: eqx.AbstractClassVar[LeafKind]
+
+    @abc.abstractmethod
+    def init(self, plan: TreePlan, config: Config) -> _State:
+        """The initial factors of every leaf of this kind in `plan`."""
+
+    @abc.abstractmethod
+    def init_cache(self, state: _State, config: Config, symmetric: bool) -> _Cache | None:
+        """The sides `P = Q^T Q` of `state`'s factors (`cache_preconditioner`), or
+        `None` when the kind stores none; `symmetric` as `AbstractRule.symmetric`."""
+
+    @abc.abstractmethod
+    def get(self, parts: StateParts, indices: list[int]) -> tuple[_State, _Cache | None]:
+        """This kind's state and cache out of `parts`, for the leaves `indices`."""
+
+    @abc.abstractmethod
+    def put(self, parts: StateParts, state: _State, cache: _Cache | None) -> StateParts:
+        """`parts` with this kind's state and cache replaced (the inverse of `get`)."""
+
+    @abc.abstractmethod
+    def update(
+        self,
+        ctx: StepContext,
+        inputs: dict[int, Float[Array, "B ..."]],
+        state: _State,
+        cache: _Cache | None,
+        slots: dict[int, Int[Array, " k"]],
+        plan: TreePlan,
+        refresh: bool,
+        axis_name: AxisNames,
+    ) -> tuple[dict[int, Float[Array, "B ..."]], _State, Float[Array, " leaves"], _Cache | None]:
+        """Precondition every leaf of this kind; update the factors too when `refresh`.
+
+        **Arguments:**
+
+        - `ctx`: what the step knows beyond the inputs (`StepContext`).
+        - `inputs`: leaf index -> the leaf viewed as `[B, m, n]` (`[B, n]` for a 1-D
+          leaf), for every non-empty leaf of this kind.
+        - `state`, `cache`: as `get` returns them.
+        - `slots`: leaf index -> its `WhiteKronState.slots` entry, where the leaf sits in
+          the kind's shared arrays.
+        - `plan`: the static layout; `refresh`: whether the factors update (static);
+          `axis_name`: the mesh axes the stacks are sharded over.
+
+        **Returns:**
+
+        `(outputs, state, sum_sq, cache)`: the outputs keyed like `inputs`; the new
+        state and cache; each leaf's sum of squared outputs (0 for other kinds' leaves),
+        which the RMS clip needs.
+        """
+
+
+class AbstractLeafKind(AbstractKind[dict[int, LeafState], Any]):
+    """A kind whose every leaf has its own `LeafState` (and its own sides, if any)."""
+
+    def get(
+        self, parts: StateParts, indices: list[int]
+    ) -> tuple[dict[int, LeafState], dict[int, Any] | None]:
+        state = {i: parts.leaves[i] for i in indices}
+        cache = None if parts.leaf_cache is None else {i: parts.leaf_cache[i] for i in indices}
+        return state, cache
+
+    def put(
+        self, parts: StateParts, state: dict[int, LeafState], cache: dict[int, Any] | None
+    ) -> StateParts:
+        leaves = list(parts.leaves)
+        for i, s in state.items():
+            leaves[i] = s
+        leaf_cache = parts.leaf_cache
+        if leaf_cache is not None and cache is not None:
+            leaf_cache = list(leaf_cache)
+            for i, g in cache.items():
+                leaf_cache[i] = g
+            leaf_cache = tuple(leaf_cache)
+        return parts._replace(leaves=tuple(leaves), leaf_cache=leaf_cache)
