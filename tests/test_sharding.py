@@ -315,6 +315,16 @@ def test_specs_mirror_state(weight_decay, scanned, pipeline, cache):
     assert sharded == (0 if pipeline is None else stacked + sides)
 
 
+def test_unknown_keyword_arguments_are_refused():
+    for build in (wk.get_opt_state_partition_specs, wk.tree_plan):
+        with pytest.raises(TypeError, match="block_sizes"):
+            build(_SPEC_PARAMS, block_sizes=8)
+    # quad's own arguments are accepted, and change no layout
+    assert wk.tree_plan(_SPEC_PARAMS, learning_rate=0.1, weight_decay=0.0) == wk.tree_plan(
+        _SPEC_PARAMS
+    )
+
+
 def test_specs_default_arguments():
     specs = wk.get_opt_state_partition_specs(_SPEC_PARAMS)
     state = jax.eval_shape(wk.quad().init, _SPEC_PARAMS)

@@ -134,15 +134,19 @@ def tree_plan(params: Any, **kwargs: Any) -> TreePlan:
     **Arguments:**
 
     - `params`: the parameters (arrays or `jax.ShapeDtypeStruct`s).
-    - `**kwargs`: keyword arguments of `scale_by_quad` (others of `quad` are ignored).
+    - `**kwargs`: keyword arguments of `quad` / `skew` (those that only `quad` takes,
+      `learning_rate`, `weight_decay` and `weight_decay_mask`, change no layout); an
+      unknown one raises a `TypeError`, as in `get_opt_state_partition_specs`.
 
     **Returns:**
 
     A `TreePlan` (`leaves`: one `LeafPlan` per leaf in flattening order; `buckets`;
     `groups`).
     """
-    from ._alias import scale_by_quad
+    from ._alias import quad, scale_by_quad
 
+    if unknown := set(kwargs) - set(inspect.signature(quad).parameters):
+        raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
     signature = inspect.signature(scale_by_quad).parameters
     state = jax.eval_shape(
         scale_by_quad(**{k: v for k, v in kwargs.items() if k in signature}).init, params

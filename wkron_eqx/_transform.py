@@ -38,6 +38,11 @@ from ._state import LeafState, Plan, PreconditionerCache, WhiteKronState
 
 _CLIP_RMS = 1.1
 _ADAM_STYLE_DIVISOR = 5.0
+# The factor step size decays as `lr / sqrt(1 + t / _LR_DECAY_STEPS)` down to
+# `min(lr, _LR_FLOOR)`; every `_BALANCE_EVERY` steps each pair of factors is rebalanced.
+_LR_DECAY_STEPS = 10000
+_LR_FLOOR = 0.4
+_BALANCE_EVERY = 100
 
 
 def _key_name(key: Any) -> Any:
@@ -327,13 +332,13 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
 
         lr = config.preconditioner_lr
         first = (t == 1) if config.preconditioner_init_scale is None else None
-        lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / 10000), min(lr, 0.4))
+        lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / _LR_DECAY_STEPS), min(lr, _LR_FLOOR))
         if first is not None and not kron.FIRST_STEP_MOVES:
             lr = jnp.where(first, 0.0, lr)
         ctx = StepContext(
             rule=rule,
             lr=lr,
-            balance=(t % 100) == 0,
+            balance=(t % _BALANCE_EVERY) == 0,
             product_dtype=config.product_dtype,
             input_scale=input_scale,
             step=t,
