@@ -13,7 +13,8 @@ import pytest
 
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
-from wkron_eqx._layout import LeafKind, leaf_plan, leaf_slots, merge_shape, plan_tree
+from wkron_eqx._kinds import leaf_slots
+from wkron_eqx._layout import LeafKind, leaf_plan, merge_shape, plan_tree
 
 
 MANY = hypothesis.settings(max_examples=200, deadline=None)

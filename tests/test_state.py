@@ -251,7 +251,7 @@ def test_top_level_state_is_a_named_tuple_for_optax_tree_access():
 
 
 def test_slots_are_the_plans_positions_and_never_change():
-    from wkron_eqx._layout import leaf_slots
+    from wkron_eqx._kinds import leaf_slots
 
     tx, params = _optimizer_and_params()
     state = tx.init(params)

@@ -381,38 +381,3 @@ def plan_tree(
     )
     buckets = bucket_tiles(leaves, pipeline_axis_size)
     return TreePlan(leaves, buckets, group_buckets(buckets, grouping), grouping)
-
-
-def leaf_slots(plan: TreePlan) -> tuple[tuple[int, ...], ...]:
-    """Where each leaf sits in the step's shared arrays: `(index, *positions)`.
-
-    `index` is the leaf's place in the tree (its entry in the per-leaf vectors, such
-    as the RMS-clip scales). A dense leaf's positions are the first entry of each of
-    its tile groups in that group's bucket (0 for an empty group); a 1-D leaf's are
-    its first element in the concatenation of all non-empty 1-D leaves and its first
-    layer among their layers; a large or empty leaf has none.
-
-    The step reads these as runtime integers (`WhiteKronState.slots`), not as
-    constants: XLA compiles one kernel per distinct computation, and a leaf's
-    position baked into its slicing would make every leaf's kernels distinct. As
-    data, all leaves of one shape share the same kernels, and compile time follows
-    the number of distinct shapes rather than the number of leaves.
-    """
-    starts: dict[tuple[int, int], int] = {}
-    for bucket in plan.buckets:
-        start = 0
-        for seg in bucket.segments:
-            starts[(seg.leaf, seg.group)] = start
-            start += seg.count
-    slots: list[tuple[int, ...]] = []
-    element, layer = 0, 0
-    for i, leaf in enumerate(plan.leaves):
-        size = leaf.batch * math.prod(leaf.merged)
-        if leaf.kind == LeafKind.DENSE:
-            slots.append((i,) + tuple(starts.get((i, g), 0) for g in range(len(leaf.groups))))
-        elif leaf.kind == LeafKind.ONE_D and size:
-            slots.append((i, element, layer))
-            element, layer = element + size, layer + leaf.batch
-        else:
-            slots.append((i,))
-    return tuple(slots)

@@ -1,5 +1,6 @@
-"""Pipeline sharding: constraints on stacked axes inside `init` and `update`, the
-partition specs of a state, and running both under a mesh with Explicit axes.
+"""Pipeline sharding: constraints on stacked axes inside `init` and `update`, and running
+both under a mesh with Explicit axes. (The partition specs of a whole state are
+`_kinds.state_specs`.)
 
 (`get_opt_state_partition_specs`, which builds on the transforms, is in `_specs.py`.)
 """
@@ -14,8 +15,6 @@ from jax.sharding import AxisType, PartitionSpec
 from jaxtyping import Array
 
 from ._custom_types import AxisNames
-from ._layout import LeafKind
-from ._state import LeafState, WhiteKronState
 
 
 def _active_axes() -> dict[str, AxisType]:
@@ -110,31 +109,13 @@ def constrain_like(x: Array, spec: PartitionSpec | None) -> Array:
     return _constrain(x, spec, axes)
 
 
-def _stacked(axis_name: AxisNames, x: Any) -> PartitionSpec:
+def stacked_spec(axis_name: AxisNames, x: Any) -> PartitionSpec:
+    """The spec of a stack `x`: its leading axis over `axis_name` (replicated without
+    one, or for a 0-d `x`)."""
     names = axis_names(axis_name)
     if not names or x.ndim == 0:
         return PartitionSpec()
     return PartitionSpec(names[0] if len(names) == 1 else names, *([None] * (x.ndim - 1)))
-
-
-def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> WhiteKronState:
-    """The `PartitionSpec` of every array of `state` (arrays or shapes): the stacked
-    factor arrays (every `DenseState` field, a large leaf's factors, the stored sides)
-    over `axis_name` along their leading axis, the momentum as `mu_specs` (a tree like
-    the params), everything else replicated."""
-    stacked = functools.partial(_stacked, axis_name)
-    replicated = lambda _: PartitionSpec()
-
-    def leaf_specs(s: LeafState) -> LeafState:
-        return jax.tree.map(stacked if s.kind == LeafKind.LARGE else replicated, s)
-
-    specs = jax.tree.map(replicated, state)
-    return specs._replace(
-        mu=None if state.mu is None else mu_specs,
-        dense=tuple(jax.tree.map(stacked, d) for d in state.dense),
-        leaves=tuple(leaf_specs(s) for s in state.leaves),
-        cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
-    )
 
 
 def type_spec(x: Any) -> PartitionSpec:

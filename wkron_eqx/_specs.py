@@ -9,7 +9,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._alias import quad, scale_by_quad
 from ._config import check_weight_decay, python_scalar
-from ._sharding import state_specs
+from ._kinds import state_specs
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.

@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._kron import Grams
-from ._layout import LeafKind, LeafPlan, TreePlan
+from ._layout import LeafPlan, TreePlan
 
 
 def _encode(value: Any) -> Any:
@@ -134,18 +134,18 @@ class LeafState(_Serialisable):
     valid_cols: Int[Array, " stack"] | None = None
 
     @classmethod
-    def from_plan(cls, plan: LeafPlan, **arrays: Array) -> "LeafState":
-        """The `LeafState` of a planned leaf: its static fields read off `plan`, its
-        factors (none for a dense leaf) from `arrays`."""
-        one_d, large = plan.kind == LeafKind.ONE_D, plan.kind == LeafKind.LARGE
+    def from_plan(cls, plan: LeafPlan, tiles: tuple[int, int], **arrays: Array) -> "LeafState":
+        """The `LeafState` of a planned leaf: its static fields read off `plan` and its
+        kind's tile counts `tiles` (`nr`, `nc`), its factors (none for a dense leaf)
+        from `arrays`."""
         return cls(
             kind=int(plan.kind),
             scanned=int(plan.scanned),
             B=plan.batch,
             shape=plan.shape,
             merged=plan.merged,
-            nr=1 if one_d else sum(p.count for p in plan.row_parts) or int(large),
-            nc=1 if one_d else sum(p.count for p in plan.col_parts) or int(large),
+            nr=tiles[0],
+            nc=tiles[1],
             block_size=plan.block_size,
             diag_left=plan.diag_left,
             diag_right=plan.diag_right,
@@ -199,7 +199,7 @@ class WhiteKronState(NamedTuple):
     - `skipped_steps`: steps skipped because the gradient (or the step) was not finite.
     - `factor_updates`: steps on which the factors were updated.
     - `slots`: per leaf, an int32 vector of where it sits in the step's shared arrays
-      (`_layout.leaf_slots`). They never change; they are data rather than constants
+      (`_kinds.leaf_slots`). They never change; they are data rather than constants
       so that XLA compiles one set of kernels per leaf shape, not one per leaf.
     - `plan`: the static layout (`Plan`).
     - `cache`: the stored preconditioner sides (`PreconditionerCache`) with

@@ -1,14 +1,15 @@
 """`preconditioner_stats`: a look inside the preconditioner, usable inside `jit`."""
 
 import inspect
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._blocking import valid_prefix
-from ._layout import LeafKind, TreePlan
+from ._kinds import FactorStack, StateParts, kind_of
+from ._layout import TreePlan
 from ._state import WhiteKronState
 
 
@@ -43,21 +44,7 @@ def _condition(Q: Array, valid: Array) -> Array:
     return _diag_condition(Q, valid) if Q.ndim == 2 else _dense_condition(Q, valid)
 
 
-class _Stack(NamedTuple):
-    """One stack of entries of a leaf (`Qr`/`Lr` are `None` for a 1-D leaf)."""
-
-    Ql: Array
-    Qr: Array | None
-    Ll: Array
-    Lr: Array | None
-    valid_rows: Array
-    valid_cols: Array
-
-    def sliced(self, start: int, stop: int) -> "_Stack":
-        return _Stack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
-
-
-def _leaf_stats(kind: int, stacks: list[_Stack]) -> dict[str, Array]:
+def _leaf_stats(kind: int, stacks: list[FactorStack]) -> dict[str, Array]:
     """Statistics of one leaf from its stacks (all with or all without a right factor)."""
     has_right = not stacks or stacks[0].Qr is not None
     real = jnp.zeros((), jnp.float32)
@@ -99,27 +86,11 @@ def preconditioner_stats(state: Any) -> Any:
     """
     state = _find_state(state)
     plan = state.plan.tree
-    # where each dense leaf's tiles sit: (bucket index, start, count) per tile group
-    slices: dict[int, list[tuple[int, int, int]]] = {}
-    for b, bucket in enumerate(plan.buckets):
-        start = 0
-        for seg in bucket.segments:
-            slices.setdefault(seg.leaf, []).append((b, start, seg.count))
-            start += seg.count
-    out = []
-    for i, (leaf, s) in enumerate(zip(plan.leaves, state.leaves, strict=True)):
-        if leaf.kind == LeafKind.DENSE:
-            stacks = [
-                _Stack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols).sliced(start, start + n)
-                for b, start, n in slices.get(i, [])
-                for d in (state.dense[b],)
-            ]
-        else:
-            assert s.Ql is not None and s.Ll is not None
-            assert s.valid_rows is not None and s.valid_cols is not None
-            real = leaf.strips if leaf.kind == LeafKind.LARGE else leaf.batch
-            stacks = [_Stack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols).sliced(0, real)]
-        out.append(_leaf_stats(int(leaf.kind), stacks))
+    parts = StateParts(state.dense, state.leaves, None, None)
+    out = [
+        _leaf_stats(int(leaf.kind), kind_of(leaf.kind).factor_stacks(parts, plan, i))
+        for i, leaf in enumerate(plan.leaves)
+    ]
     return jax.tree.unflatten(state.plan.treedef, out)
 
 

@@ -21,15 +21,14 @@ from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
-from ._kinds import KINDS, StateParts
+from ._kinds import KINDS, StateParts, kind_of, leaf_slots, state_specs
 from ._kron import StepContext
-from ._layout import TreePlan, grouping_for, leaf_slots, plan_tree
+from ._layout import TreePlan, grouping_for, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
 from ._sharding import (
     active_stack_axis,
     constrain_like,
-    state_specs,
     type_spec,
     with_auto_axes,
 )
@@ -244,7 +243,8 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         caches = config.caches
         parts = StateParts(
             dense=(),
-            leaves=tuple(LeafState.from_plan(p) for p in plan.leaves),  # dense leaves' stay
+            # (the kinds with factors of their own replace theirs)
+            leaves=tuple(LeafState.from_plan(p, kind_of(p.kind).tiles(p)) for p in plan.leaves),
             dense_cache=() if caches else None,
             leaf_cache=(None,) * len(plan.leaves) if caches else None,
         )

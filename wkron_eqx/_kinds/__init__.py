@@ -1,11 +1,73 @@
 """The leaf kinds, each a final `AbstractKind` (see `_base`): dense tiles in shared
-buckets, large leaves with diagonal sides and strips, and 1-D leaves. The step loops over
-`KINDS` without naming one."""
+buckets, large leaves with diagonal sides and strips, and 1-D leaves. The step, the
+state's partition specs and `preconditioner_stats` loop over `KINDS` without naming
+one."""
 
-from ._base import AbstractKind as AbstractKind, StateParts as StateParts
+import functools
+from typing import Any
+
+import jax
+from jax.sharding import PartitionSpec
+
+from .._custom_types import AxisNames
+from .._layout import LeafKind, TreePlan
+from .._sharding import stacked_spec
+from .._state import LeafState, WhiteKronState
+from ._base import (
+    AbstractKind as AbstractKind,
+    FactorStack as FactorStack,
+    StateParts as StateParts,
+)
 from .dense import DenseKind
 from .large import LargeKind
 from .one_d import OneDKind
 
 
 KINDS: tuple[AbstractKind, ...] = (DenseKind(), LargeKind(), OneDKind())
+
+
+def kind_of(kind: int | LeafKind) -> AbstractKind:
+    """The `AbstractKind` of a `LeafKind` (or of a `LeafState.kind`)."""
+    (found,) = [k for k in KINDS if k.kind == kind]
+    return found
+
+
+def leaf_slots(plan: TreePlan) -> tuple[tuple[int, ...], ...]:
+    """Where each leaf sits in the step's shared arrays: `(index, *positions)`.
+
+    `index` is the leaf's place in the tree (its entry in the per-leaf vectors, such
+    as the RMS-clip scales); the positions are its kind's (`AbstractKind.positions`):
+    for a dense leaf the first entry of each of its tile groups in that group's bucket,
+    for a 1-D leaf its first element and first layer among all 1-D leaves; a large or
+    empty leaf has none.
+
+    The step reads these as runtime integers (`WhiteKronState.slots`), not as
+    constants: XLA compiles one kernel per distinct computation, and a leaf's
+    position baked into its slicing would make every leaf's kernels distinct. As
+    data, all leaves of one shape share the same kernels, and compile time follows
+    the number of distinct shapes rather than the number of leaves.
+    """
+    positions: dict[int, tuple[int, ...]] = {}
+    for kind in KINDS:
+        positions.update(kind.positions(plan))
+    return tuple((i, *positions.get(i, ())) for i in range(len(plan.leaves)))
+
+
+def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> WhiteKronState:
+    """The `PartitionSpec` of every array of `state` (arrays or shapes): the stacked
+    factor arrays (every `DenseState` field, the `LeafState`s of a kind whose
+    `stacked_leaf_states`, the stored sides) over `axis_name` along their leading axis,
+    the momentum as `mu_specs` (a tree like the params), everything else replicated."""
+    stacked = functools.partial(stacked_spec, axis_name)
+    replicated = lambda _: PartitionSpec()
+
+    def leaf_specs(s: LeafState) -> LeafState:
+        return jax.tree.map(stacked if kind_of(s.kind).stacked_leaf_states else replicated, s)
+
+    specs = jax.tree.map(replicated, state)
+    return specs._replace(
+        mu=None if state.mu is None else mu_specs,
+        dense=tuple(jax.tree.map(stacked, d) for d in state.dense),
+        leaves=tuple(leaf_specs(s) for s in state.leaves),
+        cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
+    )

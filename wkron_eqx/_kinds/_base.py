@@ -10,8 +10,23 @@ from jaxtyping import Array, Float, Int
 from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import Grams, StepContext
-from .._layout import LeafKind, TreePlan
+from .._layout import LeafKind, LeafPlan, TreePlan
 from .._state import DenseState, LeafState
+
+
+class FactorStack(NamedTuple):
+    """One stack of factor pairs as `preconditioner_stats` reads it (`Qr`/`Lr` are
+    `None` for a 1-D leaf)."""
+
+    Ql: Array
+    Qr: Array | None
+    Ll: Array
+    Lr: Array | None
+    valid_rows: Array
+    valid_cols: Array
+
+    def sliced(self, start: int, stop: int) -> "FactorStack":
+        return FactorStack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
 
 
 class StateParts(NamedTuple):
@@ -39,6 +54,22 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     """
 
     kind: eqx.AbstractClassVar[LeafKind]
+    # Whether the arrays of this kind's `LeafState`s are stacks, sharded over the
+    # pipeline axes (the dense kind's stacks are its buckets).
+    stacked_leaf_states: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
+        """A leaf's tile (or strip) counts along rows and cols: `LeafState.nr`, `nc`."""
+
+    @abc.abstractmethod
+    def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
+        """Per leaf of this kind, where it sits in the kind's shared arrays (after its
+        index, in `WhiteKronState.slots`); a leaf left out has no positions."""
+
+    @abc.abstractmethod
+    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
+        """The real entries (no pipeline dummies) of leaf `index`'s factors."""
 
     @abc.abstractmethod
     def init(self, plan: TreePlan, config: Config) -> _State:
@@ -92,6 +123,17 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
 
 class AbstractLeafKind(AbstractKind[dict[int, LeafState], Any]):
     """A kind whose every leaf has its own `LeafState` (and its own sides, if any)."""
+
+    @abc.abstractmethod
+    def real_entries(self, plan: LeafPlan) -> int:
+        """How many entries of a leaf's stacked factors are real (not dummies)."""
+
+    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
+        s = parts.leaves[index]
+        assert s.Ql is not None and s.Ll is not None
+        assert s.valid_rows is not None and s.valid_cols is not None
+        stack = FactorStack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols)
+        return [stack.sliced(0, self.real_entries(plan.leaves[index]))]
 
     def get(
         self, parts: StateParts, indices: list[int]

@@ -39,11 +39,11 @@ from .._kron import (
     sum_powers,
     update_stack,
 )
-from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, TreePlan
+from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import DenseState
-from ._base import AbstractKind, StateParts
+from ._base import AbstractKind, FactorStack, StateParts
 
 
 KIND = LeafKind.DENSE
@@ -174,6 +174,18 @@ def _leave(
     if member.transposed:
         Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
     return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
+
+
+def tile_starts(plan: TreePlan) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """`(leaf, tile group) -> (bucket index, first entry, entries)`: where each tile
+    group of each dense leaf sits in its bucket."""
+    starts = {}
+    for b, bucket in enumerate(plan.buckets):
+        start = 0
+        for seg in bucket.segments:
+            starts[(seg.leaf, seg.group)] = (b, start, seg.count)
+            start += seg.count
+    return starts
 
 
 def _owners(bucket: Bucket, leaves: int) -> np.ndarray:
@@ -327,7 +339,7 @@ def update(
     }
     for bucket, result in zip(plan.buckets, results, strict=True):
         for seg in bucket.segments:
-            # A runtime start (see `_layout.leaf_slots`): leaves of one shape in one
+            # A runtime start (see `_kinds.leaf_slots`): leaves of one shape in one
             # bucket are then cut out by one shared kernel.
             start = slots[seg.leaf][1 + seg.group]
             pieces[seg.leaf][seg.group] = take(result, start, seg.count)
@@ -339,6 +351,28 @@ class DenseKind(AbstractKind[State, Cache]):
     """`DENSE_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    stacked_leaf_states: ClassVar[bool] = False  # its factors live in the buckets
+
+    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
+        return sum(p.count for p in plan.row_parts), sum(p.count for p in plan.col_parts)
+
+    def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
+        # The first entry of each tile group in its bucket (0 for an empty group).
+        starts = tile_starts(plan)
+        return {
+            i: tuple(starts.get((i, g), (0, 0, 0))[1] for g in range(len(plan.leaves[i].groups)))
+            for i in plan.of_kind(KIND)
+        }
+
+    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
+        stacks, starts = [], tile_starts(plan)
+        for g in range(len(plan.leaves[index].groups)):
+            if (index, g) in starts:
+                b, start, count = starts[(index, g)]
+                d = parts.dense[b]
+                stack = FactorStack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols)
+                stacks.append(stack.sliced(start, start + count))
+        return stacks
 
     def init(self, plan: TreePlan, config: Config) -> State:
         return init(plan, config)

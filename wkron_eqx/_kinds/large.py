@@ -76,6 +76,14 @@ def _strip_layers(plan: LeafPlan) -> np.ndarray:
     return np.concatenate([layers, dummies]).astype(np.int32)
 
 
+def _tiles(plan: LeafPlan) -> tuple[int, int]:
+    # A side with no strips (a diagonal one) counts as one.
+    return (
+        sum(p.count for p in plan.row_parts) or 1,
+        sum(p.count for p in plan.col_parts) or 1,
+    )
+
+
 def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
     dtype, scale = config.compute_dtype, config.initial_scale
     return (padded_ones if diagonal else padded_identity)(valid, side, scale, dtype)
@@ -91,6 +99,7 @@ def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
     constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
     return LeafState.from_plan(
         plan,
+        _tiles(plan),
         Ql=constrain(_factor(valid_rows, left_side, plan.diag_left, config)),
         Qr=constrain(_factor(valid_cols, right_side, plan.diag_right, config)),
         Ll=constrain(jnp.zeros(plan.stack, jnp.float32)),
@@ -183,6 +192,16 @@ class LargeKind(AbstractLeafKind):
     """`LARGE_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    stacked_leaf_states: ClassVar[bool] = True
+
+    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
+        return _tiles(plan)
+
+    def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
+        return {}  # each large leaf has factors of its own
+
+    def real_entries(self, plan: LeafPlan) -> int:
+        return plan.strips
 
     def init(self, plan: TreePlan, config: Config) -> State:
         return init(plan, config)

@@ -7,6 +7,7 @@ Each layer gets one diagonal factor `q` (`[length]`) and one Lipschitz estimate:
 All 1-D leaves are one concatenated computation (see `update`).
 """
 
+import math
 from typing import ClassVar
 
 import jax
@@ -33,6 +34,7 @@ def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
     (length,) = plan.merged
     return LeafState.from_plan(
         plan,
+        (1, 1),
         Ql=jnp.full((plan.batch, length), config.initial_scale, config.compute_dtype),
         Ll=jnp.zeros(plan.batch, jnp.float32),
         valid_rows=jnp.full(plan.batch, length, jnp.int32),
@@ -107,7 +109,7 @@ def update(
     sum_sq = jax.ops.segment_sum(jnp.square(out.astype(jnp.float32)), owner, leaves)
     outputs, new_state = {}, {}
     for i in order:
-        # Runtime offsets (see `_layout.leaf_slots`): leaves of one shape share kernels.
+        # Runtime offsets (see `_kinds.leaf_slots`): leaves of one shape share kernels.
         _, offset, layer = slots[i]
         batch, length = inputs[i].shape
         outputs[i] = take(out, offset, batch * length).reshape(batch, length)
@@ -123,6 +125,24 @@ class OneDKind(AbstractLeafKind):
     """`ONE_D_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    stacked_leaf_states: ClassVar[bool] = False  # small: replicated
+
+    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
+        return 1, 1
+
+    def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
+        # Each non-empty 1-D leaf's first element in the concatenation of all of them,
+        # and its first layer among their layers.
+        out, element, layer = {}, 0, 0
+        for i in plan.of_kind(KIND):
+            leaf = plan.leaves[i]
+            if size := leaf.batch * math.prod(leaf.merged):
+                out[i] = (element, layer)
+                element, layer = element + size, layer + leaf.batch
+        return out
+
+    def real_entries(self, plan: LeafPlan) -> int:
+        return plan.batch
 
     def init(self, plan: TreePlan, config: Config) -> State:
         return init(plan, config)
