@@ -1,9 +1,9 @@
 """An independent NumPy (float64) re-derivation of `scale_by_quad` / `scale_by_skew`.
 
-Written from SPEC sections 2 and 3 only, without importing `wkron_eqx`, so that the tests
-compare two derivations rather than one implementation with itself. Every tile, strip or
-layer ("entry") gets factors of exactly its valid size: SPEC section 6 makes padding inert,
-so the padded factors of the package must agree with these on their valid part.
+Written from the maths of one step only, without importing `wkron_eqx`, so that the
+tests compare two derivations rather than one implementation with itself. Every tile,
+strip or layer ("entry") gets factors of exactly its valid size: padding is inert, so
+the padded factors of the package must agree with these on their valid part.
 
 Deliberate choices, each as the package documents them:
 
@@ -26,7 +26,7 @@ ADAM_DIVISOR = 5.0
 
 
 def merge_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """SPEC section 2: a 1-D `(length,)` or 2-D `(rows, cols)` view of a layer's shape."""
+    """A 1-D `(length,)` or 2-D `(rows, cols)` view of a layer's shape."""
     if len(shape) < 2:
         return (math.prod(shape),)
     if math.prod(shape) == max(shape):
@@ -81,7 +81,7 @@ def plan_leaf(
     scale: float,
     memory_save_mode: str | None = None,
 ) -> Leaf:
-    """SPEC section 2: classify a leaf and give every entry its initial factors."""
+    """Classify a leaf and give every entry its initial factors."""
     batch, layer_shape = (shape[0], shape[1:]) if scanned else (1, shape)
     merged = merge_shape(tuple(layer_shape))
     entries = []
@@ -244,7 +244,8 @@ class ReferenceOptimizer:
         ]
 
     def step(self, grads: list[np.ndarray]) -> list[np.ndarray]:
-        """One update (SPEC section 3, steps 1-6); returns one update per leaf."""
+        """One update (momentum, factors, output, clip, lr style); returns one update
+        per leaf."""
         t = self.count + 1
         self.count = t
         lr = self.preconditioner_lr

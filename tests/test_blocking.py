@@ -233,7 +233,7 @@ def test_validity_mask(data, rows, cols, n):
 
 
 def _expected_dense_tiles(params, scanned, block_size, max_size_dense):
-    """Counter of (valid rows, valid cols) of every real dense tile (SPEC section 2)."""
+    """Counter of (valid rows, valid cols) of every real dense tile ."""
     tiles = collections.Counter()
     for name, x in params.items():
         batch, layer = (x.shape[0], x.shape[1:]) if scanned[name] else (1, x.shape)

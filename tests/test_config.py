@@ -1,5 +1,6 @@
 """Bad configurations fail at construction with a `ValueError` naming the argument, and the
-factories' signatures are the reference contract (SPEC section 1)."""
+factories' signatures are the reference's (eformer's `white_kron`): its names, order and
+defaults, then ours after them."""
 
 import functools
 import inspect
@@ -255,7 +256,7 @@ def test_good_edge_values_are_accepted_and_honoured(edge):
 
 
 # ---------------------------------------------------------------------------------------
-# signatures: the reference's names, order and defaults (seed/white_kron_api_reference.txt)
+# signatures: the reference's names, order and defaults (eformer 0.0.101's white_kron)
 
 _SCALE_BY_REFERENCE = [
     ("lr_style", "adam"),

@@ -1,5 +1,6 @@
-"""The static tile plan (`_layout.py`) against an independent re-derivation of SPEC section 2
-and section 6 (right-sized tiles), on arbitrary shapes. Pure Python, no jit."""
+"""The static tile plan (`_layout.py`) against an independent re-derivation of its rules
+(shape merging, kinds, tiling, right-sized tiles), on arbitrary shapes. Pure Python, no
+jit."""
 
 import collections
 import fractions
@@ -21,7 +22,7 @@ MANY = hypothesis.settings(max_examples=200, deadline=None)
 
 
 # ---------------------------------------------------------------------------------------
-# The rules of SPEC section 2, written out again (independently of the package).
+# The planning rules, written out again (independently of the package).
 
 
 def expected_merge(shape: tuple[int, ...]) -> tuple[int, ...]:

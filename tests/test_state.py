@@ -17,7 +17,7 @@ import pytest
 import wkron_eqx as wk
 
 
-# The reference's constructor signatures (seed/white_kron_api_reference.txt), in order.
+# The reference's constructor signatures (eformer 0.0.101's white_kron), in order.
 DENSE_FIELDS = ["Ql", "Qr", "Ll", "Lr", "valid_rows", "valid_cols", "valid_count", "block_size"]
 LEAF_FIELDS = [
     "kind",

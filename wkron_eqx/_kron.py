@@ -3,7 +3,7 @@
 An entry is a matrix `G` (`[rows, cols]`) with a left and a right factor, each dense
 (`[side, side]`) or diagonal (`[side]`, for a side longer than `max_size_dense`). A
 stack (a bucket of dense tiles, a compute group, a large leaf's strips) is handled by
-one `vmap`, so it is one batched computation. The step (SPEC section 3, steps 3-5):
+one `vmap`, so it is one batched computation. The step, per entry:
 
 1. `Pg = Pl Gn Pr` with `P = Q^T Q` and `Gn` the noisy `G`;
 2. the statistics `A = Pg Pg^T` (left) and `Pg^T Pg` (right), with `c = numel / side`;

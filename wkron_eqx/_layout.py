@@ -29,7 +29,8 @@ ONE_D_PATH = LeafKind.ONE_D
 
 
 def merge_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Merge a shape to one or two dims (SPEC section 2).
+    """Merge a shape to one or two dims (a 1-D view for vectors and shapes whose merge
+    leaves one dimension, else `(rows, cols)`).
 
     **Arguments:**
 
@@ -224,8 +225,9 @@ class ComputeGroup(NamedTuple):
     """Buckets updated by one batched computation, each zero-padded to `rows x cols`.
 
     Storage stays right-sized (one `DenseState` per bucket); only the step's
-    temporaries are padded. Zero padding of `G` and of the factors is inert (SPEC
-    section 6), so a bucket's result does not depend on its group.
+    temporaries are padded. Zero padding of `G` and of the factors is inert (padded
+    rows and columns stay zero and never reach a real output), so a bucket's result
+    does not depend on its group.
     """
 
     rows: int
