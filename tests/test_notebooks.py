@@ -1,7 +1,6 @@
 """Execute every notebook in `notebooks/` so that none of them rots. Each notebook ends
 with a cell of assertions on its own results; a failing cell fails the test."""
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -13,26 +12,22 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 CELL_TIMEOUT_S = 180
 
 
-def test_notebooks_are_there():
-    names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_quickstart", "02_anatomy", "03_ill_conditioned"]
-
-
-def test_notebooks_match_their_build_script():
-    """The committed cells are those of `notebooks/_build.py` (edit there, then rebuild)."""
+def test_each_notebook_is_paired_with_its_percent_script():
+    """Every `.ipynb` is paired (jupytext) with a `.py` in percent format holding the same
+    cells: edit either, then `jupytext --sync notebooks/*.py`."""
+    import jupytext
     import nbformat
 
-    spec = importlib.util.spec_from_file_location("_build", NOTEBOOKS[0].parent / "_build.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    assert sorted(build.NOTEBOOKS) == [p.stem for p in NOTEBOOKS]
+    assert NOTEBOOKS
     for path in NOTEBOOKS:
-        stored = nbformat.read(path, as_version=4).cells
-        written = build.NOTEBOOKS[path.stem]
-        assert [(c.cell_type, c.source) for c in stored] == [
-            (c.cell_type, c.source) for c in written
-        ], path.name
+        script = path.with_suffix(".py")
+        assert script.exists(), f"{script.name} is missing: `jupytext --sync {path}`"
+        stored = nbformat.read(path, as_version=4)
+        assert stored.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent"
+        paired = jupytext.read(script)
+        assert [(c.cell_type, c.source) for c in paired.cells] == [
+            (c.cell_type, c.source) for c in stored.cells
+        ], f"{path.name} and {script.name} differ: `jupytext --sync {script}`"
 
 
 def test_kernel_is_this_interpreter():
