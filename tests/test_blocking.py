@@ -27,7 +27,7 @@ from wkron_eqx._blocking import (
 )
 from wkron_eqx._layout import LeafKind, leaf_plan
 
-from .test_layout import expected_kind, expected_merge, expected_sides, expected_stored
+from .plan_rules import expected_kind, expected_merge, expected_sides, expected_stored
 
 
 FEW = hypothesis.settings(max_examples=8, deadline=None)

@@ -16,6 +16,8 @@ import pytest
 
 import wkron_eqx as wk
 
+from .reference_signatures import ADDED, OPTIMIZER_REFERENCE, SCALE_BY_REFERENCE
+
 
 FACTORIES = {
     "scale_by_quad": wk.scale_by_quad,
@@ -258,41 +260,10 @@ def test_good_edge_values_are_accepted_and_honoured(edge):
 # ---------------------------------------------------------------------------------------
 # signatures: the reference's names, order and defaults (eformer 0.0.101's white_kron)
 
-_SCALE_BY_REFERENCE = [
-    ("lr_style", "adam"),
-    ("b1", 0.95),
-    ("normalize_grads", False),
-    ("max_size_dense", 16384),
-    ("preconditioner_lr", 0.7),
-    ("preconditioner_init_scale", 1.0),
-    ("dtype", jnp.bfloat16),
-    ("scanned_layers", None),
-    ("block_size", 256),
-    ("pipeline_axis_name", None),
-    ("pipeline_axis_size", 1),
-    ("params_partition_specs", None),
-    ("noise_scale", 1e-9),
-]
-_OPTIMIZER_REFERENCE = [
-    ("learning_rate", 0.001),
-    ("lr_style", "adam"),
-    ("b1", 0.95),
-    ("weight_decay", 0.1),
-    ("weight_decay_mask", None),
-    *_SCALE_BY_REFERENCE[2:],
-]
-_ADDED = {
-    "preconditioner_update_probability": 1.0,
-    "matmul_dtype": None,
-    "memory_save_mode": None,
-    "stochastic_rounding": False,
-    "cache_preconditioner": False,
-}
-
 
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_signature_matches_reference(factory):
-    reference = _OPTIMIZER_REFERENCE if factory in ("quad", "skew") else _SCALE_BY_REFERENCE
+    reference = OPTIMIZER_REFERENCE if factory in ("quad", "skew") else SCALE_BY_REFERENCE
     parameters = list(inspect.signature(FACTORIES[factory]).parameters.values())
     # the reference's parameters first, in its order, with its defaults
     head = [(p.name, p.default) for p in parameters[: len(reference)]]
@@ -304,7 +275,7 @@ def test_signature_matches_reference(factory):
             assert default == expected and type(default) is type(expected), name
     # added parameters come after, with defaults that keep the reference behaviour
     added = {p.name: p.default for p in parameters[len(reference) :]}
-    assert added == _ADDED
+    assert added == ADDED
     for p in parameters:
         assert p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 

@@ -18,7 +18,7 @@ import pytest
 
 import wkron_eqx as wk
 
-from .test_config import _ADDED, _SCALE_BY_REFERENCE
+from .reference_signatures import ADDED, SCALE_BY_REFERENCE
 
 
 F32 = jnp.float32
@@ -44,9 +44,9 @@ def _same(a, b) -> bool:
 
 
 def test_config_defaults_are_the_reference():
-    assert _config_defaults() == {**dict(_SCALE_BY_REFERENCE), **_ADDED}
+    assert _config_defaults() == {**dict(SCALE_BY_REFERENCE), **ADDED}
     for name, default in _config_defaults().items():
-        expected = {**dict(_SCALE_BY_REFERENCE), **_ADDED}[name]
+        expected = {**dict(SCALE_BY_REFERENCE), **ADDED}[name]
         assert _same(default, expected), name
 
 

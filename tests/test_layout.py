@@ -3,7 +3,6 @@
 jit."""
 
 import collections
-import fractions
 import math
 
 import hypothesis
@@ -17,65 +16,18 @@ import wkron_eqx.testing as wkt
 from wkron_eqx._kinds import leaf_slots
 from wkron_eqx._layout import LeafKind, leaf_plan, merge_shape, plan_tree
 
+from .plan_rules import (
+    assert_parts_contiguous,
+    expected_kind,
+    expected_merge,
+    expected_sides,
+    expected_stored,
+    parts_sides,
+    smallest_multiple_at_least,
+)
+
 
 MANY = hypothesis.settings(max_examples=200, deadline=None)
-
-
-# ---------------------------------------------------------------------------------------
-# The planning rules, written out again (independently of the package).
-
-
-def expected_merge(shape: tuple[int, ...]) -> tuple[int, ...]:
-    size = math.prod(shape)
-    if len(shape) < 2:
-        return (size,)
-    if size == max(shape):
-        return (max(shape),)
-    if len(shape) == 2:
-        return tuple(shape)
-    splits = [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
-
-    def ratio(split):
-        small, large = min(split), max(split)
-        return fractions.Fraction(large, small) if small else math.inf
-
-    return min(splits, key=ratio)  # `min` keeps the first of equally good splits
-
-
-def expected_kind(merged: tuple[int, ...], max_size_dense: int) -> tuple[LeafKind, bool, bool]:
-    """(kind, diag_left, diag_right) of a merged shape (ONE_D reports no diagonal sides)."""
-    if len(merged) == 1:
-        return LeafKind.ONE_D, False, False
-    rows, cols = merged
-    if rows <= max_size_dense and cols <= max_size_dense:
-        return LeafKind.DENSE, False, False
-    return LeafKind.LARGE, rows > max_size_dense, cols > max_size_dense
-
-
-def expected_sides(length: int, block_size: int) -> list[int]:
-    """The valid side of every tile along an axis of `length`."""
-    return [min(block_size, length - start) for start in range(0, length, block_size)]
-
-
-def expected_stored(valid: int, block_size: int) -> int:
-    """Right-sized stored side: the valid side rounded up to a multiple of 8, at most bs."""
-    return min(block_size, 8 * math.ceil(valid / 8))
-
-
-def smallest_multiple_at_least(count: int, k: int) -> int:
-    return next(s for s in range(count, count + k) if s % k == 0)
-
-
-def parts_sides(parts) -> list[int]:
-    return [p.size for p in parts for _ in range(p.count)]
-
-
-def assert_parts_contiguous(parts, length: int):
-    start = 0
-    for part in parts:
-        assert part.start == start and part.count >= 1 and part.size >= 1
-        start += part.count * part.size
-    assert start == length
 
 
 # ---------------------------------------------------------------------------------------
