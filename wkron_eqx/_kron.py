@@ -171,11 +171,16 @@ def _norm_bound(A: Array) -> Scalar:
     return spectral_norm_lower_bound(A)
 
 
+def step_size(rule: AbstractRule, L: Array, lr: Scalar) -> Array:
+    """A factor's step `z = step_scale * lr / L` from its Lipschitz estimate(s) `L`
+    (0 where `L` is 0: a factor that has seen nothing does not move)."""
+    return jnp.where(L > 0, rule.step_scale * lr / jnp.where(L > 0, L, 1), 0)
+
+
 def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar):
     """Track the Lipschitz constant and move one factor."""
     L = track_lipschitz(L, _norm_bound(A) + c)
-    z = jnp.where(L > 0, rule.step_scale * lr / jnp.where(L > 0, L, 1), 0)
-    z, c = z.astype(Q.dtype), c.astype(Q.dtype)
+    z, c = step_size(rule, L, lr).astype(Q.dtype), c.astype(Q.dtype)
     Q = rule.diag(Q, A, c, z) if Q.ndim == 1 else rule.dense(Q, A, c, z)
     return Q, L
 

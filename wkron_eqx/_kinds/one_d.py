@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 from .._blocking import materialised, take
 from .._config import Config
 from .._custom_types import AxisNames
-from .._kron import StepContext, initial_scales, powers, store
+from .._kron import StepContext, initial_scales, powers, step_size, store
 from .._layout import LeafKind, LeafPlan, TreePlan
 from .._noise import ONE_D_STREAM, add_noise
 from .._norms import track_lipschitz
@@ -99,7 +99,7 @@ def update(
         A = Pg * Pg
         peak = jax.ops.segment_max(A.astype(jnp.float32), segment, len(lengths))
         L = materialised(track_lipschitz(L, peak + 1))
-        z = jnp.where(L > 0, ctx.rule.step_scale * ctx.lr / jnp.where(L > 0, L, 1), 0)
+        z = step_size(ctx.rule, L, ctx.lr)  # as a matrix factor's (`_kron._move`)
         q = materialised(ctx.rule.diag(q, A, jnp.ones((), q.dtype), z[segment].astype(q.dtype)))
     # Written once, so that each leaf's kernels only cut out their part (else XLA
     # copies the whole elementwise chain into every leaf's output and state kernels).
