@@ -123,29 +123,6 @@ def rescaled(factors: "Factors", scales: Float[Array, " s"]) -> "Factors":
     return factors._replace(Ql=_scaled(factors.Ql, scales), Qr=_scaled(factors.Qr, scales))
 
 
-def _left(Q: Array, X: Array, symmetric: bool) -> Array:
-    """`Pl X` with `Pl = Q^T Q` (`q^2` for a diagonal factor).
-
-    The order of the products is chosen from the static shapes: with `X` of `n x m`,
-    `(Q^T Q) X` costs `n^3 + n^2 m` multiply-adds and `Q^T (Q X)` costs `2 n^2 m`, so a
-    factor wider than `X` is applied twice instead of forming its gram.
-    """
-    if Q.ndim == 1:
-        return (Q * Q)[:, None] * X
-    Qt = Q if symmetric else Q.T
-    n, m = X.shape
-    return Qt @ (Q @ X) if m < n else (Qt @ Q) @ X
-
-
-def _right(X: Array, Q: Array, symmetric: bool) -> Array:
-    """`X Pr` with `Pr = Q^T Q` (`q^2` for a diagonal factor); see `_left`."""
-    if Q.ndim == 1:
-        return X * (Q * Q)[None, :]
-    Qt = Q if symmetric else Q.T
-    m, n = X.shape
-    return (X @ Qt) @ Q if m < n else X @ (Qt @ Q)
-
-
 def gram(Q: Array, symmetric: bool) -> Array:
     """`Q^T Q` of one factor (`q^2` for a diagonal one)."""
     if Q.ndim == 1:
@@ -153,10 +130,40 @@ def gram(Q: Array, symmetric: bool) -> Array:
     return (Q if symmetric else Q.T) @ Q
 
 
+def _times_left(P: Array, X: Array) -> Array:
+    """`P X` for a side `P` (a vector: a diagonal one)."""
+    return P[:, None] * X if P.ndim == 1 else P @ X
+
+
+def _times_right(X: Array, P: Array) -> Array:
+    """`X P` for a side `P` (a vector: a diagonal one)."""
+    return X * P[None, :] if P.ndim == 1 else X @ P
+
+
+def _left(Q: Array, X: Array, symmetric: bool) -> Array:
+    """`Pl X` with `Pl = Q^T Q` (`q^2` for a diagonal factor).
+
+    The order of the products is chosen from the static shapes: with `X` of `n x m`,
+    `(Q^T Q) X` costs `n^3 + n^2 m` multiply-adds and `Q^T (Q X)` costs `2 n^2 m`, so a
+    factor wider than `X` is applied twice instead of forming its gram.
+    """
+    n, m = X.shape
+    if Q.ndim == 2 and m < n:
+        return (Q if symmetric else Q.T) @ (Q @ X)
+    return _times_left(gram(Q, symmetric), X)
+
+
+def _right(X: Array, Q: Array, symmetric: bool) -> Array:
+    """`X Pr` with `Pr = Q^T Q` (`q^2` for a diagonal factor); see `_left`."""
+    m, n = X.shape
+    if Q.ndim == 2 and m < n:
+        return (X @ (Q if symmetric else Q.T)) @ Q
+    return _times_right(X, gram(Q, symmetric))
+
+
 def _apply_grams(Pl: Array, Pr: Array, G: Array) -> Array:
     """`Pl G Pr` from the sides themselves: one product per dense side."""
-    X = Pl[:, None] * G if Pl.ndim == 1 else Pl @ G
-    return X * Pr[None, :] if Pr.ndim == 1 else X @ Pr
+    return _times_right(_times_left(Pl, G), Pr)
 
 
 def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
