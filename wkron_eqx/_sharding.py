@@ -118,6 +118,32 @@ def stacked_spec(axis_name: AxisNames, x: Any) -> PartitionSpec:
     return PartitionSpec(names[0] if len(names) == 1 else names, *([None] * (x.ndim - 1)))
 
 
+def leaf_specs(params: Any, specs: Any) -> list[PartitionSpec | None]:
+    """`params_partition_specs` broadcast to one entry per leaf of `params` (flattening
+    order): `None` for every leaf when there are none, one `PartitionSpec` for all, or a
+    tree of them matching the params (refused with a `ValueError` otherwise)."""
+    leaves, treedef = jax.tree.flatten(params)
+    if specs is None:
+        return [None] * len(leaves)
+    if isinstance(specs, PartitionSpec):
+        return [specs] * len(leaves)
+    try:
+        return list(treedef.flatten_up_to(specs))
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"`params_partition_specs` must be a PartitionSpec or a tree of them matching "
+            f"the params: {e}"
+        ) from None
+
+
+def specs_tree(params: Any, specs: Any, own: Callable[[Any], PartitionSpec]) -> Any:
+    """A tree like `params` of the specs `leaf_specs` gives, each leaf without one
+    taking `own(leaf)` (its own sharding)."""
+    leaves, treedef = jax.tree.flatten(params)
+    given = leaf_specs(params, specs)
+    return treedef.unflatten([own(p) if s is None else s for p, s in zip(leaves, given)])
+
+
 def type_spec(x: Any) -> PartitionSpec:
     """The `PartitionSpec` in `x`'s type (sharding in types), or in its committed
     sharding; replicated when it has neither."""

@@ -10,6 +10,7 @@ from jaxtyping import ArrayLike, PyTree
 from ._alias import quad, scale_by_quad
 from ._config import check_weight_decay, python_scalar
 from ._kinds import state_specs
+from ._sharding import specs_tree
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
@@ -20,17 +21,11 @@ _SCALE_KWARGS = frozenset(inspect.signature(scale_by_quad).parameters)
 
 
 def _param_spec(p: Any) -> PartitionSpec:
+    """A param's committed sharding (on Auto axes it is not in its type: `type_spec`
+    would say replicated)."""
     sharding = getattr(p, "sharding", None)
     spec = getattr(sharding, "spec", None)
     return spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-
-
-def _mu_specs(params: ParamsOrShapes, params_partition_specs: Any) -> Any:
-    if params_partition_specs is None:
-        return jax.tree.map(_param_spec, params)
-    if isinstance(params_partition_specs, PartitionSpec):
-        return jax.tree.map(lambda _: params_partition_specs, params)
-    return params_partition_specs
 
 
 def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
@@ -64,7 +59,9 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
     # `init` refuses a bad `scanned_layers` tree with the same ValueError.
     shapes = jax.eval_shape(scale_by_quad(**scale_kwargs).init, params)
-    mu = _mu_specs(params, scale_kwargs.get("params_partition_specs"))
+    mu = None
+    if shapes.mu is not None:
+        mu = specs_tree(params, scale_kwargs.get("params_partition_specs"), _param_spec)
     specs = state_specs(shapes, scale_kwargs.get("pipeline_axis_name"), mu)
     # quad/skew always add the decay for an array weight_decay (it may be injected)
     has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0

@@ -29,6 +29,8 @@ from ._rules import AbstractRule
 from ._sharding import (
     active_stack_axis,
     constrain_like,
+    leaf_specs,
+    specs_tree,
     type_spec,
     with_auto_axes,
 )
@@ -128,19 +130,7 @@ def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
 
 
 def _partition_specs(config: Config, params: Unchecked) -> list[PartitionSpec | None]:
-    leaves, treedef = jax.tree.flatten(params)
-    specs = config.params_partition_specs
-    if specs is None:
-        return [None] * len(leaves)
-    if isinstance(specs, PartitionSpec):
-        return [specs] * len(leaves)
-    try:
-        return list(treedef.flatten_up_to(specs))
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"`params_partition_specs` must be a PartitionSpec or a tree of them matching "
-            f"the params: {e}"
-        ) from None
+    return leaf_specs(params, config.params_partition_specs)
 
 
 def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
@@ -425,9 +415,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         return active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)
 
     def mu_specs(params: Unchecked) -> Any:
-        if config.params_partition_specs is None:
-            return jax.tree.map(type_spec, params)
-        return jax.tree.unflatten(jax.tree.structure(params), _partition_specs(config, params))
+        return specs_tree(params, config.params_partition_specs, type_spec)
 
     # Under a mesh with Explicit axes (`jax.make_mesh`'s default) the step runs with them
     # Auto, and its results come out with the shardings in their types: the stacks over
