@@ -87,6 +87,11 @@ def active_stack_axis(axis_name: AxisNames, stack_size: int) -> AxisNames:
     return axis_name
 
 
+def _stack_entry(names: tuple[str, ...]) -> str | tuple[str, ...]:
+    """The spec entry of a stack's leading axis: one mesh axis, or several together."""
+    return names[0] if len(names) == 1 else names
+
+
 def constrain_stack(x: Array, axis_name: AxisNames) -> Array:
     """Shard the leading (stack) axis of `x` over `axis_name` (one mesh axis or
     several) when a mesh with those axes is active; otherwise return `x` unchanged."""
@@ -96,7 +101,7 @@ def constrain_stack(x: Array, axis_name: AxisNames) -> Array:
     axes = _active_axes()
     if not all(n in axes for n in names):
         return x
-    return _constrain(x, PartitionSpec(names[0] if len(names) == 1 else names), axes)
+    return _constrain(x, PartitionSpec(_stack_entry(names)), axes)
 
 
 def constrain_like(x: Array, spec: PartitionSpec | None) -> Array:
@@ -115,7 +120,7 @@ def stacked_spec(axis_name: AxisNames, x: Any) -> PartitionSpec:
     names = axis_names(axis_name)
     if not names or x.ndim == 0:
         return PartitionSpec()
-    return PartitionSpec(names[0] if len(names) == 1 else names, *([None] * (x.ndim - 1)))
+    return PartitionSpec(_stack_entry(names), *([None] * (x.ndim - 1)))
 
 
 def leaf_specs(params: Any, specs: Any) -> list[PartitionSpec | None]:

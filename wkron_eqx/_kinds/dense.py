@@ -9,6 +9,7 @@ group's size. Each leaf's tiles are cut out of their bucket at a runtime positio
 (`WhiteKronState.slots`), so that all leaves of one shape share their kernels.
 """
 
+import functools
 import math
 from typing import ClassVar, NamedTuple
 
@@ -176,9 +177,11 @@ def _leave(
     return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
 
 
+@functools.lru_cache(maxsize=8)
 def tile_starts(plan: TreePlan) -> dict[tuple[int, int], tuple[int, int, int]]:
     """`(leaf, tile group) -> (bucket index, first entry, entries)`: where each tile
-    group of each dense leaf sits in its bucket."""
+    group of each dense leaf sits in its bucket (cached: `preconditioner_stats` asks
+    once per leaf; callers do not modify it)."""
     starts = {}
     for b, bucket in enumerate(plan.buckets):
         start = 0
