@@ -2,6 +2,8 @@
 state's structure (so `lax.scan` works), treats each leaf independently of the others with
 inert padding, and reads `scanned_layers` as a prefix tree."""
 
+import dataclasses
+
 import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
@@ -449,25 +451,27 @@ _GROUPED_SCANNED = {"a": False, "b": False, "c": False, "d": False, "e": True}
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
-def test_compute_groups_change_nothing(rule, monkeypatch):
+def test_compute_groups_change_nothing(rule):
     """No merging, the CPU's merging and the accelerators' (generous merges) give the
     same updates and factors. Noise is off: it is numbered per compute group, so it
     legitimately differs between groupings."""
-    from wkron_eqx import _layout, _transform
+    from wkron_eqx import _layout
 
     params = _zeros({**_GROUPED, "v": (7,), "w": (3, 5, 1)})
     scanned = {**_GROUPED_SCANNED, "v": False, "w": True}
     grads = _gradients(params, steps=12)
 
     def run(grouping):
-        monkeypatch.setattr(_transform, "grouping_for", lambda backend: grouping)
-        tx = SCALE_BY[rule](
+        config = wk.Config(
             dtype=jnp.float32,
             block_size=16,
             max_size_dense=64,
             noise_scale=0.0,
             scanned_layers=scanned,
         )
+        backend = dataclasses.replace(wk.Backend.of(), grouping=grouping)
+        rules = {"quad": wk.Quad(), "skew": wk.Procrustes()}
+        tx = wk.scale_by_white_kron(rules[rule], config, backend=backend)
         updates, state = _run_steps(tx, grads)
         return updates, state, state.plan.tree
 

@@ -9,6 +9,7 @@ from ._alias import (
     scale_by_skew as scale_by_skew,
     skew as skew,
 )
+from ._backend import Backend as Backend
 from ._config import STATIC_ARGS as STATIC_ARGS, Config as Config
 from ._layout import (
     DENSE_PATH as DENSE_PATH,
@@ -38,6 +39,7 @@ del importlib  # not part of the namespace
 # Sorted (as `sorted` orders them): a name added anywhere merges cleanly.
 __all__ = [
     "AbstractRule",
+    "Backend",
     "Config",
     "DENSE_PATH",
     "DenseState",

@@ -212,24 +212,8 @@ class Config(eqx.Module):
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The dtype the factors and the momentum are stored in, and the 1-D leaves'
-        maths runs in (the products use `product_dtype`)."""
+        maths runs in (the products use `Backend.product_dtype`)."""
         return _canonical_dtype(self.dtype)
-
-    @property
-    def product_dtype(self) -> jnp.dtype:
-        """The dtype the Kronecker products of the dense and strip stacks run in.
-
-        `matmul_dtype` when given. Otherwise `dtype`, except bfloat16 on a CPU backend,
-        which gets float32: XLA's CPU backend has no bfloat16 matrix multiply; it runs
-        each one in float32 and rounds the result back, which costs a conversion pass
-        per product (and its compile time) and loses precision for nothing.
-        """
-        if self.matmul_dtype is not None:
-            return _canonical_dtype(self.matmul_dtype, "matmul_dtype")
-        storage = self.compute_dtype
-        if storage.itemsize < 4 and jax.default_backend() == "cpu":
-            return jnp.dtype(jnp.float32)
-        return storage
 
 
 def check_weight_decay(weight_decay: Any):

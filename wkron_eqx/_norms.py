@@ -5,17 +5,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
+from ._backend import loops_are_cheap
+
 
 # Power-iteration steps of the spectral-norm lower bound, unrolled.
 POWER_ITERATIONS = 10
-
-
-def loops_are_cheap() -> bool:
-    """Whether the power iteration may run as a loop: on the CPU, where a `while` costs
-    nothing at run time and compiles its body once (unrolled, each of its steps is code
-    to compile: about 1.3 s more per stack shape, measured). On an accelerator every
-    loop iteration is a round trip to the host, so there it is unrolled."""
-    return jax.default_backend() == "cpu"
 
 
 def track_lipschitz(L: Float[Array, "*s"], ell: Float[Array, "*s"]) -> Float[Array, "*s"]:
@@ -25,7 +19,7 @@ def track_lipschitz(L: Float[Array, "*s"], ell: Float[Array, "*s"]) -> Float[Arr
 
 def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATIONS) -> Scalar:
     """Estimate `||M||_2` from below by `iters` steps of power iteration (unrolled, or a
-    loop on the CPU: `loops_are_cheap`).
+    loop where the step's `Backend` says loops are cheap: the CPU).
 
     The start vector is the row of `M` with the largest energy (for a PSD matrix it
     already leans toward the top eigenvector), so no random draw is needed and the

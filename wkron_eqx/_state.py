@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._backend import Backend
 from ._kron import Grams
 from ._layout import LeafPlan, TreePlan
 
@@ -162,6 +163,7 @@ class Plan(eqx.Module):
     tree: TreePlan = eqx.field(static=True)
     paths: tuple[str, ...] = eqx.field(static=True)  # `keystr` of each params leaf
     treedef: Any = eqx.field(static=True)  # the params' tree structure
+    backend: Backend = eqx.field(static=True)  # the platform choices the step follows
 
 
 class PreconditionerCache(eqx.Module):

@@ -17,13 +17,14 @@ from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
 from . import _kron as kron
+from ._backend import Backend, tracing_for
 from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
 from ._kinds import KINDS, StateParts, kind_of, leaf_slots, state_specs
 from ._kron import StepContext
-from ._layout import TreePlan, grouping_for, plan_tree
+from ._layout import TreePlan, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
 from ._sharding import (
@@ -203,13 +204,18 @@ def _cache(parts: StateParts) -> PreconditionerCache | None:
     return PreconditionerCache(dense=parts.dense_cache, leaves=parts.leaf_cache)
 
 
-def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTransformation:
+def scale_by_white_kron(
+    rule: AbstractRule, config: Config, backend: Backend | None = None
+) -> optax.GradientTransformation:
     """The preconditioning transform for a given factor-update `rule`.
 
     **Arguments:**
 
     - `rule`: `Quad()` or `Procrustes()` (or any `AbstractRule`).
     - `config`: the validated hyperparameters.
+    - `backend`: the platform choices the step is traced with (`Backend`); `None`:
+      those of `jax.default_backend()` when `init` runs. `init` stores them in the
+      state's plan, and `update` follows them.
 
     **Returns:**
 
@@ -221,13 +227,14 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
         active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)  # checks
         leaves, treedef, names = check_params(params)
         flags = scanned_flags(config.scanned_layers, params)
+        platform = Backend.of() if backend is None else backend
         plan = plan_tree(
             tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves),
             flags,
             config.block_size,
             config.max_size_dense,
             config.pipeline_axis_size,
-            grouping_for(jax.default_backend()),
+            platform.grouping,
             config.memory_save_mode,
         )
         caches = config.caches
@@ -263,14 +270,14 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             skipped_steps=zero(),
             factor_updates=zero(),
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
-            plan=Plan(plan, names, treedef),
+            plan=Plan(plan, names, treedef, platform),
             cache=_cache(parts),
         )
 
     def update_fn(updates: Unchecked, state: WhiteKronState, params: Unchecked = None):
         del params
         grads, treedef = check_updates(updates, state)
-        plan = state.plan.tree
+        plan, platform = state.plan.tree, state.plan.backend
         t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
 
@@ -329,7 +336,7 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             rule=rule,
             lr=lr,
             balance=(t % _BALANCE_EVERY) == 0,
-            product_dtype=config.product_dtype,
+            product_dtype=platform.product_dtype(dtype, config.matmul_dtype),
             input_scale=input_scale,
             step=t,
             noise_scale=config.noise_scale,
@@ -343,9 +350,10 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
             refresh = refresh | ctx.first  # the factors start from the first input
         factors = (state.dense, state.leaves, state.cache)
         if refresh is True:
-            outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
-                ctx, views, state, plan, True, axis
-            )
+            with tracing_for(platform):
+                outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
+                    ctx, views, state, plan, True, axis
+                )
             counter, refreshed = state.update_counter, jnp.ones([], jnp.int32)
         else:
 
@@ -359,11 +367,12 @@ def scale_by_white_kron(rule: AbstractRule, config: Config) -> optax.GradientTra
                 kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), factors)
                 return outputs, sum_sqs, *kept
 
-            outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
-                refresh,
-                guarded_update,
-                lambda: _precondition(ctx, views, state, plan, False, axis),
-            )
+            with tracing_for(platform):
+                outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
+                    refresh,
+                    guarded_update,
+                    lambda: _precondition(ctx, views, state, plan, False, axis),
+                )
             factors = (buckets, leaf_states, cache)  # already guarded
             counter = jnp.where(refresh, 0, state.update_counter + 1)
             refreshed = jnp.asarray(refresh, jnp.int32)
