@@ -4,13 +4,14 @@ Procrustes "white Kron" (`skew`, `scale_by_skew`), as optax transforms."""
 import importlib.metadata
 
 from ._alias import (
+    STATIC_ARGS as STATIC_ARGS,
     quad as quad,
     scale_by_quad as scale_by_quad,
     scale_by_skew as scale_by_skew,
     skew as skew,
 )
 from ._backend import Backend as Backend
-from ._config import STATIC_ARGS as STATIC_ARGS, Config as Config
+from ._config import Config as Config
 from ._layout import (
     DENSE_PATH as DENSE_PATH,
     LARGE_PATH as LARGE_PATH,

@@ -4,6 +4,8 @@ Each builds one `Config`, which checks the arguments, and hands it to `scale_by_
 `quad` / `skew` chain the weight decay and the learning rate after it.
 """
 
+import dataclasses
+import inspect
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +29,14 @@ from ._config import (
 from ._custom_types import Params, Unchecked
 from ._rules import AbstractRule, Procrustes, Quad
 from ._transform import scale_by_white_kron
+
+
+def _config(arguments: dict[str, Any]) -> Config:
+    """The `Config` of a factory's arguments: `locals()` taken first thing in the
+    factory, so exactly its parameters; those that are not `Config`'s (`learning_rate`,
+    `weight_decay`, `weight_decay_mask`) are left for the chain."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in arguments.items() if k in fields})
 
 
 def scale_by_quad(
@@ -66,8 +76,9 @@ def scale_by_quad(
         down to `min(lr, 0.4)`.
     - `preconditioner_init_scale`: initial factors are this times the identity. `None`:
         on the first step, each layer's factors are rescaled from its first input `G`
-        so that `Pl G Pr` has about unit RMS (`(mean G^4)^(-1/8)` for their product);
-        a zero or non-finite first input leaves that layer's factors at 1.
+        so that `Pl G Pr` has about unit RMS (the product of the sides is scaled by
+        `1 / RMS(G)`), and they take no step on that first step; a zero or non-finite
+        first input leaves that layer's factors at 1.
     - `dtype`: storage dtype of the factors and momentum (`jnp.float32` or
         `jnp.bfloat16`); the maths runs in it, except the products (`matmul_dtype`).
     - `scanned_layers`: a bool or a (prefix) tree of bools; a flagged leaf's leading axis
@@ -112,26 +123,7 @@ def scale_by_quad(
 
     An `optax.GradientTransformation`; its state is a `WhiteKronState`.
     """
-    config = Config(
-        lr_style=lr_style,
-        b1=b1,
-        normalize_grads=normalize_grads,
-        max_size_dense=max_size_dense,
-        preconditioner_lr=preconditioner_lr,
-        preconditioner_init_scale=preconditioner_init_scale,
-        dtype=dtype,
-        scanned_layers=scanned_layers,
-        block_size=block_size,
-        pipeline_axis_name=pipeline_axis_name,
-        pipeline_axis_size=pipeline_axis_size,
-        params_partition_specs=params_partition_specs,
-        noise_scale=noise_scale,
-        preconditioner_update_probability=preconditioner_update_probability,
-        matmul_dtype=matmul_dtype,
-        memory_save_mode=memory_save_mode,
-        stochastic_rounding=stochastic_rounding,
-        cache_preconditioner=cache_preconditioner,
-    )
+    config = _config(locals())
     return scale_by_white_kron(Quad(), config)
 
 
@@ -162,82 +154,18 @@ def scale_by_skew(
 
     **Arguments:**
 
-    - `lr_style`: `"adam"` divides the (RMS-clipped) update by 5, bringing its RMS to
-        at most 0.22 (AdamW's is at most 1); `None` leaves it as is. Adam's learning
-        rates do not carry over one for one: see the learning-rate guide.
-    - `b1`: momentum coefficient in `[0, 1)`; `0` preconditions the raw gradient.
-    - `normalize_grads`: divide each leaf's input by its norm (plus `1e-6`) first.
-    - `max_size_dense`: a side longer than this gets a diagonal factor (`LARGE_PATH`).
-    - `preconditioner_lr`: factor step size; it decays as `lr / sqrt(1 + t/10000)`
-        down to `min(lr, 0.4)`.
-    - `preconditioner_init_scale`: initial factors are this times the identity. `None`:
-        on the first step, each layer's factors are rescaled from its first input `G`
-        so that `Pl G Pr` has about unit RMS (`(mean G^4)^(-1/8)` for their product);
-        a zero or non-finite first input leaves that layer's factors at 1.
-    - `dtype`: storage dtype of the factors and momentum (`jnp.float32` or
-        `jnp.bfloat16`); the maths runs in it, except the products (`matmul_dtype`).
-    - `scanned_layers`: a bool or a (prefix) tree of bools; a flagged leaf's leading axis
-        is a stack of independent layers, each preconditioned separately. `init` refuses
-        a tree that does not fit the params, naming the leaf.
-    - `block_size`: the largest side of a dense tile.
-    - `pipeline_axis_name`: mesh axis (or tuple of axes) over which stacked factors
-        are sharded.
-    - `pipeline_axis_size`: stacks are padded with inert dummies to a multiple of this;
-        under a mesh, a multiple of the size of `pipeline_axis_name` (the product of the
-        sizes, for several axes).
-    - `params_partition_specs`: a `PartitionSpec` or tree of them for the params; the
-        momentum is constrained to it.
-    - `noise_scale`: scale of the Gaussian noise added to the gradient for the factor
-        update (never to the output).
-    - `preconditioner_update_probability`: a float in `(0, 1]` or a schedule `step -> p`;
-        the factors are updated once every `1/p` steps (deterministic counter), other
-        steps only apply them. `1.0` updates every step.
-    - `matmul_dtype`: the dtype the Kronecker products (and the factor updates of dense
-        and strip factors) run in. `None`: `dtype`, except `jnp.float32` when `dtype` is
-        bfloat16 on a CPU backend (which has no bfloat16 matmul). `jnp.bfloat16` rounds
-        as the reference does.
-    - `memory_save_mode`: `None` (a diagonal factor only for a side longer than
-        `max_size_dense`), `"one_diag"` (also the longer side of every matrix leaf, the
-        right one for a square leaf) or `"all_diag"` (every side). A diagonal side is
-        one vector for the whole side; the other side is cut into strips of
-        `block_size`, each with its own dense factor.
-    - `stochastic_rounding`: when the factors and momentum are stored in bfloat16 but
-        computed in float32 (`matmul_dtype`, or a CPU), round them to storage up or down
-        at random, unbiased, so that updates smaller than half a bfloat16 ulp are not
-        lost; the bits are a hash of the step counter (the same run twice draws the
-        same bits). The 1-D leaves' factor maths then runs in float32 too. No effect
-        with float32 storage.
-    - `cache_preconditioner`: with an update probability below 1, also store each
-        factor's side `P = Q^T Q` (`q^2` for a diagonal one) whenever the factors are
-        updated, so that a step that only applies them computes `Pl G Pr` with one
-        product per side instead of two. It costs one more array the size of each
-        dense factor (and each diagonal one) in the state; 1-D leaves store none. With
-        a constant probability of 1 nothing is stored (every step updates).
+    - `lr_style`, `b1`, `normalize_grads`, `max_size_dense`, `preconditioner_lr`,
+        `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
+        `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
+        `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as
+        `scale_by_quad` (the same defaults and checks).
 
     **Returns:**
 
     An `optax.GradientTransformation`; its state is a `WhiteKronState`.
     """
-    config = Config(
-        lr_style=lr_style,
-        b1=b1,
-        normalize_grads=normalize_grads,
-        max_size_dense=max_size_dense,
-        preconditioner_lr=preconditioner_lr,
-        preconditioner_init_scale=preconditioner_init_scale,
-        dtype=dtype,
-        scanned_layers=scanned_layers,
-        block_size=block_size,
-        pipeline_axis_name=pipeline_axis_name,
-        pipeline_axis_size=pipeline_axis_size,
-        params_partition_specs=params_partition_specs,
-        noise_scale=noise_scale,
-        preconditioner_update_probability=preconditioner_update_probability,
-        matmul_dtype=matmul_dtype,
-        memory_save_mode=memory_save_mode,
-        stochastic_rounding=stochastic_rounding,
-        cache_preconditioner=cache_preconditioner,
-    )
+    config = _config(locals())
     return scale_by_white_kron(Procrustes(), config)
 
 
@@ -340,26 +268,7 @@ def quad(
     An `optax.GradientTransformation`; its state is that of an `optax.chain` whose first
     element is a `WhiteKronState`.
     """
-    config = Config(
-        lr_style=lr_style,
-        b1=b1,
-        normalize_grads=normalize_grads,
-        max_size_dense=max_size_dense,
-        preconditioner_lr=preconditioner_lr,
-        preconditioner_init_scale=preconditioner_init_scale,
-        dtype=dtype,
-        scanned_layers=scanned_layers,
-        block_size=block_size,
-        pipeline_axis_name=pipeline_axis_name,
-        pipeline_axis_size=pipeline_axis_size,
-        params_partition_specs=params_partition_specs,
-        noise_scale=noise_scale,
-        preconditioner_update_probability=preconditioner_update_probability,
-        matmul_dtype=matmul_dtype,
-        memory_save_mode=memory_save_mode,
-        stochastic_rounding=stochastic_rounding,
-        cache_preconditioner=cache_preconditioner,
-    )
+    config = _config(locals())
     return _with_decay_and_lr(Quad(), config, learning_rate, weight_decay, weight_decay_mask)
 
 
@@ -413,24 +322,14 @@ def skew(
     An `optax.GradientTransformation`; its state is that of an `optax.chain` whose first
     element is a `WhiteKronState`.
     """
-    config = Config(
-        lr_style=lr_style,
-        b1=b1,
-        normalize_grads=normalize_grads,
-        max_size_dense=max_size_dense,
-        preconditioner_lr=preconditioner_lr,
-        preconditioner_init_scale=preconditioner_init_scale,
-        dtype=dtype,
-        scanned_layers=scanned_layers,
-        block_size=block_size,
-        pipeline_axis_name=pipeline_axis_name,
-        pipeline_axis_size=pipeline_axis_size,
-        params_partition_specs=params_partition_specs,
-        noise_scale=noise_scale,
-        preconditioner_update_probability=preconditioner_update_probability,
-        matmul_dtype=matmul_dtype,
-        memory_save_mode=memory_save_mode,
-        stochastic_rounding=stochastic_rounding,
-        cache_preconditioner=cache_preconditioner,
-    )
+    config = _config(locals())
     return _with_decay_and_lr(Procrustes(), config, learning_rate, weight_decay, weight_decay_mask)
+
+
+# Every argument of `quad` / `skew` but the two `optax.inject_hyperparams` may inject, in
+# signature order: they set shapes, dtypes and branches when the step is traced.
+STATIC_ARGS: tuple[str, ...] = tuple(
+    name
+    for name in inspect.signature(quad).parameters
+    if name not in ("learning_rate", "weight_decay")
+)

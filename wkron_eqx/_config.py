@@ -23,30 +23,6 @@ RealScalar: TypeAlias = float | int | np.floating | np.integer
 IntScalar: TypeAlias = int | np.integer
 BoolScalar: TypeAlias = bool | np.bool_
 
-# The arguments of `quad` / `skew` that must stay Python values under
-# `optax.inject_hyperparams`: all but `learning_rate` and `weight_decay`, in signature order.
-STATIC_ARGS: tuple[str, ...] = (
-    "lr_style",
-    "b1",
-    "weight_decay_mask",
-    "normalize_grads",
-    "max_size_dense",
-    "preconditioner_lr",
-    "preconditioner_init_scale",
-    "dtype",
-    "scanned_layers",
-    "block_size",
-    "pipeline_axis_name",
-    "pipeline_axis_size",
-    "params_partition_specs",
-    "noise_scale",
-    "preconditioner_update_probability",
-    "matmul_dtype",
-    "memory_save_mode",
-    "stochastic_rounding",
-    "cache_preconditioner",
-)
-
 
 def python_scalar(x: Any) -> Any:
     """A NumPy scalar (`np.float32(0.9)`, `np.int64(8)`, `np.bool_(True)`) as the Python
@@ -102,6 +78,8 @@ def _refuse_arrays(config: "Config"):
         f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), jax.Array)
     ]
     if arrays:
+        from ._alias import STATIC_ARGS  # (the factories build Configs: imported here)
+
         names = ", ".join(f"`{name}`" for name in arrays)
         raise ValueError(
             f"{names} must be Python values, got arrays: they set shapes, dtypes and branches "
@@ -113,7 +91,8 @@ def _refuse_arrays(config: "Config"):
 
 class Config(eqx.Module):
     """The validated hyperparameters of `scale_by_quad` / `scale_by_skew`: the one place
-    their defaults and checks live.
+    their checks live. The factories' signatures spell the defaults out again (for
+    readers, type checkers and the docs), and a test ties each of them to these.
 
     Every field has the name and default of the reference (eformer's `white_kron`), plus
     `preconditioner_update_probability`, `matmul_dtype`, `memory_save_mode`,

@@ -58,6 +58,20 @@ class StepContext(NamedTuple):
     first: Bool[Array, ""] | None = None
     stochastic_rounding: bool = False  # round the stored factors stochastically
 
+    def corrected(self, x: Array) -> Array:
+        """`x` with the momentum's bias correction applied (`bias_corrected`)."""
+        return bias_corrected(x, self.input_scale)
+
+
+def bias_corrected(x: Array, input_scale: Scalar) -> Array:
+    """`x / (1 - b1^t)`, as `x * input_scale` in `x`'s dtype.
+
+    The correction is one scalar for the whole tree, so it is applied where the kinds
+    stack their inputs (`StepContext.corrected`) and fuses into that copy: no pass, and
+    no kernel, of its own per leaf.
+    """
+    return x * input_scale.astype(x.dtype)
+
 
 def store(ctx: StepContext, x: Array, dtype, stream: int) -> Array:
     """`x` in its storage `dtype`: rounded stochastically with `ctx.stochastic_rounding`

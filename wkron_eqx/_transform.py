@@ -281,9 +281,8 @@ def scale_by_white_kron(
         t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
 
-        # The input is the bias-corrected moment, `new_mu / (1 - b1^t)`. The correction is
-        # one scalar for every leaf, so the kinds apply it to their stacked inputs
-        # (`StepContext.input_scale`): no per-leaf pass, and no per-leaf kernel.
+        # The input is the bias-corrected moment, `new_mu / (1 - b1^t)`: the kinds apply
+        # the correction to their stacked inputs (`kron.bias_corrected`).
         input_scale = jnp.ones((), jnp.float32)
         if config.b1 > 0:
             # In float32, stored in `dtype`.
@@ -319,7 +318,7 @@ def scale_by_white_kron(
             inputs = [g.astype(dtype) for g in grads]
         if config.normalize_grads:
             # Per leaf, and the scale is undone by the normalisation (but for its 1e-6).
-            inputs = [x * input_scale.astype(dtype) if x.size else x for x in inputs]
+            inputs = [kron.bias_corrected(x, input_scale) if x.size else x for x in inputs]
             inputs = [
                 x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype) if x.size else x
                 for x in inputs

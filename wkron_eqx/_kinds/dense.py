@@ -263,7 +263,7 @@ def update(
     for bucket in plan.buckets:
         G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
         G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
-        stacks.append(G * ctx.input_scale.astype(G.dtype))
+        stacks.append(ctx.corrected(G))
     starts = None
     if refresh and ctx.first is not None and stacks:
         starts = _initial_scales(ctx, stacks, plan)

@@ -139,7 +139,7 @@ def _update_leaf(
     axis_name: AxisNames,
 ) -> tuple[Float[Array, "B m n"], LeafState, Grams | None]:
     strips = cut_strips(x, plan).astype(ctx.product_dtype)
-    strips = constrain_stack(strips * ctx.input_scale.astype(strips.dtype), axis_name)
+    strips = constrain_stack(ctx.corrected(strips), axis_name)
     assert state.valid_rows is not None and state.valid_cols is not None
     factors = _factors(state)
     if not refresh:

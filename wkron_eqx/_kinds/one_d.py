@@ -82,7 +82,7 @@ def update(
     owner = np.repeat(np.array(order, np.int32), [inputs[i].size for i in order])
     flat = lambda xs: jnp.concatenate([x.reshape(-1) for x in xs])
     x = flat([inputs[i] for i in order])
-    x = x * ctx.input_scale.astype(x.dtype)
+    x = ctx.corrected(x)
     q = flat([state[i].Ql for i in order])
     storage = q.dtype
     if refresh and ctx.stochastic_rounding:
