@@ -134,17 +134,16 @@ def _dummies_inert(state) -> bool:
     return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves if x.dtype.kind == "f")
 
 
-def _cached(grads: list, params0: dict, mesh) -> dict:
-    """`cache_preconditioner` on the mesh (p = 0.5, so steps alternate between updating
-    the factors and applying the stored sides) against the same run on one device."""
-    cached = dict(cache_preconditioner=True, preconditioner_update_probability=0.5)
-    tx = wk.quad(**CONFIG, **cached)
+def _with_options(grads: list, params0: dict, mesh, options: dict, field: str) -> dict:
+    """Four steps with `options` on the mesh against the same run on one device, and
+    where the arrays of the state's `field` are placed."""
+    tx = wk.quad(**CONFIG, **options)
     state, single = jax.jit(tx.init)(params0), []
     for g in grads[:4]:
         u, state = jax.jit(tx.update)(g, state, params0)
         single.append(u)
-    sharded_tx = wk.quad(**SHARDED, **cached)
-    specs = wk.get_opt_state_partition_specs(params0, **SHARDED, **cached)
+    sharded_tx = wk.quad(**SHARDED, **options)
+    specs = wk.get_opt_state_partition_specs(params0, **SHARDED, **options)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
     with jax.set_mesh(mesh):
         state = jax.jit(sharded_tx.init, out_shardings=shardings)(params0)
@@ -155,7 +154,7 @@ def _cached(grads: list, params0: dict, mesh) -> dict:
             cosines += [_cosine(u[k], want[k]) for k in SHAPES]
         sides = {
             f"{jax.tree_util.keystr(path)}": _placement(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(state[0].cache)[0]
+            for path, x in jax.tree_util.tree_flatten_with_path(getattr(state[0], field))[0]
         }
     return {
         "min_cosine": min(cosines),
@@ -281,7 +280,11 @@ def main() -> dict:
             "update": {k: _placement(x) for k, x in _stacked_arrays(stepped).items()},
         }
 
-    report["cached"] = _cached(grads, params0, mesh)
+    # `cache_preconditioner` (p = 0.5: steps alternate between updating the factors and
+    # applying the stored sides), and `damping` (its memory replicated).
+    cached = dict(cache_preconditioner=True, preconditioner_update_probability=0.5)
+    report["cached"] = _with_options(grads, params0, mesh, cached, "cache")
+    report["damped"] = _with_options(grads, params0, mesh, dict(damping=0.1), "damping_memory")
 
     # The deprecated `with mesh:` context is detected too.
     with warnings.catch_warnings():

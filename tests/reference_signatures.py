@@ -34,4 +34,5 @@ ADDED = {
     "memory_save_mode": None,
     "stochastic_rounding": False,
     "cache_preconditioner": False,
+    "damping": 0.0,
 }

@@ -196,6 +196,15 @@ def test_cached_sides_are_sharded_like_the_factors(sharded_report):
         assert placement["shard_rows"] == [placement["stack"] // 4] * 4
 
 
+def test_damping_memory_is_replicated_and_the_step_matches_one_device(sharded_report):
+    damped = sharded_report["damped"]
+    assert damped["min_cosine"] > 0.9999
+    assert damped["mismatch"] == []
+    (placement,) = damped["placement"].values()
+    # every device holds the whole vector, one float32 per leaf
+    assert placement["devices"] == 4 and placement["shard_rows"] == [8] * 4, placement
+
+
 def test_serialised_sharded_state_resumes_bit_identically(sharded_report):
     assert sharded_report["restored_shardings_equal"]
     assert sharded_report["resume_bit_identical"]

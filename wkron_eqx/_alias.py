@@ -58,6 +58,7 @@ def scale_by_quad(
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
+    damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the QUAD factor update.
 
@@ -118,6 +119,13 @@ def scale_by_quad(
         product per side instead of two. It costs one more array the size of each
         dense factor (and each diagonal one) in the state; 1-D leaves store none. With
         a constant probability of 1 nothing is stored (every step updates).
+    - `damping`: `d > 0` multiplies each leaf's update by `min(1, r / (d M))`, with `r`
+        the RMS of the leaf's input (the bias-corrected momentum) and `M` the largest it
+        has been, so that the step shrinks with the gradient near an optimum instead
+        of staying near `0.2 lr`; within a factor `1/d` of its peak nothing changes.
+        `0.0` (the default) turns it off, and the step is the reference's bit for bit.
+        See the options page for when to use it and the recommended value. It costs
+        one float32 per leaf in the state; refused with `normalize_grads`.
 
     **Returns:**
 
@@ -146,6 +154,7 @@ def scale_by_skew(
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
+    damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
 
@@ -158,7 +167,7 @@ def scale_by_skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
         `scale_by_quad` (the same defaults and checks).
 
     **Returns:**
@@ -240,6 +249,7 @@ def quad(
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
+    damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -261,7 +271,8 @@ def quad(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as `scale_by_quad`.
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
+        `scale_by_quad`.
 
     **Returns:**
 
@@ -294,6 +305,7 @@ def skew(
     memory_save_mode: str | None = None,
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
+    damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)` when `weight_decay > 0`, then
@@ -315,7 +327,8 @@ def skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`: as `scale_by_skew`.
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
+        `scale_by_skew`.
 
     **Returns:**
 

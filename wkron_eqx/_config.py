@@ -96,7 +96,7 @@ class Config(eqx.Module):
 
     Every field has the name and default of the reference (eformer's `white_kron`), plus
     `preconditioner_update_probability`, `matmul_dtype`, `memory_save_mode`,
-    `stochastic_rounding` and `cache_preconditioner`; the
+    `stochastic_rounding`, `cache_preconditioner` and `damping`; the
     factories' arguments of
     the same names are documented there. Number fields are checked when the Config is
     built: a bad value raises a `ValueError` naming the argument and what it allows.
@@ -126,6 +126,7 @@ class Config(eqx.Module):
     memory_save_mode: str | None = None
     stochastic_rounding: bool = eqx.field(default=False, converter=python_scalar)
     cache_preconditioner: bool = eqx.field(default=False, converter=python_scalar)
+    damping: float = eqx.field(default=0.0, converter=python_float)
 
     def __check_init__(self):
         _refuse_arrays(self)
@@ -171,6 +172,13 @@ class Config(eqx.Module):
             _fail("stochastic_rounding", self.stochastic_rounding, "a bool")
         if not isinstance(self.cache_preconditioner, bool):
             _fail("cache_preconditioner", self.cache_preconditioner, "a bool")
+        if not (_is_number(self.damping) and 0 <= self.damping < math.inf):
+            _fail("damping", self.damping, "a finite float >= 0 (0 turns it off)")
+        if self.damping > 0 and self.normalize_grads:
+            raise ValueError(
+                "`damping` follows the size of each leaf's input, which `normalize_grads` "
+                "fixes at unit norm: it would never act. Use one or the other."
+            )
 
     @property
     def caches(self) -> bool:

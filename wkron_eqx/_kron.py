@@ -52,7 +52,7 @@ class StepContext(NamedTuple):
     product_dtype: jnp.dtype  # what the products run in (factors may be stored narrower)
     input_scale: Scalar  # multiplies every input: the momentum's bias correction, float32
     step: Int[Array, ""]  # t = count + 1, the key of this step's noise
-    noise_scale: float
+    noise_scale: float | Scalar  # an array only to damp the whitening (`_damping`)
     # Whether the factors start from this step's input (`preconditioner_init_scale=None`
     # and the first step); `None` when they start from a given scale.
     first: Bool[Array, ""] | None = None

@@ -63,7 +63,7 @@ def standard_normal(
 def add_noise(
     x: Float[Array, "stack *entry"],
     step: Array,
-    scale: float,
+    scale: float | Float[Array, ""],
     valid: Bool[Array, "stack *entry"] | None = None,
     entry_index: np.ndarray | None = None,
 ) -> Float[Array, "stack *entry"]:
@@ -77,7 +77,7 @@ def add_noise(
     shift nothing. Stacks of equal shape see the same draws; each stack's factors are
     fitted on their own, so that correlation across stacks does not matter.
     """
-    if scale == 0 or x.size == 0:
+    if (isinstance(scale, int | float) and scale == 0) or x.size == 0:
         return x
     stack, entry_size = x.shape[0], math.prod(x.shape[1:])
     if entry_index is None:
@@ -87,7 +87,9 @@ def add_noise(
     base = jnp.asarray(np.asarray(entry_index, np.uint32) * np.uint32(entry_size))
     counter = base[:, None] + jax.lax.iota(jnp.uint32, entry_size)[None, :]
     word = hash32(counter, step_key(jnp.uint32(_SEED), jnp.asarray(step).astype(jnp.uint32)))
-    eps = (_to_normal(word) * np.float32(scale)).reshape(x.shape).astype(x.dtype)
+    # (A traced scale: `damping`'s damping of the whitening.)
+    factor = np.float32(scale) if isinstance(scale, int | float) else scale.astype(jnp.float32)
+    eps = (_to_normal(word) * factor).reshape(x.shape).astype(x.dtype)
     return x + (eps if valid is None else jnp.where(valid, eps, 0))
 
 

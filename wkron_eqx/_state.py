@@ -206,6 +206,8 @@ class WhiteKronState(NamedTuple):
     - `plan`: the static layout (`Plan`).
     - `cache`: the stored preconditioner sides (`PreconditionerCache`) with
       `cache_preconditioner` and an update probability below 1; else `None`.
+    - `damping_memory`: with `damping > 0`, per leaf (float32), the largest RMS its
+      input has had; else `None`.
     """
 
     count: Int[Array, ""]
@@ -218,6 +220,7 @@ class WhiteKronState(NamedTuple):
     slots: tuple[Int[Array, " k"], ...]
     plan: Plan
     cache: PreconditionerCache | None = None
+    damping_memory: Float[Array, " leaves"] | None = None
 
     def leaf_tree(self) -> PyTree[LeafState]:
         """`leaves` arranged in the params' tree structure (e.g. `state.leaf_tree()["w"]`)."""

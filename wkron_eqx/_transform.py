@@ -16,7 +16,7 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
-from . import _kron as kron
+from . import _damping as damp, _kron as kron
 from ._backend import Backend, tracing_for
 from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
@@ -139,6 +139,13 @@ def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
     `sum_sq` (elementwise over arrays of leaves)."""
     rms = jnp.sqrt(sum_sq / jnp.asarray(size, jnp.float32))
     return _CLIP_RMS / jnp.maximum(rms, _CLIP_RMS)
+
+
+def _input_rms(inputs: list[Array], input_scale: Array) -> Array:
+    """Per leaf, the float32 RMS of its (bias-corrected) input; 0 for an empty leaf."""
+    sizes = np.array([max(x.size, 1) for x in inputs], np.float32)
+    sum_sq = jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in inputs])
+    return jnp.sqrt(sum_sq / sizes) * input_scale
 
 
 def _finite(sum_sqs: Array) -> Array:
@@ -272,6 +279,7 @@ def scale_by_white_kron(
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef, platform),
             cache=_cache(parts),
+            damping_memory=jnp.zeros(len(leaves), jnp.float32) if config.damping > 0 else None,
         )
 
     def update_fn(updates: Unchecked, state: WhiteKronState, params: Unchecked = None):
@@ -326,6 +334,18 @@ def scale_by_white_kron(
             input_scale = jnp.ones((), jnp.float32)
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
 
+        noise_scale, memory = config.noise_scale, state.damping_memory
+        input_rms = reference = jnp.ones(len(inputs), jnp.float32)  # (unused undamped)
+        if config.damping > 0 and inputs:
+            assert memory is not None
+            input_rms = _input_rms(inputs, input_scale)
+            memory = damp.remember(memory, input_rms, t)
+            reference = damp.remembered_rms(memory, t)
+            if damp.MECHANISM == "whitening":
+                sizes = np.array([x.size for x in inputs], np.float64)
+                extra = damp.whitening_scale(reference, sizes, config.damping)
+                noise_scale = jnp.sqrt(config.noise_scale**2 + jnp.square(extra))
+
         lr = config.preconditioner_lr
         first = (t == 1) if config.preconditioner_init_scale is None else None
         lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / _LR_DECAY_STEPS), min(lr, _LR_FLOOR))
@@ -338,7 +358,7 @@ def scale_by_white_kron(
             product_dtype=platform.product_dtype(dtype, config.matmul_dtype),
             input_scale=input_scale,
             step=t,
-            noise_scale=config.noise_scale,
+            noise_scale=noise_scale,
             first=first,
             stochastic_rounding=config.stochastic_rounding,
         )
@@ -387,6 +407,8 @@ def scale_by_white_kron(
             sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
             divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
             scales = rms_clip_scale(sum_sqs, sizes) / divisor
+            if config.damping > 0 and damp.MECHANISM == "step":
+                scales = scales * damp.step_scales(input_rms, reference, config.damping)
             for out, g, slot in zip(outputs, grads, state.slots, strict=True):
                 # The leaf's index as data (see `leaf_slots`): same-shaped leaves share
                 # one kernel.
@@ -407,6 +429,7 @@ def scale_by_white_kron(
             slots=state.slots,
             plan=state.plan,
             cache=cache,
+            damping_memory=memory,
         )
         skipped = state._replace(
             skipped_steps=state.skipped_steps + 1,
