@@ -8,8 +8,6 @@
 """
 
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.extend
@@ -24,9 +22,7 @@ from wkron_eqx._layout import (
     plan_tree,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _trees import TREES, broadcast_scanned, mixed  # noqa: E402
+from .trees import TREES, abstract_tree, mixed
 
 
 CONTROL_FLOW = ("while", "scan", "cond")
@@ -46,17 +42,6 @@ def _count_primitives(jaxpr, names) -> dict[str, int]:
     return counts
 
 
-def _abstract_tree(spec: dict, dtype=jnp.float32):
-    def build(node):
-        if isinstance(node, tuple):
-            return jax.ShapeDtypeStruct(node, dtype)
-        return {k: build(v) for k, v in node.items()}
-
-    params = build(spec["params"])
-    scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
-    return params, scanned
-
-
 @pytest.fixture
 def accelerator(monkeypatch):
     """Trace as for an accelerator: its plan (generous merges) and its program
@@ -66,7 +51,7 @@ def accelerator(monkeypatch):
 
 
 def _update_jaxpr(tree: str, rule: str, probability, **options):
-    params, scanned = _abstract_tree(TREES[tree]())
+    params, scanned = abstract_tree(TREES[tree]())
     tx = getattr(wk, rule)(
         scanned_layers=scanned, preconditioner_update_probability=probability, **options
     )
@@ -149,7 +134,7 @@ def test_on_cpu_the_only_loops_are_power_iterations(rule):
     jaxpr = _update_jaxpr("conv", rule, 1.0)
     assert _count_primitives(jaxpr, ("while", "cond")) == {"while": 0, "cond": 0}
     loops = _equations(jaxpr, "scan")  # a fori_loop with a static trip count is a `scan`
-    groups = len(wk.tree_plan(_abstract_tree(TREES["conv"]())[0]).groups)
+    groups = len(wk.tree_plan(abstract_tree(TREES["conv"]())[0]).groups)
     assert len(loops) == (2 if rule == "quad" else 4) * groups
     for eqn in loops:
         assert eqn.params["length"] == POWER_ITERATIONS
@@ -172,7 +157,7 @@ def _kernel(entry_line: str, computations: dict[str, str]) -> str:
 def _compiled_size(n_leaves: int) -> tuple[int, int, int]:
     """(instructions, is-finite instructions, distinct fusion kernels) of the optimised
     program for `mixed(n)`."""
-    params, _ = _abstract_tree(mixed(n_leaves))
+    params, _ = abstract_tree(mixed(n_leaves))
     tx = wk.scale_by_skew(dtype=jnp.float32)
     state = jax.eval_shape(tx.init, params)
     text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
@@ -212,7 +197,7 @@ def test_accelerator_grouping_merges_buckets_into_fewer_computations():
     """The plan takes the backend's grouping as input, so both are testable on a CPU."""
     for name in ("mlp", "conv", "transformer12", "resnet50"):
         spec = TREES[name]()
-        params, _ = _abstract_tree(spec)
+        params, _ = abstract_tree(spec)
         shapes = tuple(x.shape for x in jax.tree.leaves(params))
         flags = (False,) * len(shapes)
         cpu = plan_tree(shapes, flags, 256, 16384, 1, CPU_GROUPING)
@@ -224,7 +209,7 @@ def test_accelerator_grouping_merges_buckets_into_fewer_computations():
             m for g in cpu.groups for m in g.members
         )
     conv = TREES["conv"]()
-    params, _ = _abstract_tree(conv)
+    params, _ = abstract_tree(conv)
     shapes = tuple(x.shape for x in jax.tree.leaves(params))
     gpu = plan_tree(shapes, (False,) * len(shapes), 256, 16384, 1, ACCELERATOR_GROUPING)
     cpu = plan_tree(shapes, (False,) * len(shapes), 256, 16384, 1, CPU_GROUPING)
