@@ -5,9 +5,14 @@
 - The compiled program grows linearly with the number of leaves, with a small cost per
   leaf (a quadratic term once made a 128-leaf tree compile for minutes).
 - Accelerator-aware grouping is a pure function of the backend name.
+
+The control flow is counted in the jaxpr; the compiled program by the op kinds of its
+instructions (`tests/hlo.py`), never by the names JAX or XLA give them, and against bounds
+with room for another XLA's fusion decisions. The exact counts of the jax version they
+were measured with are kept apart, marked `hlo_exact`: they skip under any other version.
 """
 
-import re
+import collections
 
 import jax
 import jax.extend
@@ -22,7 +27,32 @@ from wkron_eqx._layout import (
     plan_tree,
 )
 
+from . import hlo
 from .trees import TREES, abstract_tree, mixed
+
+
+# The jax release the `hlo_exact` counts were measured with (see `pyproject.toml`).
+HLO_EXACT_JAX = "0.10.2"
+
+
+@pytest.fixture
+def measured_jax():
+    """Skip, rather than fail, an exact count under a jax it was not measured with."""
+    if jax.__version__ != HLO_EXACT_JAX:
+        pytest.skip(
+            f"exact HLO counts measured with jax {HLO_EXACT_JAX}, this is {jax.__version__}: "
+            "re-measure them, then update HLO_EXACT_JAX"
+        )
+
+
+# Entry instructions that launch no work of their own.
+FREE = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+
+
+def _kernels(module: hlo.Module) -> collections.Counter:
+    """The entry computation's kernels by op kind (a loop counts once: its body is
+    compiled once, and not counted)."""
+    return collections.Counter(i.opcode for i in module.instructions() if i.opcode not in FREE)
 
 
 CONTROL_FLOW = ("while", "scan", "cond")
@@ -142,49 +172,40 @@ def test_on_cpu_the_only_loops_are_power_iterations(rule):
         assert _count_primitives(body, CONTROL_FLOW) == {"while": 0, "scan": 0, "cond": 0}
 
 
-def _entry(compiled_text: str) -> str:
-    return compiled_text[compiled_text.index("\nENTRY") :].split("\n}\n")[0]
-
-
-def _kernel(entry_line: str, computations: dict[str, str]) -> str:
-    """A fusion's computation with every name blanked: two fusions with the same text
-    are the same kernel (XLA compiles it once), whatever buffers they read."""
-    body = computations[re.search(r"calls=(%[\w.-]+)", entry_line).group(1)]
-    body = re.sub(r", metadata=\{[^}]*\}", "", body.split("\n", 1)[1])
-    return re.sub(r"%[\w.-]+", "%", body)
-
-
 def _compiled_size(n_leaves: int) -> tuple[int, int, int]:
     """(instructions, is-finite instructions, distinct fusion kernels) of the optimised
-    program for `mixed(n)`."""
+    program for `mixed(n)`: every computation's instructions, the `is-finite`s among
+    them, and the distinct kernels of the entry's fusions."""
     params, _ = abstract_tree(mixed(n_leaves))
     tx = wk.scale_by_skew(dtype=jnp.float32)
     state = jax.eval_shape(tx.init, params)
-    text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-    lines = [line for line in text.splitlines() if " = " in line]
-    computations = {
-        m.group(1): m.group(0) for m in re.finditer(r"^(%[\w.-]+) .*?^\}$", text, re.M | re.S)
-    }
-    entry = _entry(text)
-    kernels = {_kernel(line, computations) for line in entry.splitlines() if " fusion(" in line}
-    return len(lines), sum("is-finite(" in line for line in lines), len(kernels)
+    module = hlo.compiled(jax.jit(tx.update), params, state, params)
+    fusions = [i for i in module.instructions() if i.opcode == "fusion"]
+    kernels = {module.kernel(f) for f in fusions}
+    return module.size(), module.count("is-finite", "*"), len(kernels)
 
 
 def test_compiled_program_grows_linearly_in_the_number_of_leaves():
+    """Measured with jax 0.10.2 (instructions, is-finite, distinct kernels): 16 leaves
+    5998, 1, 233; 32 leaves 6946, 1, 233; 48 leaves 7897, 1, 234: 59 instructions a leaf.
+    The bounds leave room for another XLA's fusion decisions: a leaf may cost 25% more,
+    the kernels of 16 leaves may be 25% more."""
     sizes = {n: _compiled_size(n) for n in (16, 32, 48)}
     # One finiteness verdict for the whole step, however many leaves.
-    assert all(finite <= 2 for _, finite, _ in sizes.values())
+    finite = {n: f for n, (_, f, _) in sizes.items()}
+    assert finite[16] == finite[32] == finite[48] <= 2, finite
     first = sizes[32][0] - sizes[16][0]
     second = sizes[48][0] - sizes[32][0]
     # Linear: the next 16 leaves cost what the previous 16 did (within 15%), and a
-    # leaf costs a bounded number of instructions (120 at most).
-    assert 0.85 * first <= second <= 1.15 * first
-    assert second / 16 <= 120
+    # leaf costs a bounded number of instructions.
+    assert 0.85 * first <= second <= 1.15 * first, sizes
+    assert second / 16 <= 75, sizes
     # XLA compiles each distinct kernel once, and compile time follows the distinct
     # kernels. `mixed(n)` cycles through the same 8 shapes, so tripling the leaves
     # must add (almost) none: no leaf's position may be baked into its kernels.
     kernels = {n: k for n, (_, _, k) in sizes.items()}
     assert kernels[48] <= kernels[16] + 8, kernels
+    assert kernels[16] <= 291, kernels
 
 
 def test_grouping_follows_the_backend():
@@ -216,21 +237,37 @@ def test_accelerator_grouping_merges_buckets_into_fewer_computations():
     assert len(gpu.groups) < len(cpu.groups)
 
 
+# The entry kernels of the bound on a (6, 32, 32) stack, as jax 0.10.2 compiles it.
+SPECTRAL_NORM_KERNELS = {
+    True: {"fusion": 9, "dot": 1, "while": 1, "copy": 1},
+    False: {"fusion": 19, "dot": 11},
+}
+
+
+@pytest.mark.parametrize(
+    "exact",
+    [pytest.param(False, id="bound"), pytest.param(True, id="exact", marks=pytest.mark.hlo_exact)],
+)
 @pytest.mark.parametrize("loop", [True, False], ids=["cpu-loop", "unrolled"])
-def test_spectral_norm_bound_compiles_to_few_kernels(monkeypatch, loop):
+def test_spectral_norm_bound_compiles_to_few_kernels(monkeypatch, request, loop, exact):
     """Each kernel is a launch on an accelerator and code to compile on the CPU: the
     bound normalises nothing it does not have to (it is a ratio of norms). Counted are
-    the kernels of the entry computation (a loop's body is compiled once, and not
-    counted). Measured with jax 0.10.2: 11 as a loop and 30 unrolled. XLA's fusion
-    decisions may move these counts between jax versions: re-measure before moving the
-    bounds."""
+    the entry computation's instructions that launch work, by op kind (a loop's body is
+    compiled once, and not counted). Measured with jax 0.10.2: 12 as a loop (9 fusions,
+    a dot, the loop and a copy) and 30 unrolled (19 fusions, 11 dots). The bounds allow
+    25% more, for another XLA's fusion decisions; the exact counts hold for jax 0.10.2
+    only (re-measure them under another)."""
+    if exact:
+        request.getfixturevalue("measured_jax")
     from wkron_eqx import _norms
 
     monkeypatch.setattr(_norms, "loops_are_cheap", lambda: loop)
     stack = jax.ShapeDtypeStruct((6, 32, 32), jnp.float32)
-    text = jax.jit(jax.vmap(_norms.spectral_norm_lower_bound)).lower(stack).compile().as_text()
-    ops = re.findall(r" (fusion|dot|reduce|while|concatenate|gather)\(", _entry(text))
-    assert len(ops) <= (12 if loop else 31), ops
+    kernels = _kernels(hlo.compiled(jax.jit(jax.vmap(_norms.spectral_norm_lower_bound)), stack))
+    if exact:
+        assert kernels == SPECTRAL_NORM_KERNELS[loop]
+    else:
+        assert kernels.total() <= (15 if loop else 37), kernels
 
 
 def test_the_moment_has_no_kernel_of_its_own():
@@ -241,14 +278,63 @@ def test_the_moment_has_no_kernel_of_its_own():
     params = {"a": jnp.zeros((40, 24)), "b": jnp.zeros((3, 3, 8, 16))}
     tx = wk.quad(dtype=jnp.float32)
     state = jax.eval_shape(tx.init, params)
-    text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-    reads_gradient = 0
-    for line in _entry(text).splitlines():
-        if " fusion(" in line:
-            operands = re.findall(r"%([\w.-]+)", line.split(" fusion(", 1)[1].split(")")[0])
-            moments = [o for o in operands if re.match(r"state_0__mu__", o)]
-            gradients = [o for o in operands if re.match(r"updates__", o)]
-            reads_gradient += bool(gradients)
-            assert not (moments and gradients and len(operands) == 2), line
-    # (Not vacuous: the parameters are named as matched above.)
-    assert reads_gradient >= 2
+    args = (params, state, params)  # (gradients, state, params)
+    # With `keep_unused`, every argument leaf is an entry parameter, numbered in the
+    # order of flattening: what a parameter holds is read from its path, not its name.
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    module = hlo.compiled(jax.jit(tx.update, keep_unused=True), *args)
+
+    def role(path) -> str:
+        if path[0].idx == 0:
+            return "gradient"
+        if path[0].idx == 1 and any(getattr(key, "name", None) == "mu" for key in path):
+            return "moment"
+        return "other"
+
+    roles = {i.name: role(paths[i.number]) for i in module.instructions() if i.number is not None}
+    assert sorted(roles.values()) == sorted(role(path) for path in paths)
+    readers = collections.Counter()
+    for fusion in (i for i in module.instructions() if i.opcode == "fusion"):
+        read = sorted(roles.get(module.source(o).name, "computed") for o in fusion.operands)
+        readers.update(set(read))
+        assert read != ["gradient", "moment"], fusion.text
+    # Not vacuous: the gradients and the moments are found, and read by fusions.
+    assert readers["gradient"] >= 2 and readers["moment"] >= 2, readers
+
+
+_HLO_TEXT = """HloModule m, entry_computation_layout={(f32[4]{0}, s32[])->(f32[4]{0}, s32[])}
+
+%fused_a (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%param_0), metadata={op_name="jit(f)/neg" stack_frame_id=1}
+}
+
+%fused_b (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %x = f32[4]{0} negate(%p)
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4], Arg_1.2: s32[]) -> (f32[4], s32[]) {
+  %Arg_1.2 = s32[] parameter(1)
+  %Arg_0.1 = f32[4]{0} parameter(0)
+  %view = f32[4]{0:T(128)} bitcast(f32[4]{0} %Arg_0.1)
+  %fusion = f32[4]{0} fusion(f32[4]{0:T(128)} %view), kind=kLoop, calls=%fused_a
+  %fusion.1 = f32[4]{0} fusion(%fusion), kind=kLoop, calls=%fused_b
+  ROOT %tuple = (f32[4]{0}, s32[]) tuple(%fusion.1, %Arg_1.2)
+}
+"""
+
+
+def test_the_hlo_reader_reads_the_grammar_not_the_names():
+    """`tests/hlo.py` on both ways XLA prints operands (with and without their types),
+    tiled layouts and tuple types: what the tests above count is read right."""
+    module = hlo.parse(_HLO_TEXT)
+    assert module.entry == "main.9"
+    assert _kernels(module) == {"fusion": 2}
+    assert module.count("negate", "*") == 2 and module.size() == 10
+    first, second = (i for i in module.instructions() if i.opcode == "fusion")
+    assert first.operands == ("view",) and first.calls == ("fused_a",)
+    assert module.source("view").number == 0
+    # the two kernels differ only in names and metadata: one kernel
+    assert module.kernel(first) == module.kernel(second)
+    assert [i.number for i in module.instructions() if i.opcode == "parameter"] == [1, 0]
