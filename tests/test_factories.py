@@ -18,7 +18,7 @@ import pytest
 
 import wkron_eqx as wk
 
-from .reference_signatures import ADDED, SCALE_BY_REFERENCE
+from .reference_signatures import ADDED, OPTIMIZER_REFERENCE, SCALE_BY_REFERENCE
 
 
 F32 = jnp.float32
@@ -31,39 +31,41 @@ FACTORIES = {
 INJECTABLE = ("learning_rate", "weight_decay")
 
 
-def _config_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(wk.Config)}
-
-
 def _same(a, b) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
 # ---------------------------------------------------------------------------------------
-# one set of defaults
+# one set of defaults: the reference's (eformer 0.0.101's `white_kron`) names, order and
+# defaults, then ours after them; in `Config` and in each of the four factories
 
 
-def test_config_defaults_are_the_reference():
-    assert _config_defaults() == {**dict(SCALE_BY_REFERENCE), **ADDED}
-    for name, default in _config_defaults().items():
-        expected = {**dict(SCALE_BY_REFERENCE), **ADDED}[name]
-        assert _same(default, expected), name
+def _parameters(name: str) -> list[tuple[str, object]]:
+    """`(name, default)` of `Config`'s fields or of a factory's parameters, in order."""
+    if name == "Config":
+        return [(f.name, f.default) for f in dataclasses.fields(wk.Config)]
+    return [(p.name, p.default) for p in inspect.signature(FACTORIES[name]).parameters.values()]
 
 
-@pytest.mark.parametrize("factory", ["scale_by_quad", "scale_by_skew"])
-def test_scale_by_parameters_are_the_config_fields(factory):
-    assert list(inspect.signature(FACTORIES[factory]).parameters) == list(_config_defaults())
-
-
-@pytest.mark.parametrize("factory", FACTORIES)
-def test_factory_defaults_are_the_config_defaults(factory):
-    parameters = inspect.signature(FACTORIES[factory]).parameters
-    config = _config_defaults()
-    assert set(config) <= set(parameters)
-    for name, default in config.items():
-        assert _same(parameters[name].default, default), name
-    # what `quad` / `skew` add to `Config`
-    assert set(parameters) - set(config) <= {*INJECTABLE, "weight_decay_mask"}
+@pytest.mark.parametrize("name", ["Config", *FACTORIES])
+def test_parameters_are_the_references_then_ours(name):
+    reference = OPTIMIZER_REFERENCE if name in ("quad", "skew") else SCALE_BY_REFERENCE
+    parameters = _parameters(name)
+    head, tail = parameters[: len(reference)], parameters[len(reference) :]
+    # the reference's parameters first, in its order, with its defaults (of its types)
+    assert [n for n, _ in head] == [n for n, _ in reference]
+    for (n, default), (_, expected) in zip(head, reference, strict=True):
+        assert _same(default, expected), n
+    # then ours, in one order everywhere (`Config`'s), with defaults that keep the
+    # reference's behaviour
+    ours = [n for n, _ in _parameters("Config")[len(SCALE_BY_REFERENCE) :]]
+    assert sorted(ours) == sorted(ADDED)
+    assert [n for n, _ in tail] == ours
+    for n, default in tail:
+        assert _same(default, ADDED[n]), n
+    if name != "Config":
+        for p in inspect.signature(FACTORIES[name]).parameters.values():
+            assert p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY), p.name
 
 
 def _factory_defs() -> dict[str, ast.FunctionDef]:
@@ -90,12 +92,14 @@ def test_docstring_and_defaults_are_in_the_source(factory):
     documented = [n for e in entries for n in re.findall(r"`(\w+)`", e.split(": ")[0])]
     names = list(inspect.signature(FACTORIES[factory]).parameters)
     assert documented == names
-    config = _config_defaults()
+    # the defaults a static reader shows are the ones that run (those are the reference's,
+    # as `test_parameters_are_the_references_then_ours` checks)
+    runtime = dict(_parameters(factory))
     for arg, default in zip(node.args.args[-len(node.args.defaults) :], node.args.defaults):
         if arg.arg == "dtype":
             assert ast.unparse(default) == "jnp.bfloat16"
-        elif arg.arg in config:
-            assert _same(ast.literal_eval(default), config[arg.arg]), arg.arg
+        else:
+            assert _same(ast.literal_eval(default), runtime[arg.arg]), arg.arg
     assert len(node.args.defaults) == len(names)
 
 
@@ -113,9 +117,9 @@ def test_config_turns_numpy_scalars_into_python_numbers():
 # optax.inject_hyperparams
 
 
-@pytest.mark.parametrize("factory", ["quad", "skew"])
-def test_static_args_are_every_argument_but_the_injectable(factory):
-    names = inspect.signature(FACTORIES[factory]).parameters
+def test_static_args_are_every_argument_but_the_injectable():
+    # (`quad` and `skew` take the same arguments, in the same order: see above)
+    names = [n for n, _ in _parameters("quad")]
     assert wk.STATIC_ARGS == tuple(n for n in names if n not in INJECTABLE)
 
 
