@@ -41,7 +41,7 @@ FAST_TESTS = (
     "tests/test_reliability.py::test_a_statistic_that_overflows_skips_the_step",
 )
 
-# What a copy needs to run them (the tests import `benchmarks/_trees.py` in places).
+# What a copy needs to run them.
 COPIED = ("wkron_eqx", "tests", "benchmarks", "pyproject.toml")
 SKIPPED_WHEN_COPYING = shutil.ignore_patterns("__pycache__", ".hypothesis", "results")
 

@@ -29,7 +29,7 @@ from _measure import measure
 from _trees import TREES, broadcast_scanned, materialise
 
 import wkron_eqx as wk
-from wkron_eqx._layout import LeafKind, grouping_for, plan_tree
+from wkron_eqx._layout import LeafKind, plan_tree
 
 
 OPTIMIZERS = ["quad", "skew"]
@@ -66,7 +66,7 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
     """Median time (ms) of the batched matmuls of one of our steps, and nothing else."""
     leaves = jax.tree.leaves(params)
     flags = jax.tree.leaves(scanned) if scanned is not None else [False] * len(leaves)
-    grouping = grouping_for(jax.default_backend())
+    grouping = wk.Backend.of().grouping
     plan = plan_tree(tuple(x.shape for x in leaves), tuple(flags), 256, 16384, 1, grouping)
     rng = np.random.default_rng(0)
     stacks = []  # (G, Ql or None, Qr or None)

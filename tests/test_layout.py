@@ -479,9 +479,9 @@ def _multiply_adds(rows: int, cols: int) -> int:
     accelerator=st.booleans(),
 )
 def test_groups_partition_buckets_within_budget(sides, accelerator):
-    from wkron_eqx._layout import Bucket, group_buckets, grouping_for
+    from wkron_eqx._layout import Bucket, group_buckets
 
-    grouping = grouping_for("gpu" if accelerator else "cpu")
+    grouping = wk.Backend.of("gpu" if accelerator else "cpu").grouping
     buckets = tuple(Bucket(8 * r, 8 * c, (), n, n) for r, c, n in sides)
     groups = group_buckets(buckets, grouping)
     members = [m for g in groups for m in g.members]

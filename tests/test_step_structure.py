@@ -23,7 +23,6 @@ import wkron_eqx as wk
 from wkron_eqx._layout import (
     ACCELERATOR_GROUPING,
     CPU_GROUPING,
-    grouping_for,
     plan_tree,
 )
 
@@ -73,26 +72,33 @@ def _count_primitives(jaxpr, names) -> dict[str, int]:
 
 
 @pytest.fixture
-def accelerator(monkeypatch):
-    """Trace as for an accelerator: its plan (generous merges) and its program
-    (power iteration unrolled). Only the backend name is faked; nothing runs."""
-    gpu = wk.Backend.of("gpu")
-    monkeypatch.setattr(wk.Backend, "of", classmethod(lambda cls, platform=None: gpu))
+def accelerator() -> wk.Backend:
+    """An accelerator's platform choices: its plan (generous merges) and its program
+    (power iteration unrolled), for a step traced here; nothing runs."""
+    return wk.Backend.of("gpu")
 
 
-def _update_jaxpr(tree: str, rule: str, probability, **options):
+RULES = {"quad": wk.Quad(), "skew": wk.Procrustes()}
+
+
+def _update_jaxpr(tree: str, rule: str, probability, backend: wk.Backend, **options):
     params, scanned = abstract_tree(TREES[tree]())
-    tx = getattr(wk, rule)(
+    config = wk.Config(
         scanned_layers=scanned, preconditioner_update_probability=probability, **options
     )
+    tx = wk.scale_by_white_kron(RULES[rule], config, backend=backend)
     state = jax.eval_shape(tx.init, params)
     return jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+
+
+def _flow(*args, **options) -> dict[str, int]:
+    return _count_primitives(_update_jaxpr(*args, **options), CONTROL_FLOW)
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
 @pytest.mark.parametrize("tree", sorted(TREES))
 def test_every_step_update_has_no_control_flow(tree, rule, accelerator):
-    counts = _count_primitives(_update_jaxpr(tree, rule, 1.0), CONTROL_FLOW)
+    counts = _flow(tree, rule, 1.0, accelerator)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
 
 
@@ -100,7 +106,7 @@ def test_every_step_update_has_no_control_flow(tree, rule, accelerator):
 @pytest.mark.parametrize("rule", ["quad", "skew"])
 def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability, accelerator):
     for tree in ("conv", "gpt"):
-        counts = _count_primitives(_update_jaxpr(tree, rule, probability), CONTROL_FLOW)
+        counts = _flow(tree, rule, probability, accelerator)
         assert counts == {"while": 0, "scan": 0, "cond": 1}
 
 
@@ -108,17 +114,21 @@ def test_a_lower_update_probability_adds_exactly_one_cond(rule, probability, acc
 def test_the_new_options_add_no_control_flow(rule, accelerator):
     """`preconditioner_init_scale=None` is a select on the step: no `cond` of its own."""
     options = dict(preconditioner_init_scale=None)
-    counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
+    counts = _flow("gpt", rule, 1.0, accelerator, **options)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
-    counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
+    counts = _flow("gpt", rule, 0.5, accelerator, **options)
     assert counts == {"while": 0, "scan": 0, "cond": 1}
     # Nor do the memory-save modes, stochastic rounding or the cache.
     options = dict(memory_save_mode="one_diag", stochastic_rounding=True)
-    counts = _count_primitives(_update_jaxpr("gpt", rule, 1.0, **options), CONTROL_FLOW)
+    counts = _flow("gpt", rule, 1.0, accelerator, **options)
     assert counts == {"while": 0, "scan": 0, "cond": 0}
     options = dict(cache_preconditioner=True)
-    counts = _count_primitives(_update_jaxpr("gpt", rule, 0.5, **options), CONTROL_FLOW)
+    counts = _flow("gpt", rule, 0.5, accelerator, **options)
     assert counts == {"while": 0, "scan": 0, "cond": 1}
+    # Nor `damping`: its memory and scales are selects and reductions.
+    options = dict(damping=1e-3)
+    counts = _flow("gpt", rule, 1.0, accelerator, **options)
+    assert counts == {"while": 0, "scan": 0, "cond": 0}
 
 
 def _equations(jaxpr, name: str) -> list:
@@ -148,8 +158,9 @@ def _branch_products(jaxpr) -> list[int]:
 def test_the_cache_halves_the_products_of_a_step_that_only_applies(rule, accelerator):
     """With `cache_preconditioner`, a step that only applies does one product per dense
     side instead of two; a step that updates does none more than without it."""
-    plain = _branch_products(_update_jaxpr("gpt", rule, 0.5))
-    cached = _branch_products(_update_jaxpr("gpt", rule, 0.5, cache_preconditioner=True))
+    plain = _branch_products(_update_jaxpr("gpt", rule, 0.5, accelerator))
+    options = dict(cache_preconditioner=True)
+    cached = _branch_products(_update_jaxpr("gpt", rule, 0.5, accelerator, **options))
     assert cached[0] * 2 == plain[0] > 0
     assert cached[1] <= plain[1]
 
@@ -161,7 +172,7 @@ def test_on_cpu_the_only_loops_are_power_iterations(rule):
     loops there, of exactly `POWER_ITERATIONS` steps, and nothing else is."""
     from wkron_eqx._norms import POWER_ITERATIONS
 
-    jaxpr = _update_jaxpr("conv", rule, 1.0)
+    jaxpr = _update_jaxpr("conv", rule, 1.0, wk.Backend.of("cpu"))
     assert _count_primitives(jaxpr, ("while", "cond")) == {"while": 0, "cond": 0}
     loops = _equations(jaxpr, "scan")  # a fori_loop with a static trip count is a `scan`
     groups = len(wk.tree_plan(abstract_tree(TREES["conv"]())[0]).groups)
@@ -208,10 +219,23 @@ def test_compiled_program_grows_linearly_in_the_number_of_leaves():
     assert kernels[16] <= 291, kernels
 
 
-def test_grouping_follows_the_backend():
-    assert grouping_for("cpu") == CPU_GROUPING
-    assert grouping_for("gpu") == grouping_for("tpu") == ACCELERATOR_GROUPING
+def test_the_platform_choices_follow_the_backend_and_live_in_the_state():
+    cpu, gpu, tpu = (wk.Backend.of(p) for p in ("cpu", "gpu", "tpu"))
+    assert (cpu.grouping, cpu.loops_are_cheap, cpu.narrow_matmuls) == (CPU_GROUPING, True, False)
+    for accelerator in (gpu, tpu):
+        assert accelerator.grouping == ACCELERATOR_GROUPING
+        assert not accelerator.loops_are_cheap and accelerator.narrow_matmuls
     assert ACCELERATOR_GROUPING.budget > CPU_GROUPING.budget
+    assert wk.Backend.of() == wk.Backend.of(jax.default_backend())
+    # bfloat16 products run in float32 where narrow matmuls are not native
+    assert cpu.product_dtype(jnp.bfloat16, None) == jnp.float32
+    assert gpu.product_dtype(jnp.bfloat16, None) == jnp.bfloat16
+    assert cpu.product_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    # `init` records the choices it was given; `update` follows them
+    params = {"w": jax.ShapeDtypeStruct((300, 40), jnp.float32)}
+    state = jax.eval_shape(wk.scale_by_white_kron(wk.Quad(), wk.Config(), backend=gpu).init, params)
+    assert state.plan.backend == gpu
+    assert jax.eval_shape(wk.scale_by_quad().init, params).plan.backend == wk.Backend.of()
 
 
 def test_accelerator_grouping_merges_buckets_into_fewer_computations():
@@ -249,7 +273,7 @@ SPECTRAL_NORM_KERNELS = {
     [pytest.param(False, id="bound"), pytest.param(True, id="exact", marks=pytest.mark.hlo_exact)],
 )
 @pytest.mark.parametrize("loop", [True, False], ids=["cpu-loop", "unrolled"])
-def test_spectral_norm_bound_compiles_to_few_kernels(monkeypatch, request, loop, exact):
+def test_spectral_norm_bound_compiles_to_few_kernels(request, loop, exact):
     """Each kernel is a launch on an accelerator and code to compile on the CPU: the
     bound normalises nothing it does not have to (it is a ratio of norms). Counted are
     the entry computation's instructions that launch work, by op kind (a loop's body is
@@ -259,11 +283,12 @@ def test_spectral_norm_bound_compiles_to_few_kernels(monkeypatch, request, loop,
     only (re-measure them under another)."""
     if exact:
         request.getfixturevalue("measured_jax")
-    from wkron_eqx import _norms
+    from wkron_eqx import _backend, _norms
 
-    monkeypatch.setattr(_norms, "loops_are_cheap", lambda: loop)
     stack = jax.ShapeDtypeStruct((6, 32, 32), jnp.float32)
-    kernels = _kernels(hlo.compiled(jax.jit(jax.vmap(_norms.spectral_norm_lower_bound)), stack))
+    backend = wk.Backend.of("cpu" if loop else "gpu")
+    with _backend.tracing_for(backend):  # (it is traced inside `compiled`)
+        kernels = _kernels(hlo.compiled(jax.jit(jax.vmap(_norms.spectral_norm_lower_bound)), stack))
     if exact:
         assert kernels == SPECTRAL_NORM_KERNELS[loop]
     else:

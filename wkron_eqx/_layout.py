@@ -252,11 +252,6 @@ CPU_GROUPING = Grouping(budget=0.1)
 ACCELERATOR_GROUPING = Grouping(budget=1.0)
 
 
-def grouping_for(backend: str) -> Grouping:
-    """The grouping for a JAX backend name (`jax.default_backend()`)."""
-    return CPU_GROUPING if backend == "cpu" else ACCELERATOR_GROUPING
-
-
 def _tile_cost(rows: int, cols: int) -> int:
     # Multiply-adds of one factor update: applying each side twice (before and after
     # the update; a gram then a product, or two thin products, whichever is cheaper),
@@ -366,7 +361,7 @@ def plan_tree(
     - `shapes`: the shape of every leaf, in flattening order.
     - `scanned`: for each leaf, whether its leading axis is a stack of layers.
     - `block_size`, `max_size_dense`, `pipeline_axis_size`: as in `scale_by_quad`.
-    - `grouping`: how tiles are batched (`grouping_for(jax.default_backend())`).
+    - `grouping`: how tiles are batched (the `Backend`'s).
     - `memory_save_mode`: which sides get diagonal factors besides the long ones
       (`diagonal_sides`).
 
