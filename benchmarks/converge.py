@@ -2,9 +2,11 @@
 
     python benchmarks/converge.py [--reference-python .refenv/bin/python]
     python benchmarks/converge.py --memory-modes
+    python benchmarks/converge.py --damping 5e-3
 
 The second form runs quad and skew under each `memory_save_mode` instead (no adamw, no
-reference) and writes `benchmarks/results/converge_memory_modes.json`.
+reference) and writes `benchmarks/results/converge_memory_modes.json`; the third, without
+and with that `damping` (`converge_damping.json`).
 
 Two problems: an MLP (64-128-128-10) on scikit-learn's bundled digits (minibatches of
 128, a fixed sequence) and a least-squares problem `0.5 ||A W B - C||^2` whose Hessian
@@ -96,25 +98,25 @@ def ours(name: str, lr, **options):
     return getattr(wk, name)(learning_rate=lr, weight_decay=0.0, dtype=jnp.float32, **options)
 
 
-def memory_modes() -> None:
-    """Both problems for quad and skew under each `memory_save_mode`, best lr each."""
+def compare_options(variants: dict[str, dict], out: str) -> None:
+    """Both problems for quad and skew under each variant's options, best lr each."""
     data, problem = digits_data(), least_squares_problems(LS_PROBLEMS)
     results = {}
-    for mode in (None, "one_diag", "all_diag"):
+    for variant, options in variants.items():
         for name in ("quad", "skew"):
-            key = f"{name}, {mode}"
+            key = f"{name}, {variant}"
             for lr in GRIDS["digits"][name]:
-                tx = ours(name, lr, memory_save_mode=mode)
+                tx = ours(name, lr, **options)
                 results[f"digits/ours/{key}/{lr}"] = run_digits(tx, data, DIGITS_STEPS, DIGITS_EVAL)
             for lr in GRIDS["lsq"][name]:
-                tx = ours(name, optax.cosine_decay_schedule(lr, LS_STEPS), memory_save_mode=mode)
+                tx = ours(name, optax.cosine_decay_schedule(lr, LS_STEPS), **options)
                 results[f"lsq/ours/{key}/{lr}"] = run_least_squares_problems(
                     tx, problem, LS_STEPS, LS_EVAL
                 )
             print("done", key, file=sys.stderr, flush=True)
     best = summarise(results)
     print(
-        "| optimizer, mode | digits: lr | steps to loss 0.01 | final loss | test acc "
+        "| optimizer, options | digits: lr | steps to loss 0.01 | final loss | test acc "
         "| least squares: lr | final loss (geometric mean of 5) |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -127,7 +129,7 @@ def memory_modes() -> None:
             f"| {q['final_loss']:.3e} |"
         )
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "converge_memory_modes.json").write_text(json.dumps(best, indent=1))
+    (HERE / "results" / out).write_text(json.dumps(best, indent=1))
 
 
 def steps_to(curve, every, target):
@@ -152,9 +154,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reference-python", default=str(HERE.parent / ".refenv/bin/python"))
     parser.add_argument("--memory-modes", action="store_true")
+    parser.add_argument("--damping", type=float, default=None)
     args = parser.parse_args(argv)
     if args.memory_modes:
-        return memory_modes()
+        modes = {str(m): dict(memory_save_mode=m) for m in (None, "one_diag", "all_diag")}
+        return compare_options(modes, "converge_memory_modes.json")
+    if args.damping is not None:
+        variants = {"damping=0": {}, f"damping={args.damping:g}": dict(damping=args.damping)}
+        return compare_options(variants, "converge_damping.json")
     data = digits_data()
     problem = least_squares_problems(LS_PROBLEMS)
     results = {}
