@@ -7,7 +7,7 @@ plan can be cached and used as static data inside `jit`.
 import enum
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 # Tile sides are rounded up to a multiple of this (but never past `block_size`), so that
@@ -158,11 +158,22 @@ def leaf_plan(
     else:
         batch = 1
     merged = merge_shape(shape)
+
+    def plan(kind: LeafKind, **fields: Any) -> LeafPlan:
+        return LeafPlan(kind, scanned, batch, shape, merged, block_size, **fields)
+
     if len(merged) == 1:
-        return LeafPlan(
-            LeafKind.ONE_D, scanned, batch, shape, merged, block_size,
-            True, False, (), (), (), 0, 0, batch,
-        )  # fmt: skip
+        return plan(
+            LeafKind.ONE_D,
+            diag_left=True,
+            diag_right=False,
+            row_parts=(),
+            col_parts=(),
+            groups=(),
+            strip_side=0,
+            strips=0,
+            stack=batch,
+        )
     rows, cols = merged
     diag_left, diag_right = diagonal_sides(rows, cols, max_size_dense, memory_save_mode)
     if not (diag_left or diag_right):
@@ -174,10 +185,17 @@ def leaf_plan(
             for cp in col_parts
         )
         tiles = batch * sum(g.row_part.count * g.col_part.count for g in groups)
-        return LeafPlan(
-            LeafKind.DENSE, scanned, batch, shape, merged, block_size,
-            False, False, row_parts, col_parts, groups, 0, tiles, tiles,
-        )  # fmt: skip
+        return plan(
+            LeafKind.DENSE,
+            diag_left=False,
+            diag_right=False,
+            row_parts=row_parts,
+            col_parts=col_parts,
+            groups=groups,
+            strip_side=0,
+            strips=tiles,
+            stack=tiles,
+        )
     if diag_left and diag_right:
         row_parts, col_parts, strip_side, strips = (), (), 0, batch
     elif diag_left:
@@ -188,11 +206,17 @@ def leaf_plan(
         row_parts, col_parts = split_axis(rows, block_size), ()
         strip_side = tile_side(min(rows, block_size), block_size)
         strips = batch * sum(p.count for p in row_parts)
-    return LeafPlan(
-        LeafKind.LARGE, scanned, batch, shape, merged, block_size,
-        diag_left, diag_right, row_parts, col_parts, (), strip_side, strips,
-        pad_to_multiple(strips, pipeline_axis_size),
-    )  # fmt: skip
+    return plan(
+        LeafKind.LARGE,
+        diag_left=diag_left,
+        diag_right=diag_right,
+        row_parts=row_parts,
+        col_parts=col_parts,
+        groups=(),
+        strip_side=strip_side,
+        strips=strips,
+        stack=pad_to_multiple(strips, pipeline_axis_size),
+    )
 
 
 class BucketSegment(NamedTuple):
