@@ -25,7 +25,31 @@ def assert_no_shared_buffers(tree) -> None:
 
 
 def assert_trees_equal(a, b) -> None:
-    """Same structure, and every leaf equal bit for bit."""
+    """Same structure, and every leaf equal in value (NaN equals NaN, -0 equals 0)."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def assert_trees_close(a, b, rtol: float, atol: float = 0.0) -> None:
+    """Same structure, and every leaf equal to the tolerances."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def bits(x) -> tuple:
+    """A leaf's dtype, shape and raw bytes: equal exactly when two leaves are bit-equal."""
+    x = np.asarray(x)
+    return x.dtype, x.shape, x.tobytes()
+
+
+def assert_bit_identical(a, b) -> None:
+    """Same tree structure (static fields included), and every leaf bit for bit (NaN
+    payloads and the sign of zero too)."""
+    leaves_a, treedef_a = jax.tree.flatten(a)
+    leaves_b, treedef_b = jax.tree.flatten(b)
+    assert treedef_a == treedef_b
+    assert len(leaves_a) == len(leaves_b)
+    for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
+        assert bits(x) == bits(y), f"leaf {i} differs"

@@ -16,6 +16,8 @@ import pytest
 
 import wkron_eqx as wk
 
+from .helpers import assert_trees_close, assert_trees_equal
+
 
 FACTORIES = {
     "scale_by_quad": wk.scale_by_quad,
@@ -199,14 +201,6 @@ def _jaxpr(**kwargs) -> str:
     return str(jax.make_jaxpr(tx.update)(_PARAMS, tx.init(_PARAMS)))
 
 
-def _assert_same(a, b, rtol=0.0, atol=0.0):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if rtol or atol:
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-        else:
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("edge", EDGES)
 def test_good_edge_values_are_accepted_and_honoured(edge):
     kwargs = EDGES[edge]
@@ -216,15 +210,16 @@ def test_good_edge_values_are_accepted_and_honoured(edge):
         # no momentum: the raw gradient, as with b1 = 0.5 at step 1 (0.5 g / (1 - 0.5))
         (u,), (state,) = _steps(**kwargs)
         assert state.mu is None
-        _assert_same(u, _steps(b1=0.5)[0][0])
+        assert_trees_equal(u, _steps(b1=0.5)[0][0])
     elif edge == "b1=0.999":
         (u,), (state,) = _steps(**kwargs)
         assert state.mu is not None
         # bias-corrected, the input is g at step 1, up to float32 rounding of 1 - 0.999
-        _assert_same(u, _steps(b1=0.0)[0][0], rtol=1e-4, atol=1e-5)
+        assert_trees_close(u, _steps(b1=0.0)[0][0], rtol=1e-4, atol=1e-5)
     elif edge == "lr_style=None":
         # the same update, not divided by 5
-        _assert_same(_steps(**kwargs)[0][0], jax.tree.map(lambda x: 5 * x, _steps()[0][0]), 1e-6)
+        undivided = jax.tree.map(lambda x: 5 * x, _steps()[0][0])
+        assert_trees_close(_steps(**kwargs)[0][0], undivided, 1e-6)
     elif edge == "sizes=1":
         # every side is "large": both factors diagonal, stacks padded to a multiple of 8
         (u,), (state,) = _steps(**kwargs)
@@ -252,7 +247,7 @@ def test_good_edge_values_are_accepted_and_honoured(edge):
         assert state.dense[0].Ql.dtype == expected and state.mu["w"].dtype == expected
         if edge == "dtype='bfloat16'":
             (u_named,), (state_named,) = _steps(dtype=jnp.bfloat16)
-            _assert_same((u, state), (u_named, state_named))
+            assert_trees_equal((u, state), (u_named, state_named))
 
 
 def test_importing_the_package_does_not_import_hypothesis():

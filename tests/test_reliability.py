@@ -23,6 +23,8 @@ import pytest
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
 
+from .helpers import assert_bit_identical
+
 
 SCALE_BY = {"quad": wk.scale_by_quad, "skew": wk.scale_by_skew}
 OPTIMIZERS = {"quad": wk.quad, "skew": wk.skew}
@@ -65,22 +67,6 @@ def _kinds_grads(seed: int, dtype_name: str, scale: float = 1.0) -> dict:
     return jax.tree.map(lambda g: (scale * g).astype(dtype_name), tree)
 
 
-def _bits(tree):
-    """Structure, dtypes, shapes and raw bytes: equal exactly when the trees are bit-equal
-    (NaNs included)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, [(np.asarray(x).dtype, np.shape(x), np.asarray(x).tobytes()) for x in leaves]
-
-
-def _assert_bit_equal(a, b):
-    treedef_a, leaves_a = _bits(a)
-    treedef_b, leaves_b = _bits(b)
-    assert treedef_a == treedef_b
-    assert len(leaves_a) == len(leaves_b)
-    for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
-        assert x == y, f"leaf {i} differs"
-
-
 def _snapshot(tree):
     """A deep copy (NumPy copies of every leaf, new containers) to compare a tree with
     after a call: equal to it exactly when the call left the tree as it was."""
@@ -90,7 +76,7 @@ def _snapshot(tree):
 def _assert_kept(kept, before):
     """`kept` is the state `before` was a snapshot of, but for one more skipped step."""
     assert _skipped(kept) == _skipped(before) + 1
-    _assert_bit_equal(kept._replace(skipped_steps=before.skipped_steps), before)
+    assert_bit_identical(kept._replace(skipped_steps=before.skipped_steps), before)
 
 
 def _float_leaves(tree) -> list[np.ndarray]:
@@ -183,13 +169,13 @@ def test_nonfinite_gradient_is_skipped_and_counted(rule, data):
     assert _count(kept) == _count(before) == 2
     # ... and momentum, factors, Lipschitz estimates and counters are kept bit for bit.
     _assert_kept(kept, before)
-    _assert_bit_equal(state, before)
+    assert_bit_identical(state, before)
 
     # Training continues exactly as if the bad step had never come.
     after_skip, final = _continue(update, kept, good)
     without, final_without = _continue(update, state, good)
-    _assert_bit_equal(after_skip, without)
-    _assert_bit_equal(final._replace(skipped_steps=state.skipped_steps), final_without)
+    assert_bit_identical(after_skip, without)
+    assert_bit_identical(final._replace(skipped_steps=state.skipped_steps), final_without)
     assert _skipped(final) == 1 and _count(final) == 5
     for u in after_skip:
         _assert_real_update(u, good[0])
@@ -259,7 +245,7 @@ def test_a_statistic_that_overflows_skips_the_step(rule, leaf):
     updates, kept = update(bad, state)
     _assert_zero_update(updates, bad)
     _assert_kept(kept, before)
-    _assert_bit_equal(update(good[1], kept)[0], update(good[1], state)[0])
+    assert_bit_identical(update(good[1], kept)[0], update(good[1], state)[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,9 +457,9 @@ def test_init_never_keeps_the_callers_arrays():
     for p in jax.tree.leaves(params):
         p.delete()
     fresh = tx.init(_random_tree(_KINDS_SHAPES, 8, jnp.bfloat16))
-    _assert_bit_equal(state, fresh)
+    assert_bit_identical(state, fresh)
     grads = _kinds_grads(3, "bfloat16")
-    _assert_bit_equal(update(grads, state), update(grads, fresh))
+    assert_bit_identical(update(grads, state), update(grads, fresh))
     _assert_real_update(update(grads, state)[0], grads)
 
 
@@ -495,7 +481,7 @@ def test_update_never_mutates_state_gradients_or_params(jit):
         update, state = tx.update, tx.init(params)
     before = _snapshot((params, grads, state))
     updates, new_state = update(grads, state, params)
-    _assert_bit_equal((params, grads, state), before)
+    assert_bit_identical((params, grads, state), before)
     assert new_state is not state
     assert _count(new_state) == 1 and _count(state) == 0
     _assert_real_update(updates, grads)
@@ -503,7 +489,7 @@ def test_update_never_mutates_state_gradients_or_params(jit):
     # in, so changing the returned state in place cannot reach the caller's.
     assert not _containers(updates, new_state) & _containers(params, grads, state)
     # Updating from the same state again gives the same step, bit for bit.
-    _assert_bit_equal(update(grads, state, params), (updates, new_state))
+    assert_bit_identical(update(grads, state, params), (updates, new_state))
 
 
 def _containers(*trees) -> set[int]:
@@ -543,7 +529,7 @@ def test_the_purity_checks_catch_a_reference_style_update():
     before = _snapshot(state)
     updates, new_state = reference_style(grads, state)
     with pytest.raises(AssertionError):
-        _assert_bit_equal(state, before)
+        assert_bit_identical(state, before)
     assert _containers(updates, new_state) & _containers(grads, state)
 
 
@@ -644,14 +630,14 @@ def test_same_inputs_give_bit_identical_results():
         # trace-time randomness) ...
         txs = [wk.scale_by_quad(noise_scale=noise_scale, block_size=8) for _ in range(2)]
         states = [tx.init(params) for tx in txs]
-        _assert_bit_equal(states[0], states[1])
+        assert_bit_identical(states[0], states[1])
         lowered = [jax.jit(tx.update).lower(grads[0], s) for tx, s in zip(txs, states, strict=True)]
         assert lowered[0].as_text() == lowered[1].as_text()
         # ... whose repeated runs are bit-identical.
         update = lowered[0].compile()
         runs[noise_scale] = run(update, states[0])
-        _assert_bit_equal(runs[noise_scale], run(update, states[1]))
-        _assert_bit_equal(runs[noise_scale], run(update, txs[0].init(params)))
+        assert_bit_identical(runs[noise_scale], run(update, states[1]))
+        assert_bit_identical(runs[noise_scale], run(update, txs[0].init(params)))
     # The noise is really drawn: determinism above is not for lack of noise.
     default, noisy = runs[1e-9][1].dense, runs[1e-2][1].dense
     assert not all(

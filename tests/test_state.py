@@ -16,6 +16,8 @@ import pytest
 
 import wkron_eqx as wk
 
+from .helpers import assert_bit_identical, bits
+
 
 # The reference's constructor signatures (eformer 0.0.101's white_kron), in order.
 DENSE_FIELDS = ["Ql", "Qr", "Ll", "Lr", "valid_rows", "valid_cols", "valid_count", "block_size"]
@@ -41,21 +43,6 @@ LEAF_FIELDS = [
 
 # Values whose bits a lossy round trip would change: NaN, infinities, -0, subnormals.
 _SPECIAL = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-40, 3.14159, -2.5e38], np.float32)
-
-
-def _bits(x) -> tuple:
-    x = np.asarray(x)
-    return x.dtype, x.shape, x.tobytes()
-
-
-def _assert_same(a, b):
-    """Same tree structure (static fields included) and bit-identical leaves."""
-    leaves_a, treedef_a = jax.tree.flatten(a)
-    leaves_b, treedef_b = jax.tree.flatten(b)
-    assert treedef_a == treedef_b
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        assert _bits(x) == _bits(y)
 
 
 def _values(shape, dtype, seed):
@@ -132,19 +119,19 @@ def test_only_arrays_are_leaves_and_treedefs_are_hashable():
 
 def test_replace_returns_a_new_state_and_leaves_the_old_one_unchanged():
     dense = _dense_state()
-    before = jax.tree.map(_bits, dense)
+    before = jax.tree.map(bits, dense)
     new_ql = jnp.zeros_like(dense.Ql)
     replaced = dense.replace(Ql=new_ql, valid_count=1)
     assert replaced is not dense and type(replaced) is wk.DenseState
     assert replaced.Ql is new_ql and replaced.valid_count == 1
     assert replaced.Qr is dense.Qr and replaced.block_size == dense.block_size
     assert dense.valid_count == 2
-    assert jax.tree.map(_bits, dense) == before
+    assert jax.tree.map(bits, dense) == before
 
     leaf = _leaf_state()
     replaced = leaf.replace(Lr=jnp.ones(2, jnp.float32), shape=(40, 3))
     assert leaf.Lr is None and leaf.shape == (40, 3, 1)
-    assert replaced.shape == (40, 3) and _bits(replaced.Lr) == _bits(jnp.ones(2, jnp.float32))
+    assert replaced.shape == (40, 3) and bits(replaced.Lr) == bits(jnp.ones(2, jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,7 +144,7 @@ def test_dict_roundtrip_is_exact(make):
     data = state.to_dict()
     assert list(data) == [f.name for f in dataclasses.fields(state)]
     back = type(state).from_dict(data)
-    _assert_same(back, state)
+    assert_bit_identical(back, state)
     for f in dataclasses.fields(state):
         assert type(getattr(back, f.name)) is type(getattr(state, f.name)), f.name
 
@@ -168,7 +155,7 @@ def test_json_roundtrip_is_exact(make):
     text = state.to_json()
     assert isinstance(json.loads(text), dict)  # plain JSON
     back = type(state).from_json(text)
-    _assert_same(back, state)
+    assert_bit_identical(back, state)
     for f in dataclasses.fields(state):
         value, restored = getattr(state, f.name), getattr(back, f.name)
         if isinstance(value, jax.Array):
@@ -181,13 +168,13 @@ def test_json_roundtrip_is_exact(make):
     assert type(state).from_json(state.to_json(sort_keys=True)).to_json() == text
 
 
-def test_json_roundtrip_of_bfloat16_and_int32_bits():
+def test_json_roundtrip_of_bfloat16_and_int32bits():
     dense = _dense_state(dtype=jnp.bfloat16)
     back = wk.DenseState.from_json(dense.to_json())
     assert back.Ql.dtype == jnp.bfloat16 and back.valid_rows.dtype == jnp.int32
     assert np.isnan(np.asarray(back.Ql, np.float32)).any()  # NaN survived
-    assert _bits(back.Ql) == _bits(dense.Ql)
-    assert _bits(back.valid_cols) == _bits(dense.valid_cols)
+    assert bits(back.Ql) == bits(dense.Ql)
+    assert bits(back.valid_cols) == bits(dense.valid_cols)
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,7 +209,7 @@ def test_optimizer_state_roundtrips_through_tree_serialise_leaves():
     eqx.tree_serialise_leaves(buffer, state)
     buffer.seek(0)
     back = eqx.tree_deserialise_leaves(buffer, fresh)
-    _assert_same(back, state)
+    assert_bit_identical(back, state)
     kinds = {name: leaf.kind for name, leaf in back[0].leaf_tree().items()}
     assert kinds == {
         "dense": wk.DENSE_PATH,
@@ -239,10 +226,8 @@ def test_top_level_state_is_a_named_tuple_for_optax_tree_access():
     inner = state[0]
     assert isinstance(inner, wk.WhiteKronState) and isinstance(inner, tuple)
     assert inner._fields[:2] == ("count", "mu")
-    assert _bits(optax.tree_utils.tree_get(state, "count")) == _bits(jnp.zeros([], jnp.int32))
-    assert _bits(optax.tree_utils.tree_get(state, "skipped_steps")) == _bits(
-        jnp.zeros([], jnp.int32)
-    )
+    assert bits(optax.tree_utils.tree_get(state, "count")) == bits(jnp.zeros([], jnp.int32))
+    assert bits(optax.tree_utils.tree_get(state, "skipped_steps")) == bits(jnp.zeros([], jnp.int32))
     moved = optax.tree_utils.tree_set(state, count=jnp.asarray(7, jnp.int32))
     assert int(optax.tree_utils.tree_get(moved, "count")) == 7
     assert int(optax.tree_utils.tree_get(state, "count")) == 0  # untouched
