@@ -4,8 +4,8 @@ time, and `mixed(n)` for growth in the number of leaves.
 The same trees as `benchmarks/_trees.py`, kept here on purpose: the tests do not import
 from `benchmarks/` (a script folder, not a package), and `benchmarks/_trees.py` cannot
 import from the package or the tests (the reference's benchmark runs it in an environment
-without `wkron_eqx`). A difference between the two does not break anything, but keep them
-alike, so that what a structure test asserts holds for the benchmarked trees.
+without `wkron_eqx`). `test_the_traced_trees_are_the_benchmarked_ones` keeps them alike, so
+that what a structure test asserts holds for the benchmarked trees.
 """
 
 import jax
