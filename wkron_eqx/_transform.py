@@ -178,16 +178,17 @@ def _precondition(
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.kind) if views[i].size]
         kind_state, kind_cache = kind.get(parts, indices)
-        out, kind_state, kind_sum_sq, kind_cache = kind.update(
-            ctx,
-            {i: views[i] for i in indices},
-            kind_state,
-            kind_cache,
-            {i: state.slots[i] for i in indices},
-            plan,
-            refresh,
-            axis_name,
-        )
+        with tracing_for(state.plan.backend):  # (the power iterations' loop policy)
+            out, kind_state, kind_sum_sq, kind_cache = kind.update(
+                ctx,
+                {i: views[i] for i in indices},
+                kind_state,
+                kind_cache,
+                {i: state.slots[i] for i in indices},
+                plan,
+                refresh,
+                axis_name,
+            )
         parts = kind.put(parts, kind_state, kind_cache)
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
@@ -334,8 +335,8 @@ def scale_by_white_kron(
             input_scale = jnp.ones((), jnp.float32)
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
 
-        noise_scale, memory = config.noise_scale, state.damping_memory
-        input_rms = reference = jnp.ones(len(inputs), jnp.float32)  # (unused undamped)
+        # `damping`: the per-leaf factors of the output, or a larger noise scale
+        noise_scale, memory, damped = config.noise_scale, state.damping_memory, None
         if config.damping > 0 and inputs:
             assert memory is not None
             input_rms = _input_rms(inputs, input_scale)
@@ -345,6 +346,8 @@ def scale_by_white_kron(
                 sizes = np.array([x.size for x in inputs], np.float64)
                 extra = damp.whitening_scale(reference, sizes, config.damping)
                 noise_scale = jnp.sqrt(config.noise_scale**2 + jnp.square(extra))
+            else:
+                damped = damp.step_scales(input_rms, reference, config.damping)
 
         lr = config.preconditioner_lr
         first = (t == 1) if config.preconditioner_init_scale is None else None
@@ -369,10 +372,9 @@ def scale_by_white_kron(
             refresh = refresh | ctx.first  # the factors start from the first input
         factors = (state.dense, state.leaves, state.cache)
         if refresh is True:
-            with tracing_for(platform):
-                outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
-                    ctx, views, state, plan, True, axis
-                )
+            outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
+                ctx, views, state, plan, True, axis
+            )
             counter, refreshed = state.update_counter, jnp.ones([], jnp.int32)
         else:
 
@@ -386,12 +388,11 @@ def scale_by_white_kron(
                 kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), factors)
                 return outputs, sum_sqs, *kept
 
-            with tracing_for(platform):
-                outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
-                    refresh,
-                    guarded_update,
-                    lambda: _precondition(ctx, views, state, plan, False, axis),
-                )
+            outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
+                refresh,
+                guarded_update,
+                lambda: _precondition(ctx, views, state, plan, False, axis),
+            )
             factors = (buckets, leaf_states, cache)  # already guarded
             counter = jnp.where(refresh, 0, state.update_counter + 1)
             refreshed = jnp.asarray(refresh, jnp.int32)
@@ -407,8 +408,8 @@ def scale_by_white_kron(
             sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
             divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
             scales = rms_clip_scale(sum_sqs, sizes) / divisor
-            if config.damping > 0 and damp.MECHANISM == "step":
-                scales = scales * damp.step_scales(input_rms, reference, config.damping)
+            if damped is not None:
+                scales = scales * damped
             for out, g, slot in zip(outputs, grads, state.slots, strict=True):
                 # The leaf's index as data (see `leaf_slots`): same-shaped leaves share
                 # one kernel.
