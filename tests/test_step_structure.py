@@ -363,20 +363,3 @@ def test_the_hlo_reader_reads_the_grammar_not_the_names():
     # the two kernels differ only in names and metadata: one kernel
     assert module.kernel(first) == module.kernel(second)
     assert [i.number for i in module.instructions() if i.opcode == "parameter"] == [1, 0]
-
-
-def test_the_traced_trees_are_the_benchmarked_ones():
-    """`tests/trees.py` repeats `benchmarks/_trees.py` (neither may import the other);
-    the script's file is run on its own here, so that the two cannot drift apart."""
-    import runpy
-    from pathlib import Path
-
-    from . import trees
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "_trees.py"
-    benchmarked = runpy.run_path(str(script))
-    assert sorted(benchmarked["TREES"]) == sorted(trees.TREES)
-    for name, make in trees.TREES.items():
-        assert benchmarked["TREES"][name]() == make(), name
-    for n in (1, 16, 48):
-        assert benchmarked["mixed"](n) == trees.mixed(n)
