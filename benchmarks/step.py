@@ -75,14 +75,14 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
         r, c = group.rows, group.cols
         stacks.append(((t, r, c), (t, r, r), (t, c, c)))
     for p in plan.leaves:
-        if p.kind != LeafKind.LARGE or p.diag_left == p.diag_right:
+        layout = p.layout
+        if p.kind != LeafKind.LARGE or layout.diag_left == layout.diag_right:
             continue
-        m, n = p.merged
-        w = p.strip_side
-        if p.diag_left:
-            stacks.append(((p.stack, m, w), None, (p.stack, w, w)))
+        (m, n), w, stack = p.merged, layout.strip_side, layout.stack
+        if layout.diag_left:
+            stacks.append(((stack, m, w), None, (stack, w, w)))
         else:
-            stacks.append(((p.stack, w, n), (p.stack, w, w), None))
+            stacks.append(((stack, w, n), (stack, w, w), None))
     arrays = [
         tuple(None if s is None else jnp.asarray(rng.standard_normal(s), dtype) for s in shapes)
         for shapes in stacks

@@ -84,20 +84,20 @@ def tiles(leaf):
                 g.col_part.start + j * g.col_part.size,
                 *g.bucket,
             )
-            for g in leaf.groups
+            for g in leaf.layout.groups
             for i in range(g.row_part.count)
             for j in range(g.col_part.count)
         ]
-    if leaf.kind == LeafKind.LARGE and not leaf.diag_right:
+    if leaf.kind == LeafKind.LARGE and not leaf.layout.diag_right:
         return [
-            (0, p.start + j * p.size, rows, leaf.strip_side)
-            for p in leaf.col_parts
+            (0, p.start + j * p.size, rows, leaf.layout.strip_side)
+            for p in leaf.layout.col_parts
             for j in range(p.count)
         ]
-    if leaf.kind == LeafKind.LARGE and not leaf.diag_left:
+    if leaf.kind == LeafKind.LARGE and not leaf.layout.diag_left:
         return [
-            (p.start + i * p.size, 0, leaf.strip_side, cols)
-            for p in leaf.row_parts
+            (p.start + i * p.size, 0, leaf.layout.strip_side, cols)
+            for p in leaf.layout.row_parts
             for i in range(p.count)
         ]
     return [(0, 0, rows, cols)]

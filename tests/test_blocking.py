@@ -118,7 +118,7 @@ def test_tile_untile_is_identity_with_zero_padding(leaf):
     np.testing.assert_array_equal(np.asarray(back), x)
 
     origins, mask_total = [], 0
-    for stack, group in zip(tiles, plan.groups, strict=True):
+    for stack, group in zip(tiles, plan.layout.groups, strict=True):
         stack = np.asarray(stack)
         count = plan.batch * group.row_part.count * group.col_part.count
         assert stack.shape == (count,) + group.bucket
@@ -148,7 +148,7 @@ def test_tile_untile_is_identity_with_zero_padding(leaf):
 @pytest.mark.parametrize("shape", [(0, 40), (40, 0)])
 def test_cut_join_strips_of_empty_large_leaf(shape):
     plan = leaf_plan(shape, False, 4, 10, 1)
-    assert plan.kind == LeafKind.LARGE and plan.strips == 0
+    assert plan.kind == LeafKind.LARGE and plan.layout.strips == 0
     x = jnp.zeros((1,) + shape)
     assert join_strips(cut_strips(x, plan), plan).shape == (1,) + shape
 
@@ -163,24 +163,30 @@ def test_cut_join_strips_is_identity_with_zero_padding(leaf):
     np.testing.assert_array_equal(np.asarray(back), x)
     strips = np.asarray(strips)
 
-    side = plan.strip_side
-    stored = (rows if plan.diag_left else side, cols if plan.diag_right else side)
-    assert strips.shape == (plan.stack,) + stored
-    assert not strips[plan.strips :].any(), "pipeline dummies must be exactly 0"
-    origins = sorted(_locate(x, piece, plan.block_size) for piece in strips[: plan.strips])
-    row_starts = range(0, rows, plan.block_size) if not plan.diag_left else [0]
-    col_starts = range(0, cols, plan.block_size) if not plan.diag_right else [0]
+    side = plan.layout.strip_side
+    stored = (rows if plan.layout.diag_left else side, cols if plan.layout.diag_right else side)
+    assert strips.shape == (plan.layout.stack,) + stored
+    assert not strips[plan.layout.strips :].any(), "pipeline dummies must be exactly 0"
+    origins = sorted(_locate(x, piece, plan.block_size) for piece in strips[: plan.layout.strips])
+    row_starts = range(0, rows, plan.block_size) if not plan.layout.diag_left else [0]
+    col_starts = range(0, cols, plan.block_size) if not plan.layout.diag_right else [0]
     assert origins == [(b, i, j) for b in range(plan.batch) for i in row_starts for j in col_starts]
 
     # the valid sizes the factors are built from select exactly the nonzero elements
-    whole_rows = [rows] * plan.strips + [0] * (plan.stack - plan.strips)
-    whole_cols = [cols] * plan.strips + [0] * (plan.stack - plan.strips)
-    if plan.diag_left and plan.diag_right:
+    whole_rows = [rows] * plan.layout.strips + [0] * (plan.layout.stack - plan.layout.strips)
+    whole_cols = [cols] * plan.layout.strips + [0] * (plan.layout.stack - plan.layout.strips)
+    if plan.layout.diag_left and plan.layout.diag_right:
         valid_rows, valid_cols = whole_rows, whole_cols
-    elif plan.diag_left:
-        valid_rows, valid_cols = whole_rows, side_sizes(plan.col_parts, plan.batch, plan.stack)
+    elif plan.layout.diag_left:
+        valid_rows, valid_cols = (
+            whole_rows,
+            side_sizes(plan.layout.col_parts, plan.batch, plan.layout.stack),
+        )
     else:
-        valid_rows, valid_cols = side_sizes(plan.row_parts, plan.batch, plan.stack), whole_cols
+        valid_rows, valid_cols = (
+            side_sizes(plan.layout.row_parts, plan.batch, plan.layout.stack),
+            whole_cols,
+        )
     mask = _validity_mask(
         jnp.asarray(valid_rows, jnp.int32), jnp.asarray(valid_cols, jnp.int32), *stored
     )

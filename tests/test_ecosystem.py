@@ -397,7 +397,7 @@ def _factors_per_leaf(state, params, scanned):
     for name, leaf_plan in zip(names, plan.leaves, strict=True):
         leaf = state.leaf_tree()[name]
         if leaf_plan.kind != wk.DENSE_PATH:
-            real = leaf_plan.strips if leaf_plan.kind == wk.LARGE_PATH else leaf_plan.batch
+            real = leaf_plan.layout.strips if leaf_plan.kind == wk.LARGE_PATH else leaf_plan.batch
             for i in range(real):
                 right = (None, None) if leaf.Qr is None else (leaf.Qr[i], leaf.valid_cols[i])
                 out[name].append((leaf.Ql[i], leaf.valid_rows[i], *right))
@@ -447,7 +447,8 @@ def test_preconditioner_stats_against_layout_and_numpy(name):
     s, leaf_plan = stats[name], plans[name]
     kind, tiles, padding = _EXPECTED_STATS[name]
     assert int(s["kind"]) == kind == leaf_plan.kind
-    layout_tiles = leaf_plan.batch if kind == wk.ONE_D_PATH else leaf_plan.strips
+    layout = leaf_plan.layout
+    layout_tiles = {0: layout.stack, 1: getattr(layout, "strips", 0), 2: leaf_plan.batch}[kind]
     assert int(s["tiles"]) == tiles == layout_tiles == len(factors[name])
     np.testing.assert_allclose(s["padding_fraction"], padding, rtol=1e-6, atol=1e-7)
     cond_left = [_numpy_cond(ql, int(vr)) for ql, vr, _, _ in factors[name]]

@@ -13,8 +13,16 @@ import pytest
 
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
-from wkron_eqx._kinds import leaf_slots
-from wkron_eqx._layout import LeafKind, leaf_plan, merge_shape, plan_tree
+from wkron_eqx._kinds import kind_of, leaf_slots
+from wkron_eqx._layout import (
+    LargeLayout,
+    LeafKind,
+    OneDLayout,
+    Part,
+    leaf_plan,
+    merge_shape,
+    plan_tree,
+)
 
 from .plan_rules import (
     assert_parts_contiguous,
@@ -84,10 +92,9 @@ def test_leaf_kind_rules(data, block_size, k):
     assert plan.kind == kind
     assert plan.merged == merged and plan.shape == shape
     assert plan.batch == 1 and not plan.scanned and plan.block_size == block_size
-    if kind == LeafKind.LARGE:
-        assert (plan.diag_left, plan.diag_right) == (diag_left, diag_right)
-    if kind == LeafKind.DENSE:
-        assert not plan.diag_left and not plan.diag_right
+    assert isinstance(plan.layout, kind_of(kind).layout)
+    if kind != LeafKind.ONE_D:  # (a 1-D leaf's one factor is diagonal)
+        assert (plan.layout.diag_left, plan.layout.diag_right) == (diag_left, diag_right)
 
 
 @MANY
@@ -112,11 +119,11 @@ def test_memory_save_modes_make_sides_diagonal(data, block_size, k, mode):
     rows, cols = merged
     assert plan.kind == LeafKind.LARGE
     if mode == "all_diag":
-        assert plan.diag_left and plan.diag_right
+        assert plan.layout.diag_left and plan.layout.diag_right
     else:
         long_left, long_right = rows > max_size_dense, cols > max_size_dense
-        assert plan.diag_left == (long_left or rows > cols)
-        assert plan.diag_right == (long_right or cols >= rows)
+        assert plan.layout.diag_left == (long_left or rows > cols)
+        assert plan.layout.diag_right == (long_right or cols >= rows)
 
     def factor_entries(p):
         if p.kind == LeafKind.DENSE:
@@ -125,18 +132,13 @@ def test_memory_save_modes_make_sides_diagonal(data, block_size, k, mode):
                 * g.row_part.count
                 * g.col_part.count
                 * (g.bucket[0] ** 2 + g.bucket[1] ** 2)
-                for g in p.groups
+                for g in p.layout.groups
             )
-        left = rows if p.diag_left else p.strip_side**2
-        right = cols if p.diag_right else p.strip_side**2
-        return p.strips * (left + right)
+        left = rows if p.layout.diag_left else p.layout.strip_side**2
+        right = cols if p.layout.diag_right else p.layout.strip_side**2
+        return p.layout.strips * (left + right)
 
     assert factor_entries(plan) <= factor_entries(default)
-
-
-def test_leaf_kind_values():
-    assert (wk.DENSE_PATH, wk.LARGE_PATH, wk.ONE_D_PATH) == (0, 1, 2)
-    assert isinstance(wk.DENSE_PATH, int)
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,24 +147,24 @@ def test_leaf_kind_values():
 
 def _check_dense(plan, batch: int, block_size: int):
     rows, cols = plan.merged
-    assert_parts_contiguous(plan.row_parts, rows)
-    assert_parts_contiguous(plan.col_parts, cols)
-    row_sides, col_sides = parts_sides(plan.row_parts), parts_sides(plan.col_parts)
+    assert_parts_contiguous(plan.layout.row_parts, rows)
+    assert_parts_contiguous(plan.layout.col_parts, cols)
+    row_sides, col_sides = parts_sides(plan.layout.row_parts), parts_sides(plan.layout.col_parts)
     assert row_sides == expected_sides(rows, block_size)
     assert col_sides == expected_sides(cols, block_size)
     # one group per (row part, col part), row-major
-    assert [(g.row_part, g.col_part) for g in plan.groups] == [
-        (rp, cp) for rp in plan.row_parts for cp in plan.col_parts
+    assert [(g.row_part, g.col_part) for g in plan.layout.groups] == [
+        (rp, cp) for rp in plan.layout.row_parts for cp in plan.layout.col_parts
     ]
     tiles = batch * len(row_sides) * len(col_sides)
-    assert plan.tiles_per_layer == len(row_sides) * len(col_sides)
-    assert plan.strips == plan.stack == tiles
+    assert plan.layout.tiles_per_layer == len(row_sides) * len(col_sides)
+    assert plan.layout.tiles == plan.layout.stack == tiles
     area = sum(
         batch * g.row_part.count * g.col_part.count * g.row_part.size * g.col_part.size
-        for g in plan.groups
+        for g in plan.layout.groups
     )
     assert area == batch * rows * cols == batch * math.prod(plan.shape)
-    for g in plan.groups:
+    for g in plan.layout.groups:
         stored_rows, stored_cols = g.bucket
         assert stored_rows == expected_stored(g.row_part.size, block_size)
         assert stored_cols == expected_stored(g.col_part.size, block_size)
@@ -174,28 +176,27 @@ def _check_dense(plan, batch: int, block_size: int):
 
 def _check_large(plan, batch: int, block_size: int, k: int):
     rows, cols = plan.merged
-    if plan.diag_left and plan.diag_right:
-        assert plan.row_parts == plan.col_parts == ()
-        assert plan.strip_side == 0
-        assert plan.strips == batch
+    if plan.layout.diag_left and plan.layout.diag_right:
+        assert plan.layout.row_parts == plan.layout.col_parts == ()
+        assert plan.layout.strip_side == 0
+        assert plan.layout.strips == batch
         area = batch * rows * cols
-    elif plan.diag_left:
-        assert plan.row_parts == ()
-        assert_parts_contiguous(plan.col_parts, cols)
-        assert parts_sides(plan.col_parts) == expected_sides(cols, block_size)
-        assert plan.strips == batch * math.ceil(cols / block_size)
-        assert plan.strip_side == expected_stored(min(cols, block_size), block_size)
-        area = batch * rows * sum(parts_sides(plan.col_parts))
+    elif plan.layout.diag_left:
+        assert plan.layout.row_parts == ()
+        assert_parts_contiguous(plan.layout.col_parts, cols)
+        assert parts_sides(plan.layout.col_parts) == expected_sides(cols, block_size)
+        assert plan.layout.strips == batch * math.ceil(cols / block_size)
+        assert plan.layout.strip_side == expected_stored(min(cols, block_size), block_size)
+        area = batch * rows * sum(parts_sides(plan.layout.col_parts))
     else:
-        assert plan.col_parts == ()
-        assert_parts_contiguous(plan.row_parts, rows)
-        assert parts_sides(plan.row_parts) == expected_sides(rows, block_size)
-        assert plan.strips == batch * math.ceil(rows / block_size)
-        assert plan.strip_side == expected_stored(min(rows, block_size), block_size)
-        area = batch * cols * sum(parts_sides(plan.row_parts))
+        assert plan.layout.col_parts == ()
+        assert_parts_contiguous(plan.layout.row_parts, rows)
+        assert parts_sides(plan.layout.row_parts) == expected_sides(rows, block_size)
+        assert plan.layout.strips == batch * math.ceil(rows / block_size)
+        assert plan.layout.strip_side == expected_stored(min(rows, block_size), block_size)
+        area = batch * cols * sum(parts_sides(plan.layout.row_parts))
     assert area == batch * math.prod(plan.shape)
-    assert plan.stack == smallest_multiple_at_least(plan.strips, k)
-    assert plan.groups == ()
+    assert plan.layout.stack == smallest_multiple_at_least(plan.layout.strips, k)
 
 
 def _check_leaf(plan, batch: int, block_size: int, k: int):
@@ -205,8 +206,7 @@ def _check_leaf(plan, batch: int, block_size: int, k: int):
         _check_large(plan, batch, block_size, k)
     else:
         assert plan.merged == (math.prod(plan.shape),)
-        assert plan.groups == () and plan.strips == 0
-        assert plan.stack == batch  # 1-D leaves are not stacked across leaves
+        assert plan.layout == OneDLayout(stack=batch)  # not stacked across leaves
 
 
 @MANY
@@ -234,20 +234,13 @@ def test_scanned_plan_is_the_layer_plan_stacked(data, block_size, k):
     plan = leaf_plan(shape, True, block_size, max_size_dense, k)
     layer = leaf_plan(shape[1:], False, block_size, max_size_dense, k)
     assert plan.scanned and plan.batch == shape[0] and plan.shape == shape[1:]
-    assert (plan.kind, plan.merged, plan.diag_left, plan.diag_right) == (
-        layer.kind,
-        layer.merged,
-        layer.diag_left,
-        layer.diag_right,
-    )
-    assert (plan.row_parts, plan.col_parts, plan.groups, plan.strip_side) == (
-        layer.row_parts,
-        layer.col_parts,
-        layer.groups,
-        layer.strip_side,
-    )
-    if plan.kind != LeafKind.ONE_D:
-        assert plan.strips == shape[0] * layer.strips
+    assert (plan.kind, plan.merged) == (layer.kind, layer.merged)
+    # The layers multiply the counts of entries and change nothing else.
+    counts = ("tiles", "strips", "stack")
+    rest = lambda layout: {k: v for k, v in layout._asdict().items() if k not in counts}
+    assert rest(plan.layout) == rest(layer.layout)
+    for field in set(counts) & set(plan.layout._fields) - {"stack"}:
+        assert getattr(plan.layout, field) == shape[0] * getattr(layer.layout, field)
     _check_leaf(plan, shape[0], block_size, k)
 
 
@@ -270,7 +263,8 @@ def test_scanned_plan_is_the_layer_plan_stacked(data, block_size, k):
 )
 def test_empty_and_scalar_leaves_are_planned(shape, scanned, kind, merged, tiles):
     plan = leaf_plan(shape, scanned, 4, 100, 3)
-    assert (plan.kind, plan.merged, plan.strips) == (kind, merged, tiles)
+    assert (plan.kind, plan.merged) == (kind, merged)
+    assert (plan.layout.tiles if kind == LeafKind.DENSE else 0) == tiles
     tree = plan_tree((shape, (6, 6)), (scanned, False), 4, 100, 3)
     assert sum(b.valid_count for b in tree.buckets) == tiles + 4
 
@@ -279,7 +273,7 @@ def test_empty_and_scalar_leaves_are_planned(shape, scanned, kind, merged, tiles
 def test_empty_large_leaves_have_no_strips(shape):
     plan = leaf_plan(shape, False, 4, 10, 3)
     assert plan.kind == LeafKind.LARGE
-    assert plan.strips == plan.stack == 0
+    assert plan.layout.strips == plan.layout.stack == 0
 
 
 def test_scanned_scalar_leaf_raises():
@@ -338,7 +332,7 @@ def test_buckets_hold_every_real_tile_once_plus_dummies(tree):
         assert bucket.stack == smallest_multiple_at_least(bucket.valid_count, k)
         for seg in bucket.segments:
             leaf = plan.leaves[seg.leaf]
-            group = leaf.groups[seg.group]
+            group = leaf.layout.groups[seg.group]
             assert leaf.kind == LeafKind.DENSE
             assert group.bucket == (bucket.rows, bucket.cols)
             assert seg.count == leaf.batch * group.row_part.count * group.col_part.count
@@ -349,7 +343,7 @@ def test_buckets_hold_every_real_tile_once_plus_dummies(tree):
     sizes = [(b.rows, b.cols) for b in plan.buckets]
     assert sizes == sorted(set(sizes))
     assert sum(b.valid_count for b in plan.buckets) == sum(
-        p.strips for p in plan.leaves if p.kind == LeafKind.DENSE
+        p.layout.tiles for p in plan.leaves if p.kind == LeafKind.DENSE
     )
     for leaf in plan.leaves:
         _check_leaf(leaf, leaf.batch, block_size, k)
@@ -371,8 +365,8 @@ def test_leaf_slots_point_at_each_leafs_own_entries(tree):
     for i, (leaf, slot) in enumerate(zip(plan.leaves, slots, strict=True)):
         size = leaf.batch * math.prod(leaf.merged)
         if leaf.kind == LeafKind.DENSE:
-            assert len(slot) == 1 + len(leaf.groups)
-            for g, (group, start) in enumerate(zip(leaf.groups, slot[1:], strict=True)):
+            assert len(slot) == 1 + len(leaf.layout.groups)
+            for g, (group, start) in enumerate(zip(leaf.layout.groups, slot[1:], strict=True)):
                 count = leaf.batch * group.row_part.count * group.col_part.count
                 if count:
                     assert owners[group.bucket][start : start + count] == [(i, g)] * count
@@ -395,8 +389,7 @@ def test_pipeline_dummies_closed_form(k):
     # a large 50x3 leaf (max_size_dense=10): one strip [50, 3] stored [50, 8]
     plan = plan_tree(((50, 3),), (False,), 8, 10, k)
     (leaf,) = plan.leaves
-    assert (leaf.diag_left, leaf.diag_right, leaf.strips, leaf.strip_side) == (True, False, 1, 8)
-    assert leaf.stack == k
+    assert leaf.layout == LargeLayout(True, False, (), (Part(0, 1, 3),), 8, 1, k)
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
-from ._layout import LeafPlan, Part
+from ._layout import DenseLayout, LargeLayout, LeafPlan, Part
 
 
 def take(x: Shaped[Array, "n ..."], start: Int[Array, ""], size: int) -> Shaped[Array, "m ..."]:
@@ -81,7 +81,9 @@ def _put_group(
     return tiles.reshape(batch, row_part.count * row_part.size, col_part.count * col_part.size)
 
 
-def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "_ _ _"], ...]:
+def tile(
+    x: Shaped[Array, "B m n"], plan: LeafPlan[DenseLayout]
+) -> tuple[Shaped[Array, "_ _ _"], ...]:
     """Cut a dense leaf into its tile groups, each zero-padded to its bucket's size.
 
     **Arguments:**
@@ -92,23 +94,27 @@ def tile(x: Shaped[Array, "B m n"], plan: LeafPlan) -> tuple[Shaped[Array, "_ _ 
     **Returns:**
 
     One `[batch * row tiles * col tiles, rows, cols]` array per tile group, in the
-    order of `plan.groups`.
+    order of its layout's `groups`.
     """
-    return tuple(_pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket) for g in plan.groups)
+    groups = plan.layout.groups
+    return tuple(_pad_tail(_take_group(x, g.row_part, g.col_part), *g.bucket) for g in groups)
 
 
-def untile(tiles: tuple[Shaped[Array, "_ _ _"], ...], plan: LeafPlan) -> Shaped[Array, "B m n"]:
+def untile(
+    tiles: tuple[Shaped[Array, "_ _ _"], ...], plan: LeafPlan[DenseLayout]
+) -> Shaped[Array, "B m n"]:
     """Inverse of `tile`: drop the padding and put the tiles back as `[B, m, n]`."""
     rows, cols = plan.merged
-    if not plan.groups:
+    layout = plan.layout
+    if not layout.groups:
         dtype = tiles[0].dtype if tiles else jnp.float32
         return jnp.zeros((plan.batch, rows, cols), dtype)
     blocks = iter(
         _put_group(t, plan.batch, g.row_part, g.col_part)
-        for t, g in zip(tiles, plan.groups, strict=True)
+        for t, g in zip(tiles, layout.groups, strict=True)
     )
     band_rows = [
-        jnp.concatenate([next(blocks) for _ in plan.col_parts], axis=2) for _ in plan.row_parts
+        jnp.concatenate([next(blocks) for _ in layout.col_parts], axis=2) for _ in layout.row_parts
     ]
     return jnp.concatenate(band_rows, axis=1)
 
@@ -135,30 +141,37 @@ def _join_along_cols(strips: Shaped[Array, "S m W"], batch: int, parts: tuple[Pa
     return jnp.concatenate(blocks, axis=2)
 
 
-def cut_strips(x: Shaped[Array, "B m n"], plan: LeafPlan) -> Shaped[Array, "stack r c"]:
-    """Cut a large leaf into strips along its dense side, padded up to `plan.stack`.
+def cut_strips(
+    x: Shaped[Array, "B m n"], plan: LeafPlan[LargeLayout]
+) -> Shaped[Array, "stack r c"]:
+    """Cut a large leaf into strips along its dense side, padded up to its layout's
+    `stack`.
 
     With a diagonal left side the strips are `[m, strip_side]`, with a diagonal
     right side `[strip_side, n]`; with both sides diagonal each layer is one strip.
     """
-    if plan.diag_left and plan.diag_right:
+    layout = plan.layout
+    if layout.diag_left and layout.diag_right:
         strips = x
-    elif plan.diag_left:
-        strips = _strips_along_cols(x, plan.col_parts, plan.strip_side)
+    elif layout.diag_left:
+        strips = _strips_along_cols(x, layout.col_parts, layout.strip_side)
     else:
         xt = jnp.swapaxes(x, 1, 2)
-        strips = jnp.swapaxes(_strips_along_cols(xt, plan.row_parts, plan.strip_side), 1, 2)
-    return pad_stack(strips, plan.stack)
+        strips = jnp.swapaxes(_strips_along_cols(xt, layout.row_parts, layout.strip_side), 1, 2)
+    return pad_stack(strips, layout.stack)
 
 
-def join_strips(strips: Shaped[Array, "stack r c"], plan: LeafPlan) -> Shaped[Array, "B m n"]:
+def join_strips(
+    strips: Shaped[Array, "stack r c"], plan: LeafPlan[LargeLayout]
+) -> Shaped[Array, "B m n"]:
     """Inverse of `cut_strips`: drop dummies and padding, return `[B, m, n]`."""
-    strips = strips[: plan.strips]
-    if plan.diag_left and plan.diag_right:
+    layout = plan.layout
+    strips = strips[: layout.strips]
+    if layout.diag_left and layout.diag_right:
         return strips
-    if plan.diag_left:
-        return _join_along_cols(strips, plan.batch, plan.col_parts)
-    joined = _join_along_cols(jnp.swapaxes(strips, 1, 2), plan.batch, plan.row_parts)
+    if layout.diag_left:
+        return _join_along_cols(strips, plan.batch, layout.col_parts)
+    joined = _join_along_cols(jnp.swapaxes(strips, 1, 2), plan.batch, layout.row_parts)
     return jnp.swapaxes(joined, 1, 2)
 
 

@@ -4,10 +4,11 @@ Nothing here traces: every function takes and returns hashable Python values, so
 plan can be cached and used as static data inside `jit`.
 """
 
+import dataclasses
 import enum
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 
 # Tile sides are rounded up to a multiple of this (but never past `block_size`), so that
@@ -97,8 +98,92 @@ class TileGroup(NamedTuple):
     bucket: tuple[int, int]  # (stored rows, stored cols)
 
 
-class LeafPlan(NamedTuple):
-    """Everything static about how one leaf is preconditioned."""
+class DenseLayout(NamedTuple):
+    """How a `DENSE` leaf is cut into tiles, which go to the shared buckets."""
+
+    row_parts: tuple[Part, ...]
+    col_parts: tuple[Part, ...]
+    groups: tuple[TileGroup, ...]  # one per (row part, col part)
+    tiles: int  # real tiles over the whole batch
+
+    @property
+    def tiles_per_layer(self) -> int:
+        return sum(g.row_part.count * g.col_part.count for g in self.groups)
+
+    # What `LeafState` says of the leaf (see there).
+    @property
+    def nr(self) -> int:
+        return sum(p.count for p in self.row_parts)
+
+    @property
+    def nc(self) -> int:
+        return sum(p.count for p in self.col_parts)
+
+    @property
+    def diag_left(self) -> bool:
+        return False
+
+    @property
+    def diag_right(self) -> bool:
+        return False
+
+    @property
+    def stack(self) -> int:
+        return self.tiles
+
+
+class LargeLayout(NamedTuple):
+    """How a `LARGE` leaf is cut into strips along its dense side (none when both sides
+    are diagonal: then each layer is one strip); the strips are the leaf's own stack."""
+
+    diag_left: bool
+    diag_right: bool
+    row_parts: tuple[Part, ...]  # the strips' cut of a dense left side, else ()
+    col_parts: tuple[Part, ...]  # the strips' cut of a dense right side, else ()
+    strip_side: int  # stored width of the dense side (0 if both sides are diagonal)
+    strips: int  # real strips over the whole batch
+    stack: int  # strips plus pipeline dummies
+
+    # A side with no strips (a diagonal one) counts as one.
+    @property
+    def nr(self) -> int:
+        return sum(p.count for p in self.row_parts) or 1
+
+    @property
+    def nc(self) -> int:
+        return sum(p.count for p in self.col_parts) or 1
+
+
+class OneDLayout(NamedTuple):
+    """A `ONE_D` leaf: one diagonal factor per layer, no tiles."""
+
+    stack: int  # entries of its stacked factor: one per layer
+
+    # What `LeafState` says of the leaf (see there).
+    @property
+    def nr(self) -> int:
+        return 1
+
+    @property
+    def nc(self) -> int:
+        return 1
+
+    @property
+    def diag_left(self) -> bool:
+        return True
+
+    @property
+    def diag_right(self) -> bool:
+        return False
+
+
+_L = TypeVar("_L", DenseLayout, LargeLayout, OneDLayout)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan(Generic[_L]):
+    """Everything static about how one leaf is preconditioned: what every kind has,
+    and its kind's own `layout` (`LeafPlan[DenseLayout]` for a dense leaf, ...)."""
 
     kind: LeafKind
     scanned: bool
@@ -106,18 +191,7 @@ class LeafPlan(NamedTuple):
     shape: tuple[int, ...]  # without the scanned axis
     merged: tuple[int, ...]
     block_size: int
-    diag_left: bool
-    diag_right: bool
-    row_parts: tuple[Part, ...]
-    col_parts: tuple[Part, ...]
-    groups: tuple[TileGroup, ...]  # DENSE: one per (row part, col part)
-    strip_side: int  # LARGE: stored width of a dense side (0 if both sides are diagonal)
-    strips: int  # LARGE: real strips over the whole batch; DENSE: real tiles
-    stack: int  # LARGE: strips after pipeline padding; DENSE: real tiles
-
-    @property
-    def tiles_per_layer(self) -> int:
-        return sum(g.row_part.count * g.col_part.count for g in self.groups)
+    layout: _L
 
 
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
@@ -159,21 +233,11 @@ def leaf_plan(
         batch = 1
     merged = merge_shape(shape)
 
-    def plan(kind: LeafKind, **fields: Any) -> LeafPlan:
-        return LeafPlan(kind, scanned, batch, shape, merged, block_size, **fields)
+    def plan(kind: LeafKind, layout: _L) -> LeafPlan[_L]:
+        return LeafPlan(kind, scanned, batch, shape, merged, block_size, layout)
 
     if len(merged) == 1:
-        return plan(
-            LeafKind.ONE_D,
-            diag_left=True,
-            diag_right=False,
-            row_parts=(),
-            col_parts=(),
-            groups=(),
-            strip_side=0,
-            strips=0,
-            stack=batch,
-        )
+        return plan(LeafKind.ONE_D, OneDLayout(stack=batch))
     rows, cols = merged
     diag_left, diag_right = diagonal_sides(rows, cols, max_size_dense, memory_save_mode)
     if not (diag_left or diag_right):
@@ -185,17 +249,7 @@ def leaf_plan(
             for cp in col_parts
         )
         tiles = batch * sum(g.row_part.count * g.col_part.count for g in groups)
-        return plan(
-            LeafKind.DENSE,
-            diag_left=False,
-            diag_right=False,
-            row_parts=row_parts,
-            col_parts=col_parts,
-            groups=groups,
-            strip_side=0,
-            strips=tiles,
-            stack=tiles,
-        )
+        return plan(LeafKind.DENSE, DenseLayout(row_parts, col_parts, groups, tiles))
     if diag_left and diag_right:
         row_parts, col_parts, strip_side, strips = (), (), 0, batch
     elif diag_left:
@@ -206,16 +260,10 @@ def leaf_plan(
         row_parts, col_parts = split_axis(rows, block_size), ()
         strip_side = tile_side(min(rows, block_size), block_size)
         strips = batch * sum(p.count for p in row_parts)
+    stack = pad_to_multiple(strips, pipeline_axis_size)
     return plan(
         LeafKind.LARGE,
-        diag_left=diag_left,
-        diag_right=diag_right,
-        row_parts=row_parts,
-        col_parts=col_parts,
-        groups=(),
-        strip_side=strip_side,
-        strips=strips,
-        stack=pad_to_multiple(strips, pipeline_axis_size),
+        LargeLayout(diag_left, diag_right, row_parts, col_parts, strip_side, strips, stack),
     )
 
 
@@ -353,7 +401,9 @@ def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple
     """
     segments: dict[tuple[int, int], list[BucketSegment]] = {}
     for leaf_index, leaf in enumerate(leaves):
-        for group_index, group in enumerate(leaf.groups):
+        if not isinstance(leaf.layout, DenseLayout):
+            continue
+        for group_index, group in enumerate(leaf.layout.groups):
             count = leaf.batch * group.row_part.count * group.col_part.count
             if count:
                 segments.setdefault(group.bucket, []).append(

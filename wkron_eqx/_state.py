@@ -135,22 +135,23 @@ class LeafState(_Serialisable):
     valid_cols: Int[Array, " stack"] | None = None
 
     @classmethod
-    def from_plan(cls, plan: LeafPlan, tiles: tuple[int, int], **arrays: Array) -> "LeafState":
-        """The `LeafState` of a planned leaf: its static fields read off `plan` and its
-        kind's tile counts `tiles` (`nr`, `nc`), its factors (none for a dense leaf)
-        from `arrays`."""
+    def from_plan(cls, plan: LeafPlan, **arrays: Array) -> "LeafState":
+        """The `LeafState` of a planned leaf: its static fields, the one place they are
+        written, read off `plan` and its kind's layout; its factors (none for a dense
+        leaf) from `arrays`. Nothing in the step reads them back: it follows the plan."""
+        layout = plan.layout
         return cls(
             kind=int(plan.kind),
             scanned=int(plan.scanned),
             B=plan.batch,
             shape=plan.shape,
             merged=plan.merged,
-            nr=tiles[0],
-            nc=tiles[1],
+            nr=layout.nr,
+            nc=layout.nc,
             block_size=plan.block_size,
-            diag_left=plan.diag_left,
-            diag_right=plan.diag_right,
-            stack=plan.stack,
+            diag_left=layout.diag_left,
+            diag_right=layout.diag_right,
+            stack=layout.stack,
             **arrays,
         )
 

@@ -22,7 +22,7 @@ from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
-from ._kinds import KINDS, StateParts, kind_of, leaf_slots, state_specs
+from ._kinds import KINDS, StateParts, leaf_slots, state_specs
 from ._kron import StepContext
 from ._layout import TreePlan, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
@@ -249,7 +249,7 @@ def scale_by_white_kron(
         parts = StateParts(
             dense=(),
             # (the kinds with factors of their own replace theirs)
-            leaves=tuple(LeafState.from_plan(p, kind_of(p.kind).tiles(p)) for p in plan.leaves),
+            leaves=tuple(LeafState.from_plan(p) for p in plan.leaves),
             dense_cache=() if caches else None,
             leaf_cache=(None,) * len(plan.leaves) if caches else None,
         )

@@ -10,7 +10,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from .._custom_types import AxisNames
-from .._layout import LeafKind, TreePlan
+from .._layout import LeafKind, LeafPlan, TreePlan
 from .._sharding import stacked_spec
 from .._state import LeafState, WhiteKronState
 from ._base import (
@@ -27,7 +27,7 @@ KINDS: tuple[AbstractKind, ...] = (DenseKind(), LargeKind(), OneDKind())
 
 
 def kind_of(kind: int | LeafKind) -> AbstractKind:
-    """The `AbstractKind` of a `LeafKind` (or of a `LeafState.kind`)."""
+    """The `AbstractKind` of a `LeafKind`."""
     (found,) = [k for k in KINDS if k.kind == kind]
     return found
 
@@ -61,13 +61,14 @@ def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> W
     stacked = functools.partial(stacked_spec, axis_name)
     replicated = lambda _: PartitionSpec()
 
-    def leaf_specs(s: LeafState) -> LeafState:
-        return jax.tree.map(stacked if kind_of(s.kind).stacked_leaf_states else replicated, s)
+    def leaf_specs(s: LeafState, plan: LeafPlan) -> LeafState:
+        return jax.tree.map(stacked if kind_of(plan.kind).stacked_leaf_states else replicated, s)
 
     specs = jax.tree.map(replicated, state)
+    plans = state.plan.tree.leaves
     return specs._replace(
         mu=None if state.mu is None else mu_specs,
         dense=tuple(jax.tree.map(stacked, d) for d in state.dense),
-        leaves=tuple(leaf_specs(s) for s in state.leaves),
+        leaves=tuple(leaf_specs(s, p) for s, p in zip(state.leaves, plans, strict=True)),
         cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
     )

@@ -54,13 +54,12 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     """
 
     kind: eqx.AbstractClassVar[LeafKind]
+    # The type of its leaves' `LeafPlan.layout` (`_layout.DenseLayout`, ...): the static
+    # facts of a leaf that only this kind reads.
+    layout: eqx.AbstractClassVar[type]
     # Whether the arrays of this kind's `LeafState`s are stacks, sharded over the
     # pipeline axes (the dense kind's stacks are its buckets).
     stacked_leaf_states: eqx.AbstractClassVar[bool]
-
-    @abc.abstractmethod
-    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
-        """A leaf's tile (or strip) counts along rows and cols: `LeafState.nr`, `nc`."""
 
     @abc.abstractmethod
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:

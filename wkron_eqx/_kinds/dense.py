@@ -40,7 +40,7 @@ from .._kron import (
     sum_powers,
     update_stack,
 )
-from .._layout import Bucket, ComputeGroup, GroupMember, LeafKind, LeafPlan, TreePlan
+from .._layout import Bucket, ComputeGroup, DenseLayout, GroupMember, LeafKind, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import DenseState
@@ -55,7 +55,7 @@ Cache = tuple[Grams, ...]  # the stored sides of each bucket (`cache_preconditio
 def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
     rows, cols = [], []
     for seg in bucket.segments:
-        group = plan.leaves[seg.leaf].groups[seg.group]
+        group = plan.leaves[seg.leaf].layout.groups[seg.group]
         rows += [group.row_part.size] * seg.count
         cols += [group.col_part.size] * seg.count
     dummies = bucket.stack - bucket.valid_count
@@ -338,7 +338,7 @@ def update(
                 }
             )
     pieces: dict[int, list[Array]] = {
-        i: [jnp.zeros(())] * len(plan.leaves[i].groups) for i in inputs
+        i: [jnp.zeros(())] * len(plan.leaves[i].layout.groups) for i in inputs
     }
     for bucket, result in zip(plan.buckets, results, strict=True):
         for seg in bucket.segments:
@@ -354,22 +354,22 @@ class DenseKind(AbstractKind[State, Cache]):
     """`DENSE_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    layout: ClassVar[type] = DenseLayout
     stacked_leaf_states: ClassVar[bool] = False  # its factors live in the buckets
-
-    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
-        return sum(p.count for p in plan.row_parts), sum(p.count for p in plan.col_parts)
 
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
         # The first entry of each tile group in its bucket (0 for an empty group).
         starts = tile_starts(plan)
         return {
-            i: tuple(starts.get((i, g), (0, 0, 0))[1] for g in range(len(plan.leaves[i].groups)))
+            i: tuple(
+                starts.get((i, g), (0, 0, 0))[1] for g in range(len(plan.leaves[i].layout.groups))
+            )
             for i in plan.of_kind(KIND)
         }
 
     def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
         stacks, starts = [], tile_starts(plan)
-        for g in range(len(plan.leaves[index].groups)):
+        for g in range(len(plan.leaves[index].layout.groups)):
             if (index, g) in starts:
                 b, start, count = starts[(index, g)]
                 d = parts.dense[b]

@@ -37,7 +37,7 @@ from .._kron import (
     sum_powers,
     update_stack,
 )
-from .._layout import LeafKind, LeafPlan, TreePlan
+from .._layout import LargeLayout, LeafKind, LeafPlan, TreePlan
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import LeafState
@@ -49,39 +49,33 @@ State = dict[int, LeafState]
 Cache = dict[int, Grams]  # each leaf's stored sides (`cache_preconditioner`)
 
 
-def _valid_sides(plan: LeafPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _valid_sides(plan: LeafPlan[LargeLayout]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     rows, cols = plan.merged
-    real = plan.strips
-    if plan.diag_left and plan.diag_right:
+    layout = plan.layout
+    real = layout.strips
+    if layout.diag_left and layout.diag_right:
         full = (rows,) * real, (cols,) * real
-    elif plan.diag_left:
-        full = (rows,) * real, side_sizes(plan.col_parts, plan.batch, real)
+    elif layout.diag_left:
+        full = (rows,) * real, side_sizes(layout.col_parts, plan.batch, real)
     else:
-        full = side_sizes(plan.row_parts, plan.batch, real), (cols,) * real
-    dummies = (0,) * (plan.stack - real)
+        full = side_sizes(layout.row_parts, plan.batch, real), (cols,) * real
+    dummies = (0,) * (layout.stack - real)
     return full[0] + dummies, full[1] + dummies
 
 
-def _strip_layers(plan: LeafPlan) -> np.ndarray:
+def _strip_layers(plan: LeafPlan[LargeLayout]) -> np.ndarray:
     """The layer each entry of the leaf's stack belongs to (`plan.batch` for a pipeline
     dummy): strips are cut part by part, layer-major within a part (`cut_strips`)."""
-    if plan.diag_left and plan.diag_right:
+    layout = plan.layout
+    if layout.diag_left and layout.diag_right:
         layers = np.arange(plan.batch)
     else:
-        parts = plan.col_parts if plan.diag_left else plan.row_parts
+        parts = layout.col_parts if layout.diag_left else layout.row_parts
         layers = np.concatenate(
             [np.zeros(0, np.int64)] + [np.repeat(np.arange(plan.batch), p.count) for p in parts]
         )
-    dummies = np.full(plan.stack - len(layers), plan.batch)
+    dummies = np.full(layout.stack - len(layers), plan.batch)
     return np.concatenate([layers, dummies]).astype(np.int32)
-
-
-def _tiles(plan: LeafPlan) -> tuple[int, int]:
-    # A side with no strips (a diagonal one) counts as one.
-    return (
-        sum(p.count for p in plan.row_parts) or 1,
-        sum(p.count for p in plan.col_parts) or 1,
-    )
 
 
 def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
@@ -89,21 +83,21 @@ def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
     return (padded_ones if diagonal else padded_identity)(valid, side, scale, dtype)
 
 
-def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
+def _init_leaf(plan: LeafPlan[LargeLayout], config: Config) -> LeafState:
     """A diagonal factor of ones for each long side, padded identities for short ones."""
     rows, cols = plan.merged
+    layout = plan.layout
     vr, vc = _valid_sides(plan)
     valid_rows, valid_cols = jnp.array(vr, jnp.int32), jnp.array(vc, jnp.int32)
-    left_side = rows if plan.diag_left else plan.strip_side
-    right_side = cols if plan.diag_right else plan.strip_side
+    left_side = rows if layout.diag_left else layout.strip_side
+    right_side = cols if layout.diag_right else layout.strip_side
     constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
     return LeafState.from_plan(
         plan,
-        _tiles(plan),
-        Ql=constrain(_factor(valid_rows, left_side, plan.diag_left, config)),
-        Qr=constrain(_factor(valid_cols, right_side, plan.diag_right, config)),
-        Ll=constrain(jnp.zeros(plan.stack, jnp.float32)),
-        Lr=constrain(jnp.zeros(plan.stack, jnp.float32)),
+        Ql=constrain(_factor(valid_rows, left_side, layout.diag_left, config)),
+        Qr=constrain(_factor(valid_cols, right_side, layout.diag_right, config)),
+        Ll=constrain(jnp.zeros(layout.stack, jnp.float32)),
+        Lr=constrain(jnp.zeros(layout.stack, jnp.float32)),
         valid_rows=constrain(valid_rows),
         valid_cols=constrain(valid_cols),
     )
@@ -134,7 +128,7 @@ def _update_leaf(
     x: Float[Array, "B m n"],
     state: LeafState,
     grams: Grams | None,
-    plan: LeafPlan,
+    plan: LeafPlan[LargeLayout],
     refresh: bool,
     axis_name: AxisNames,
 ) -> tuple[Float[Array, "B m n"], LeafState, Grams | None]:
@@ -192,16 +186,14 @@ class LargeKind(AbstractLeafKind):
     """`LARGE_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    layout: ClassVar[type] = LargeLayout
     stacked_leaf_states: ClassVar[bool] = True
-
-    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
-        return _tiles(plan)
 
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
         return {}  # each large leaf has factors of its own
 
-    def real_entries(self, plan: LeafPlan) -> int:
-        return plan.strips
+    def real_entries(self, plan: LeafPlan[LargeLayout]) -> int:
+        return plan.layout.strips
 
     def init(self, plan: TreePlan, config: Config) -> State:
         return init(plan, config)

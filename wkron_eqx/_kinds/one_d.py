@@ -19,7 +19,7 @@ from .._blocking import materialised, take
 from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import StepContext, initial_scales, powers, step_size, store
-from .._layout import LeafKind, LeafPlan, TreePlan
+from .._layout import LeafKind, LeafPlan, OneDLayout, TreePlan
 from .._noise import ONE_D_STREAM, add_noise
 from .._norms import track_lipschitz
 from .._state import LeafState
@@ -30,11 +30,10 @@ KIND = LeafKind.ONE_D
 State = dict[int, LeafState]
 
 
-def _init_leaf(plan: LeafPlan, config: Config) -> LeafState:
+def _init_leaf(plan: LeafPlan[OneDLayout], config: Config) -> LeafState:
     (length,) = plan.merged
     return LeafState.from_plan(
         plan,
-        (1, 1),
         Ql=jnp.full((plan.batch, length), config.initial_scale, config.compute_dtype),
         Ll=jnp.zeros(plan.batch, jnp.float32),
         valid_rows=jnp.full(plan.batch, length, jnp.int32),
@@ -125,10 +124,8 @@ class OneDKind(AbstractLeafKind):
     """`ONE_D_PATH`, as the step sees it (the functions above do the work)."""
 
     kind: ClassVar[LeafKind] = KIND
+    layout: ClassVar[type] = OneDLayout
     stacked_leaf_states: ClassVar[bool] = False  # small: replicated
-
-    def tiles(self, plan: LeafPlan) -> tuple[int, int]:
-        return 1, 1
 
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
         # Each non-empty 1-D leaf's first element in the concatenation of all of them,
@@ -141,8 +138,8 @@ class OneDKind(AbstractLeafKind):
                 element, layer = element + size, layer + leaf.batch
         return out
 
-    def real_entries(self, plan: LeafPlan) -> int:
-        return plan.batch
+    def real_entries(self, plan: LeafPlan[OneDLayout]) -> int:
+        return plan.layout.stack
 
     def init(self, plan: TreePlan, config: Config) -> State:
         return init(plan, config)
