@@ -126,7 +126,8 @@ def _right(X: np.ndarray, P: np.ndarray) -> np.ndarray:
 
 
 def procrustes_step(Q: np.ndarray) -> np.ndarray:
-    """SPEC 3.5: one rotation of `Q` toward a symmetric matrix, with the exact `||R||_2`."""
+    """Procrustes' rotation of `Q` toward a symmetric matrix (`R = Q^T - Q`, scaled by its
+    largest entry, and an exact `||R||_2`), applied after each of its factor steps."""
     R = Q.T - Q
     size = np.max(np.abs(R))
     if size == 0:
@@ -145,7 +146,9 @@ def procrustes_step(Q: np.ndarray) -> np.ndarray:
 
 
 def move_factor(rule: str, Q: np.ndarray, A: np.ndarray, c: float, L: float, lr: float):
-    """SPEC 3.5: Lipschitz tracking, then one QUAD or Procrustes step of one factor."""
+    """Lipschitz tracking (`L = max(0.95 L + 0.05 ell, ell)`, `ell` the norm of `A` plus
+    `c`), then one QUAD or
+    Procrustes step of one factor."""
     ell = (np.max(A) if Q.ndim == 1 else np.linalg.norm(A, 2)) + c
     L = max(0.95 * L + 0.05 * ell, ell)
     if rule == "quad":
@@ -164,14 +167,15 @@ def move_factor(rule: str, Q: np.ndarray, A: np.ndarray, c: float, L: float, lr:
 
 
 def balance(Ql: np.ndarray, Qr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC 3.3: give both factors the same max-abs, keeping their product."""
+    """Give both factors the same max-abs, keeping their product (the balancing step)."""
     a, b = np.max(np.abs(Ql)), np.max(np.abs(Qr))
     geo = math.sqrt(a * b)
     return Ql * (geo / a), Qr * (geo / b)
 
 
 def precondition_entry(entry: Entry, G: np.ndarray, rule: str, lr: float, rebalance: bool):
-    """SPEC 3.4-3.5 for one entry: update its factors from `G`, return `Pl' G Pr'`."""
+    """One entry's factor update from its gradient block `G` (the statistics `A`, then
+    each factor's step), and the preconditioned `Pl' G Pr'` with the new factors."""
     if entry.Qr is None:  # 1-D: Pg = q^2 g, A = Pg^2, c = 1
         g = G[:, 0]
         Pg = entry.Ql**2 * g

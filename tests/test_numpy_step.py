@@ -1,5 +1,5 @@
-"""Our `scale_by_quad` / `scale_by_skew` against the float64 NumPy re-derivation of SPEC
-section 3 in `numpy_reference.py`, over several steps, on every leaf kind.
+"""Our `scale_by_quad` / `scale_by_skew` against the float64 NumPy re-derivation of one
+step (`numpy_reference.py`), over several steps, on every leaf kind.
 
 Tolerances. Ours runs in float32 (`dtype=jnp.float32`, `noise_scale=0`), the reference in
 float64, so updates, factors and Lipschitz estimates agree to float32 rounding amplified by a

@@ -181,8 +181,8 @@ def _recovered_statistic(rule: str, count: int) -> np.ndarray:
     `t = count + 1`; returns `A = (noise)^2` recovered from the new factors, one row per
     layer (the two of the stack, then the vector's).
 
-    With `g = 0`, `Pg` is the noise alone, `L = max(A) + 1` and (SPEC 3.5)
-    `q' = (1 - z(A - 1))^2` with `z = lr / (2L)` (QUAD) or `q' = 1 - z(A - 1)` with
+    With `g = 0`, `Pg` is the noise alone, `L = max(A) + 1` and the diagonal factor step
+    gives `q' = (1 - z(A - 1))^2` with `z = lr / (2L)` (QUAD) or `q' = 1 - z(A - 1)` with
     `z = lr / L` (Procrustes), so `A = 1 + (1 - sqrt(q')) / z` or `1 + (1 - q') / z`.
     """
     state, update = _noisy_one_d(rule)
@@ -233,7 +233,7 @@ def test_one_d_noise_changes_with_the_step():
 
 
 def _quad_statistic(Q: np.ndarray, L: float, c: float, lr: float) -> np.ndarray:
-    """`A` from a QUAD factor after one step from `Q = I` (SPEC 3.5, `z = lr / (2L)`).
+    """`A` from a QUAD factor after one step from `Q = I` (its factor step, `z = lr / (2L)`).
 
     Diagonal: `q' = (1 - z(A - c))^2`. Dense: `Q' = M I M` with the symmetric positive
     `M = (1 + zc) I - z A`, so `M = sqrt(Q')` (by eigendecomposition).

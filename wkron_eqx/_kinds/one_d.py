@@ -68,8 +68,7 @@ def update(
     All 1-D leaves are concatenated into one vector, every layer of a scanned leaf its
     own segment with its own Lipschitz estimate, so the kind is a few kernels however
     many leaves there are. (Leaf by leaf gives fewer instructions but more kernels, and
-    XLA's compile time follows the kernels: on the 149-leaf transformer tree, 2106
-    kernels leaf by leaf against 1518 concatenated.)
+    XLA's compile time follows the kernels.)
     """
     del axis_name, cache  # 1-D factors are small and stay replicated
     leaves = len(plan.leaves)
