@@ -48,9 +48,10 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     """A kind of leaf (dense tiles, large strips, 1-D vectors): how its factors are
     initialised, kept in the state, and stepped.
 
-    Each kind owns the type of its part of the state (`_State`: the dense kind's
-    buckets, a leaf kind's `LeafState`s by leaf index) and of its stored sides
-    (`_Cache`); the step loops over the kinds without naming one.
+    Each kind owns the type of its leaves' static plan (`layout`, the `LeafPlan.layout`
+    that `_layout` classifies a leaf into), of its part of the state (`_State`: the
+    dense kind's buckets, a leaf kind's `LeafState`s by leaf index) and of its stored
+    sides (`_Cache`); the step loops over the kinds without naming one.
     """
 
     kind: eqx.AbstractClassVar[LeafKind]
