@@ -7,6 +7,7 @@ import math
 
 import hypothesis
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,25 +177,24 @@ def _check_dense(plan, batch: int, block_size: int):
 
 def _check_large(plan, batch: int, block_size: int, k: int):
     rows, cols = plan.merged
-    if plan.layout.diag_left and plan.layout.diag_right:
-        assert plan.layout.row_parts == plan.layout.col_parts == ()
-        assert plan.layout.strip_side == 0
-        assert plan.layout.strips == batch
+    layout = plan.layout
+    if layout.diag_left and layout.diag_right:
+        assert layout.row_parts == layout.col_parts == ()
+        assert layout.strip_side == 0
+        assert layout.strips == batch
         area = batch * rows * cols
-    elif plan.layout.diag_left:
-        assert plan.layout.row_parts == ()
-        assert_parts_contiguous(plan.layout.col_parts, cols)
-        assert parts_sides(plan.layout.col_parts) == expected_sides(cols, block_size)
-        assert plan.layout.strips == batch * math.ceil(cols / block_size)
-        assert plan.layout.strip_side == expected_stored(min(cols, block_size), block_size)
-        area = batch * rows * sum(parts_sides(plan.layout.col_parts))
     else:
-        assert plan.layout.col_parts == ()
-        assert_parts_contiguous(plan.layout.row_parts, rows)
-        assert parts_sides(plan.layout.row_parts) == expected_sides(rows, block_size)
-        assert plan.layout.strips == batch * math.ceil(rows / block_size)
-        assert plan.layout.strip_side == expected_stored(min(rows, block_size), block_size)
-        area = batch * cols * sum(parts_sides(plan.layout.row_parts))
+        # The strips cut the dense side; the diagonal side has no parts.
+        if layout.diag_left:
+            (dense, length), (diagonal, other) = (layout.col_parts, cols), (layout.row_parts, rows)
+        else:
+            (dense, length), (diagonal, other) = (layout.row_parts, rows), (layout.col_parts, cols)
+        assert diagonal == ()
+        assert_parts_contiguous(dense, length)
+        assert parts_sides(dense) == expected_sides(length, block_size)
+        assert layout.strips == batch * math.ceil(length / block_size)
+        assert layout.strip_side == expected_stored(min(length, block_size), block_size)
+        area = batch * other * sum(parts_sides(dense))
     assert area == batch * math.prod(plan.shape)
     assert plan.layout.stack == smallest_multiple_at_least(plan.layout.strips, k)
 
@@ -506,3 +506,22 @@ def test_groups_of_the_benchmark_trees():
     conv = plan_tree(shapes, (False,) * 5, 256, 16384, 1)
     assert len(conv.buckets) == 8
     assert sorted((g.rows, g.cols) for g in conv.groups) == [(64, 128), (128, 256), (256, 256)]
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(
+    tree=wkt.param_trees(block_size=8, max_leaves=4),
+    max_size_dense=st.integers(4, 40),
+    mode=st.sampled_from([None, "one_diag", "all_diag"]),
+)
+def test_tree_plan_is_the_plan_init_stores(tree, max_size_dense, mode):
+    """`tree_plan` plans without `init`, through the same planning: the same plan."""
+    params, scanned = tree
+    kwargs = dict(
+        scanned_layers=scanned,
+        block_size=8,
+        max_size_dense=max_size_dense,
+        memory_save_mode=mode,
+    )
+    stored = jax.eval_shape(wk.quad(**kwargs).init, params)[0].plan.tree
+    assert wk.tree_plan(params, learning_rate=0.1, **kwargs) == stored

@@ -9,6 +9,7 @@ from ._alias import (
     scale_by_quad as scale_by_quad,
     scale_by_skew as scale_by_skew,
     skew as skew,
+    tree_plan as tree_plan,
 )
 from ._backend import Backend as Backend
 from ._config import Config as Config
@@ -33,7 +34,7 @@ from ._state import (
     PreconditionerCache as PreconditionerCache,
     WhiteKronState as WhiteKronState,
 )
-from ._stats import preconditioner_stats as preconditioner_stats, tree_plan as tree_plan
+from ._stats import preconditioner_stats as preconditioner_stats
 from ._transform import scale_by_white_kron as scale_by_white_kron
 
 

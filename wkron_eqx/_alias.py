@@ -1,7 +1,8 @@
 """The public factories: `scale_by_quad`, `scale_by_skew` and the `quad`, `skew` aliases.
 
 Each builds one `Config`, which checks the arguments, and hands it to `scale_by_white_kron`;
-`quad` / `skew` chain the weight decay and the learning rate after it.
+`quad` / `skew` chain the weight decay and the learning rate after it. `tree_plan` plans a
+tree from the same arguments.
 """
 
 import dataclasses
@@ -27,8 +28,9 @@ from ._config import (
     python_scalar,
 )
 from ._custom_types import Params, Unchecked
+from ._layout import TreePlan
 from ._rules import AbstractRule, Procrustes, Quad
-from ._transform import scale_by_white_kron
+from ._transform import plan_params, scale_by_white_kron
 
 
 def _config(arguments: dict[str, Any]) -> Config:
@@ -346,3 +348,31 @@ STATIC_ARGS: tuple[str, ...] = tuple(
     for name in inspect.signature(quad).parameters
     if name not in ("learning_rate", "weight_decay")
 )
+
+
+def tree_plan(params: Any, **kwargs: Any) -> TreePlan:
+    """The static layout the optimizer gives `params`: each leaf's kind and tiles, the
+    buckets of dense tiles and the compute groups that update them.
+
+    Nothing is computed: the params are checked and planned as `init` plans them (the
+    same function), and the plan is what `init` stores in the state as
+    `state.plan.tree`. The compute groups follow the default backend
+    (`jax.default_backend()`): on an accelerator, buckets merge into fewer computations.
+
+    **Arguments:**
+
+    - `params`: the parameters (arrays or `jax.ShapeDtypeStruct`s).
+    - `**kwargs`: keyword arguments of `quad` / `skew` (those that only `quad` takes,
+      `learning_rate`, `weight_decay` and `weight_decay_mask`, change no layout); an
+      unknown one raises a `TypeError`, as in `get_opt_state_partition_specs`.
+
+    **Returns:**
+
+    A `TreePlan` (`leaves`: one `LeafPlan` per leaf in flattening order; `buckets`;
+    `groups`).
+    """
+    parameters = inspect.signature(quad).parameters
+    if unknown := set(kwargs) - set(parameters):
+        raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
+    defaults = {name: p.default for name, p in parameters.items()}
+    return plan_params(params, _config(defaults | kwargs))[0]

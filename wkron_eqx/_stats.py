@@ -1,6 +1,5 @@
 """`preconditioner_stats`: a look inside the preconditioner, usable inside `jit`."""
 
-import inspect
 from typing import Any
 
 import jax
@@ -9,7 +8,6 @@ from jaxtyping import Array, Float, Int
 
 from ._blocking import valid_prefix
 from ._kinds import FactorStack, StateParts, kind_of
-from ._layout import TreePlan
 from ._state import WhiteKronState
 
 
@@ -92,34 +90,3 @@ def preconditioner_stats(state: Any) -> Any:
         for i, leaf in enumerate(plan.leaves)
     ]
     return jax.tree.unflatten(state.plan.treedef, out)
-
-
-def tree_plan(params: Any, **kwargs: Any) -> TreePlan:
-    """The static layout the optimizer gives `params`: each leaf's kind and tiles, the
-    buckets of dense tiles and the compute groups that update them.
-
-    Nothing is computed (`jax.eval_shape`); the plan is what `init` stores in the state
-    as `state.plan.tree`. The compute groups follow the default backend
-    (`jax.default_backend()`): on an accelerator, buckets merge into fewer computations.
-
-    **Arguments:**
-
-    - `params`: the parameters (arrays or `jax.ShapeDtypeStruct`s).
-    - `**kwargs`: keyword arguments of `quad` / `skew` (those that only `quad` takes,
-      `learning_rate`, `weight_decay` and `weight_decay_mask`, change no layout); an
-      unknown one raises a `TypeError`, as in `get_opt_state_partition_specs`.
-
-    **Returns:**
-
-    A `TreePlan` (`leaves`: one `LeafPlan` per leaf in flattening order; `buckets`;
-    `groups`).
-    """
-    from ._alias import quad, scale_by_quad
-
-    if unknown := set(kwargs) - set(inspect.signature(quad).parameters):
-        raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
-    signature = inspect.signature(scale_by_quad).parameters
-    state = jax.eval_shape(
-        scale_by_quad(**{k: v for k, v in kwargs.items() if k in signature}).init, params
-    )
-    return state.plan.tree

@@ -212,6 +212,30 @@ def _cache(parts: StateParts) -> PreconditionerCache | None:
     return PreconditionerCache(dense=parts.dense_cache, leaves=parts.leaf_cache)
 
 
+def plan_params(params: Unchecked, config: Config, backend: Backend | None = None):
+    """Check `params` and plan their layout, as `init` does (and `tree_plan`).
+
+    **Returns:**
+
+    `(plan, leaves, treedef, names, backend)`: the `TreePlan`; the params' leaves,
+    tree structure and `keystr` paths (`check_params`); the `Backend` planned for
+    (`backend`, else that of `jax.default_backend()`).
+    """
+    active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)  # checks
+    leaves, treedef, names = check_params(params)
+    platform = Backend.of() if backend is None else backend
+    plan = plan_tree(
+        tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves),
+        scanned_flags(config.scanned_layers, params),
+        config.block_size,
+        config.max_size_dense,
+        config.pipeline_axis_size,
+        platform.grouping,
+        config.memory_save_mode,
+    )
+    return plan, leaves, treedef, names, platform
+
+
 def scale_by_white_kron(
     rule: AbstractRule, config: Config, backend: Backend | None = None
 ) -> optax.GradientTransformation:
@@ -232,19 +256,7 @@ def scale_by_white_kron(
     dtype = config.compute_dtype
 
     def init_fn(params: Unchecked) -> WhiteKronState:
-        active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)  # checks
-        leaves, treedef, names = check_params(params)
-        flags = scanned_flags(config.scanned_layers, params)
-        platform = Backend.of() if backend is None else backend
-        plan = plan_tree(
-            tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves),
-            flags,
-            config.block_size,
-            config.max_size_dense,
-            config.pipeline_axis_size,
-            platform.grouping,
-            config.memory_save_mode,
-        )
+        plan, leaves, treedef, names, platform = plan_params(params, config, backend)
         caches = config.caches
         parts = StateParts(
             dense=(),
