@@ -9,7 +9,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import hypothesis
 import jax
-import pytest
 
 
 # Catch silent float64/bfloat16 mixing and broadcasting slips (as equinox's suite does).
@@ -26,14 +25,3 @@ hypothesis.settings.register_profile(
 hypothesis.settings.register_profile("dev", max_examples=100, deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-
-# The subprocess reports of `test_sharding.py` are module-scoped fixtures: the tests that
-# share one run on one xdist worker (`--dist loadgroup`), so that each subprocess runs once.
-_SHARED_REPORTS = ("sharded_report", "eight_device_report")
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        for name in _SHARED_REPORTS:
-            if name in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(name))
