@@ -24,4 +24,3 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.register_profile("dev", max_examples=100, deadline=None)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
