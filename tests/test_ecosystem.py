@@ -447,8 +447,8 @@ def test_preconditioner_stats_against_layout_and_numpy(name):
     s, leaf_plan = stats[name], plans[name]
     kind, tiles, padding = _EXPECTED_STATS[name]
     assert int(s["kind"]) == kind == leaf_plan.kind
-    layout = leaf_plan.layout
-    layout_tiles = {0: layout.stack, 1: getattr(layout, "strips", 0), 2: leaf_plan.batch}[kind]
+    layout = leaf_plan.layout  # a large leaf's stack also holds pipeline dummies
+    layout_tiles = layout.strips if kind == wk.LARGE_PATH else layout.stack
     assert int(s["tiles"]) == tiles == layout_tiles == len(factors[name])
     np.testing.assert_allclose(s["padding_fraction"], padding, rtol=1e-6, atol=1e-7)
     cond_left = [_numpy_cond(ql, int(vr)) for ql, vr, _, _ in factors[name]]

@@ -101,6 +101,7 @@ class TileGroup(NamedTuple):
 class DenseLayout(NamedTuple):
     """How a `DENSE` leaf is cut into tiles, which go to the shared buckets."""
 
+    kind = LeafKind.DENSE  # (a class attribute, not a field)
     row_parts: tuple[Part, ...]
     col_parts: tuple[Part, ...]
     groups: tuple[TileGroup, ...]  # one per (row part, col part)
@@ -136,6 +137,7 @@ class LargeLayout(NamedTuple):
     """How a `LARGE` leaf is cut into strips along its dense side (none when both sides
     are diagonal: then each layer is one strip); the strips are the leaf's own stack."""
 
+    kind = LeafKind.LARGE
     diag_left: bool
     diag_right: bool
     row_parts: tuple[Part, ...]  # the strips' cut of a dense left side, else ()
@@ -157,6 +159,7 @@ class LargeLayout(NamedTuple):
 class OneDLayout(NamedTuple):
     """A `ONE_D` leaf: one diagonal factor per layer, no tiles."""
 
+    kind = LeafKind.ONE_D
     stack: int  # entries of its stacked factor: one per layer
 
     # What `LeafState` says of the leaf (see there).
@@ -183,15 +186,19 @@ _L = TypeVar("_L", DenseLayout, LargeLayout, OneDLayout)
 @dataclasses.dataclass(frozen=True)
 class LeafPlan(Generic[_L]):
     """Everything static about how one leaf is preconditioned: what every kind has,
-    and its kind's own `layout` (`LeafPlan[DenseLayout]` for a dense leaf, ...)."""
+    and its kind's own `layout` (`LeafPlan[DenseLayout]` for a dense leaf, ...), whose
+    type is the leaf's `kind`."""
 
-    kind: LeafKind
     scanned: bool
     batch: int  # B: the scanned stack size, 1 when not scanned
     shape: tuple[int, ...]  # without the scanned axis
     merged: tuple[int, ...]
     block_size: int
     layout: _L
+
+    @property
+    def kind(self) -> LeafKind:
+        return self.layout.kind
 
 
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
@@ -233,11 +240,11 @@ def leaf_plan(
         batch = 1
     merged = merge_shape(shape)
 
-    def plan(kind: LeafKind, layout: _L) -> LeafPlan[_L]:
-        return LeafPlan(kind, scanned, batch, shape, merged, block_size, layout)
+    def plan(layout: _L) -> LeafPlan[_L]:
+        return LeafPlan(scanned, batch, shape, merged, block_size, layout)
 
     if len(merged) == 1:
-        return plan(LeafKind.ONE_D, OneDLayout(stack=batch))
+        return plan(OneDLayout(stack=batch))
     rows, cols = merged
     diag_left, diag_right = diagonal_sides(rows, cols, max_size_dense, memory_save_mode)
     if not (diag_left or diag_right):
@@ -249,7 +256,7 @@ def leaf_plan(
             for cp in col_parts
         )
         tiles = batch * sum(g.row_part.count * g.col_part.count for g in groups)
-        return plan(LeafKind.DENSE, DenseLayout(row_parts, col_parts, groups, tiles))
+        return plan(DenseLayout(row_parts, col_parts, groups, tiles))
     if diag_left and diag_right:
         row_parts, col_parts, strip_side, strips = (), (), 0, batch
     elif diag_left:
@@ -261,10 +268,7 @@ def leaf_plan(
         strip_side = tile_side(min(rows, block_size), block_size)
         strips = batch * sum(p.count for p in row_parts)
     stack = pad_to_multiple(strips, pipeline_axis_size)
-    return plan(
-        LeafKind.LARGE,
-        LargeLayout(diag_left, diag_right, row_parts, col_parts, strip_side, strips, stack),
-    )
+    return plan(LargeLayout(diag_left, diag_right, row_parts, col_parts, strip_side, strips, stack))
 
 
 class BucketSegment(NamedTuple):
