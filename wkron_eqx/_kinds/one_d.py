@@ -83,8 +83,10 @@ def update(
     x = ctx.corrected(x)
     q = flat([state[i].Ql for i in order])
     storage = q.dtype
-    if refresh and ctx.stochastic_rounding:
-        # The factor maths in float32, rounded to storage stochastically at the end.
+    if ctx.stochastic_rounding:
+        # The factor maths in float32, rounded to storage stochastically at the end; the
+        # output in float32 on every step, so that a step that only applies the factors
+        # gives what one that updates them does (the two are the branches of a `cond`).
         q, x = q.astype(jnp.float32), x.astype(jnp.float32)
     L = jnp.concatenate([state[i].Ll for i in order])  # pyright: ignore
     if refresh:
