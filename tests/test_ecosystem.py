@@ -1,9 +1,8 @@
 """The transforms inside the optax / equinox / optimistix ecosystem: hyperparameter
 injection, wrappers (chain, MultiSteps, apply_if_finite, partition, masked,
 schedule-free), optimistix, `eqx.filter_jit` on Modules, checkpoints, and
-`preconditioner_stats` checked against the layout and NumPy."""
+`preconditioner_stats` finding the state inside the wrappers (its values: test_stats.py)."""
 
-import functools
 import inspect
 
 import equinox as eqx
@@ -16,7 +15,6 @@ import optimistix as optx
 import pytest
 
 import wkron_eqx as wk
-from wkron_eqx._layout import plan_tree
 
 
 F32 = jnp.float32
@@ -145,6 +143,31 @@ def test_inject_hyperparams_learning_rate_and_weight_decay():
     for u0, u1, p in zip(*map(jax.tree.leaves, (plain, decayed, params)), strict=True):
         np.testing.assert_allclose(u1 - u0, -0.1 * 0.5 * p, rtol=1e-5, atol=1e-7)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("factory", [wk.quad, wk.skew])
+@pytest.mark.parametrize("mask", [None, {"w": True, "b": False}])
+def test_the_state_has_one_structure_whatever_the_weight_decay(factory, mask):
+    """A plain `weight_decay=0`, another decay and an injected `0.0` give states of one
+    structure (as `optax.adamw`'s): a checkpoint saved with one restores into the other.
+    A plain `0` still needs no `params`, and changes nothing."""
+    params = {"w": jnp.ones((4, 3), F32), "b": jnp.ones((3,), F32)}
+    kwargs = dict(learning_rate=0.1, weight_decay_mask=mask, dtype=F32)
+    without = factory(weight_decay=0, **kwargs)
+    with_decay = factory(weight_decay=0.1, **kwargs)
+    injected = optax.inject_hyperparams(factory, static_args=wk.STATIC_ARGS)(
+        weight_decay=0.0, **kwargs
+    )
+    structure = jax.tree.structure(without.init(params))
+    assert jax.tree.structure(with_decay.init(params)) == structure
+    assert jax.tree.structure(injected.init(params).inner_state) == structure
+    # Decay 0 without params, and the decayed run's state restored into it: the same
+    # updates as the decayed run's at decay 0 (through the injected one).
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    restored = jax.tree.unflatten(structure, jax.tree.leaves(with_decay.init(params)))
+    updates, _ = jax.jit(without.update)(grads, restored)
+    reference, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    assert _tree_equal(updates, reference)
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,121 +370,7 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# preconditioner_stats
-
-
-def test_preconditioner_stats_padding_of_a_known_shape():
-    # a 27x32 kernel in a 256 block: one tile stored as 32x32 (right-sized, not 256x256)
-    stats = wk.preconditioner_stats(wk.scale_by_skew().init({"k": jnp.zeros((27, 32))}))
-    assert int(stats["k"]["kind"]) == wk.DENSE_PATH
-    assert int(stats["k"]["tiles"]) == 1
-    np.testing.assert_allclose(stats["k"]["padding_fraction"], 1 - 27 * 32 / (32 * 32))
-    np.testing.assert_array_equal(stats["k"]["cond_left"], [1.0])
-
-
-def _stats_tree():
-    params = {
-        "dense": jnp.zeros((27, 32)),  # 2 x 2 tiles of 16 (edge tiles of 11 rows)
-        "large": jnp.zeros((40, 20)),  # 40 > max_size_dense: diagonal left, 2 strips
-        "bias": jnp.zeros((7,)),
-        "scanned": jnp.zeros((3, 12, 10)),  # 3 layers of one 12x10 tile
-    }
-    scanned = {"dense": False, "large": False, "bias": False, "scanned": True}
-    return params, scanned
-
-
-def _numpy_cond(factor: np.ndarray, valid: int) -> float:
-    factor = np.asarray(factor, np.float64)
-    if factor.ndim == 1:
-        q = np.abs(factor[:valid])
-        return float(q.max() / q.min())
-    return float(np.linalg.cond(factor[:valid, :valid]))
-
-
-def _factors_per_leaf(state, params, scanned):
-    """`{leaf: [(Ql, valid_rows, Qr, valid_cols), ...]}` read from the state along the
-    layout: dense tiles from the buckets, others from the leaf's own state."""
-    names = sorted(params)  # the flattening order of a dict
-    plan = plan_tree(
-        tuple(params[n].shape for n in names), tuple(scanned[n] for n in names), 16, 32, 1
-    )
-    out = {n: [] for n in names}
-    for bucket, dense in zip(plan.buckets, state.dense, strict=True):
-        start = 0
-        for seg in bucket.segments:
-            for i in range(start, start + seg.count):
-                out[names[seg.leaf]].append(
-                    (dense.Ql[i], dense.valid_rows[i], dense.Qr[i], dense.valid_cols[i])
-                )
-            start += seg.count
-    for name, leaf_plan in zip(names, plan.leaves, strict=True):
-        leaf = state.leaf_tree()[name]
-        if leaf_plan.kind != wk.DENSE_PATH:
-            real = leaf_plan.layout.strips if leaf_plan.kind == wk.LARGE_PATH else leaf_plan.batch
-            for i in range(real):
-                right = (None, None) if leaf.Qr is None else (leaf.Qr[i], leaf.valid_cols[i])
-                out[name].append((leaf.Ql[i], leaf.valid_rows[i], *right))
-    return plan, out
-
-
-@functools.cache
-def _trained_stats():
-    """Five QUAD steps on the stats tree; the state, its stats computed inside `jit`,
-    and the factors of every leaf read from the state along the layout."""
-    params, scanned = _stats_tree()
-    tx = wk.scale_by_quad(
-        dtype=F32, block_size=16, max_size_dense=32, scanned_layers=scanned, noise_scale=0.0
-    )
-    state = tx.init(params)
-    rng = np.random.default_rng(0)
-    step = jax.jit(tx.update)
-    for _ in range(5):
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), F32), params)
-        _, state = step(grads, state)
-    stats = jax.jit(wk.preconditioner_stats)(state)
-    plan, factors = _factors_per_leaf(state, params, scanned)
-    return stats, dict(zip(sorted(params), plan.leaves, strict=True)), factors
-
-
-# kind, tiles and padding fraction of each leaf of `_stats_tree`, by hand
-_EXPECTED_STATS = {
-    "dense": (wk.DENSE_PATH, 4, 1 - 27 * 32 / (4 * 16 * 16)),
-    # strips of width 16 and 4 along the short side, both stored 16 wide
-    "large": (wk.LARGE_PATH, 2, 1 - 40 * 20 / (2 * 40 * 16)),
-    "bias": (wk.ONE_D_PATH, 1, 0.0),
-    "scanned": (wk.DENSE_PATH, 3, 1 - 12 * 10 / (16 * 16)),
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "dense",
-        "large",
-        "bias",
-        "scanned",
-    ],
-)
-def test_preconditioner_stats_against_layout_and_numpy(name):
-    stats, plans, factors = _trained_stats()
-    s, leaf_plan = stats[name], plans[name]
-    kind, tiles, padding = _EXPECTED_STATS[name]
-    assert int(s["kind"]) == kind == leaf_plan.kind
-    layout = leaf_plan.layout  # a large leaf's stack also holds pipeline dummies
-    layout_tiles = layout.strips if kind == wk.LARGE_PATH else layout.stack
-    assert int(s["tiles"]) == tiles == layout_tiles == len(factors[name])
-    np.testing.assert_allclose(s["padding_fraction"], padding, rtol=1e-6, atol=1e-7)
-    cond_left = [_numpy_cond(ql, int(vr)) for ql, vr, _, _ in factors[name]]
-    np.testing.assert_allclose(s["cond_left"], cond_left, rtol=2e-3)
-    assert s["Ll"].shape == (tiles,) and bool(jnp.all(s["Ll"] > 0))
-    if kind == wk.ONE_D_PATH:
-        assert "cond_right" not in s and "Lr" not in s
-    else:
-        cond_right = [_numpy_cond(qr, int(vc)) for _, _, qr, vc in factors[name]]
-        np.testing.assert_allclose(s["cond_right"], cond_right, rtol=2e-3)
-        assert s["Lr"].shape == (tiles,) and bool(jnp.all(s["Lr"] > 0))
-    # after a few steps the factors have moved away from the identity
-    assert float(jnp.max(s["cond_left"])) > 1.0 + 1e-3
+# preconditioner_stats finds the state inside every wrapper (its values: test_stats.py)
 
 
 def _wrapped_skews():
@@ -487,3 +396,4 @@ def test_preconditioner_stats_finds_the_state_inside_wrappers(make):
     stats = wk.preconditioner_stats(make().init(params))
     assert int(stats["w"]["kind"]) == wk.DENSE_PATH and int(stats["w"]["tiles"]) == 1
     np.testing.assert_allclose(stats["w"]["padding_fraction"], 1 - 27 * 32 / (32 * 32))
+    np.testing.assert_array_equal(stats["w"]["rms_left"], [1.0])  # the identity

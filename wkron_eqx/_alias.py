@@ -208,6 +208,21 @@ def _skip_whole_step(
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)  # pyright: ignore
 
 
+def _no_decay(weight_decay_mask: Any) -> optax.GradientTransformation:
+    """The weight decay's place in the chain for a decay of `0`: the state of
+    `optax.add_decayed_weights(0, weight_decay_mask)`, and updates passed through
+    untouched, without `params`. So the chain's state has one structure whatever the
+    decay (a checkpoint saved with one restores into a run with another, as with
+    `optax.adamw`)."""
+    decay = optax.add_decayed_weights(0.0, weight_decay_mask)
+
+    def update_fn(updates: Unchecked, state: Any, params: Unchecked = None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(decay.init, update_fn)  # pyright: ignore
+
+
 def _with_decay_and_lr(
     rule: AbstractRule,
     config: Config,
@@ -220,13 +235,16 @@ def _with_decay_and_lr(
     weight_decay, learning_rate = python_scalar(weight_decay), python_scalar(learning_rate)
     check_weight_decay(weight_decay)
     check_learning_rate(learning_rate)
-    parts = [scale_by_white_kron(rule, config)]
-    # An array (from `optax.inject_hyperparams`) may be traced: always add it.
+    # An array (from `optax.inject_hyperparams`) may be traced: it always decays.
     decays = isinstance(weight_decay, jax.Array) or weight_decay > 0
     if decays:
-        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return _skip_whole_step(optax.chain(*parts), needs_params=decays)
+        decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+    else:
+        decay = _no_decay(weight_decay_mask)
+    chain = optax.chain(
+        scale_by_white_kron(rule, config), decay, optax.scale_by_learning_rate(learning_rate)
+    )
+    return _skip_whole_step(chain, needs_params=decays)
 
 
 def quad(
@@ -254,9 +272,9 @@ def quad(
     damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
-    weight_decay_mask)` when `weight_decay > 0`, then
-    `optax.scale_by_learning_rate(learning_rate)`. A step whose gradient is not finite
-    is skipped whole: a zero update, and every state but the skip count kept.
+    weight_decay_mask)`, then `optax.scale_by_learning_rate(learning_rate)`. A step
+    whose gradient is not finite is skipped whole: a zero update, and every state but
+    the skip count kept.
 
     Under `optax.inject_hyperparams`, `learning_rate` and `weight_decay` can be injected;
     the others must stay static:
@@ -267,7 +285,9 @@ def quad(
     - `learning_rate`: a float or an optax schedule.
     - `lr_style`: as `scale_by_quad`.
     - `b1`: as `scale_by_quad`.
-    - `weight_decay`: decoupled weight decay (>= 0); `0` leaves it out of the chain.
+    - `weight_decay`: decoupled weight decay (>= 0). With `0` the chain keeps the
+        decay's (empty) state, so the state's structure does not depend on it, and
+        `update` needs no `params`.
     - `weight_decay_mask`: a tree of bools or a callable `params -> tree`, as optax.
     - `normalize_grads`, `max_size_dense`, `preconditioner_lr`,
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
@@ -310,9 +330,9 @@ def skew(
     damping: RealScalar = 0.0,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
-    weight_decay_mask)` when `weight_decay > 0`, then
-    `optax.scale_by_learning_rate(learning_rate)`. A step whose gradient is not finite
-    is skipped whole: a zero update, and every state but the skip count kept.
+    weight_decay_mask)`, then `optax.scale_by_learning_rate(learning_rate)`. A step
+    whose gradient is not finite is skipped whole: a zero update, and every state but
+    the skip count kept.
 
     Under `optax.inject_hyperparams`, `learning_rate` and `weight_decay` can be injected;
     the others must stay static:
@@ -323,7 +343,9 @@ def skew(
     - `learning_rate`: a float or an optax schedule.
     - `lr_style`: as `scale_by_skew`.
     - `b1`: as `scale_by_skew`.
-    - `weight_decay`: decoupled weight decay (>= 0); `0` leaves it out of the chain.
+    - `weight_decay`: decoupled weight decay (>= 0). With `0` the chain keeps the
+        decay's (empty) state, so the state's structure does not depend on it, and
+        `update` needs no `params`.
     - `weight_decay_mask`: a tree of bools or a callable `params -> tree`, as optax.
     - `normalize_grads`, `max_size_dense`, `preconditioner_lr`,
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
