@@ -15,52 +15,24 @@ step becomes proportional to it, as a gradient step is, and the iterates converg
 instead of hovering. The factors are left alone: the whitening keeps its shape, so an
 ill-conditioned problem keeps its preconditioner.
 
-`MECHANISM` and `MEMORY` choose among the alternatives `benchmarks/precision.py`
-measured (it sets them): the step scaling above, or a damping of the whitening itself
-(`P ~ (E[G G^T] + s^2 I)^(-1/2)`, with `s = d` times the remembered RMS of the whole
-tree, added to the factors' input as noise); remembering the peak, an exponential
-average (`b2 = 0.999`, bias-corrected), or the first step's RMS.
+(Damping the whitening itself, and remembering an average or the first step's RMS
+instead of the peak, were measured against this on `benchmarks/precision.py`'s
+problems and lost plateaus: `benchmarks/results/precision.md`.)
 """
 
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Float, Int, Scalar
+from jaxtyping import Array, Float
 
 
-MECHANISM = "step"  # or "whitening"
-MEMORY = "peak"  # or "average", "first"
-AVERAGE_DECAY = 0.999
-
-
-def remember(
-    memory: Float[Array, " n"], rms: Float[Array, " n"], t: Int[Array, ""]
-) -> Float[Array, " n"]:
-    """The memory after a step whose inputs had these per-leaf `rms` (float32). For
-    the average it is the raw (not bias-corrected) average of the mean squares."""
-    if MEMORY == "peak":
-        return jnp.maximum(memory, rms)
-    if MEMORY == "first":
-        return jnp.where(t == 1, rms, memory)
-    return AVERAGE_DECAY * memory + (1 - AVERAGE_DECAY) * jnp.square(rms)
-
-
-def remembered_rms(memory: Float[Array, " n"], t: Int[Array, ""]) -> Float[Array, " n"]:
-    """The per-leaf RMS the damping is relative to."""
-    if MEMORY == "average":
-        correction = 1 - AVERAGE_DECAY ** t.astype(jnp.float32)
-        return jnp.sqrt(memory / correction)
-    return memory
+def remember(memory: Float[Array, " n"], rms: Float[Array, " n"]) -> Float[Array, " n"]:
+    """The memory (each leaf's peak input RMS) after a step whose inputs had these
+    per-leaf `rms` (float32)."""
+    return jnp.maximum(memory, rms)
 
 
 def step_scales(
-    rms: Float[Array, " n"], reference: Float[Array, " n"], damping: float
+    rms: Float[Array, " n"], peak: Float[Array, " n"], damping: float
 ) -> Float[Array, " n"]:
-    """`min(1, rms / (damping * reference))` per leaf; 1 where nothing is remembered."""
-    floor = damping * reference
+    """`min(1, rms / (damping * peak))` per leaf; 1 where nothing is remembered."""
+    floor = damping * peak
     return jnp.where(floor > 0, jnp.minimum(1.0, rms / jnp.where(floor > 0, floor, 1)), 1.0)
-
-
-def whitening_scale(reference: Float[Array, " n"], sizes: np.ndarray, damping: float) -> Scalar:
-    """`damping` times the tree's remembered RMS (each leaf weighted by its size)."""
-    weights = jnp.asarray(sizes / max(float(np.sum(sizes)), 1.0), jnp.float32)
-    return damping * jnp.sqrt(jnp.sum(weights * jnp.square(reference)))

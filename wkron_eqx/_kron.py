@@ -52,7 +52,7 @@ class StepContext(NamedTuple):
     product_dtype: jnp.dtype  # what the products run in (factors may be stored narrower)
     input_scale: Scalar  # multiplies every input: the momentum's bias correction, float32
     step: Int[Array, ""]  # t = count + 1, the key of this step's noise
-    noise_scale: float | Scalar  # an array only to damp the whitening (`_damping`)
+    noise_scale: float
     # Whether the factors start from this step's input (`preconditioner_init_scale=None`
     # and the first step); `None` when they start from a given scale.
     first: Bool[Array, ""] | None = None
@@ -81,29 +81,21 @@ def store(ctx: StepContext, x: Array, dtype, stream: int) -> Array:
     return x.astype(dtype)
 
 
-# How `preconditioner_init_scale=None` starts, as measured by
-# `benchmarks/init_scale.py` (which sets these to compare the alternatives): the RMS of
-# the first input (moment 2; psgd_torch reads `(mean G^4)^(1/4)`, moment 4, which the
-# heavy tails of real gradients make 1.5-2x larger), all the way to unit RMS (power 1;
-# HeavyBall goes half way, 0.5), and no factor step on that first step (the first step
-# of the rule would whiten one sample and shrink the output 2-3x). Together they give a
-# first update at the steady size, and the lowest loss at step 50 of every variant.
-INITIAL_SCALE_POWER = 1.0
-INITIAL_SCALE_MOMENT = 2
-FIRST_STEP_MOVES = False
-
-
+# How `preconditioner_init_scale=None` starts: the product of the sides scaled by the
+# inverse RMS of the first input, all the way to unit RMS, and no factor step on that
+# first step. Measured against starting from `(mean G^4)^(1/4)`, going half way (in log
+# scale), and taking the first factor step at once: this start gave a first update at
+# the steady size and the lowest loss at step 50 (`benchmarks/results/init_scale.md`).
 def initial_scales(
     sums: Float[Array, " n"], size: ArrayLike, first: Bool[Array, ""], factors: int
 ) -> Float[Array, " n"]:
     """The factor by which each of an entry's `factors` factors is multiplied on the first
     step, so that `P G` comes out at unit RMS: the product of the sides `P = Q^T Q` is
-    scaled by `(mean |G|^k)^(-1/k)` (`k = INITIAL_SCALE_MOMENT`: the RMS of `G`), split
-    evenly between the factors.
+    scaled by `1 / RMS(G)`, split evenly between the factors.
 
     **Arguments:**
 
-    - `sums`: per entry (a leaf's layer), the sum of `|G|^k` over its elements
+    - `sums`: per entry (a leaf's layer), the sum of `G^2` over its elements
       (`sum_powers`).
     - `size`: per entry, its number of elements.
     - `first`: whether this is the first step; otherwise every scale is 1.
@@ -114,21 +106,20 @@ def initial_scales(
     The scales, float32; 1 where `first` is false or the statistic is zero or not finite
     (a zero first gradient, or one whose powers underflow float32).
     """
-    k = INITIAL_SCALE_MOMENT
     mean = sums.astype(jnp.float32) / jnp.asarray(size, jnp.float32)
     usable = first & (mean > 0) & jnp.isfinite(mean)
-    scale = jnp.where(usable, mean, 1.0) ** (-INITIAL_SCALE_POWER / (2 * k * factors))
+    # Each of `factors` factors takes `RMS^(-1 / (2 factors))`: `P` is quadratic in `Q`.
+    scale = jnp.where(usable, mean, 1.0) ** (-1 / (4 * factors))
     return jnp.where(usable & jnp.isfinite(scale), scale, 1.0)
 
 
 def powers(x: Array) -> Array:
-    """`|x|^k` (`k = INITIAL_SCALE_MOMENT`) in float32, elementwise."""
-    x2 = jnp.square(x.astype(jnp.float32))
-    return x2 if INITIAL_SCALE_MOMENT == 2 else jnp.square(x2)
+    """`x^2` in float32, elementwise: what `initial_scales` sums."""
+    return jnp.square(x.astype(jnp.float32))
 
 
 def sum_powers(G: Float[Array, "s r c"]) -> Float[Array, " s"]:
-    """Per entry of a stack, the float32 sum of `|G|^k` (padding and dummies add 0)."""
+    """Per entry of a stack, the float32 sum of `G^2` (padding and dummies add 0)."""
     return jnp.sum(powers(G), axis=(1, 2))
 
 

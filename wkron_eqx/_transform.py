@@ -347,25 +347,19 @@ def scale_by_white_kron(
             input_scale = jnp.ones((), jnp.float32)
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
 
-        # `damping`: the per-leaf factors of the output, or a larger noise scale
-        noise_scale, memory, damped = config.noise_scale, state.damping_memory, None
+        # `damping`: per leaf, a factor of the output
+        memory, damped = state.damping_memory, None
         if config.damping > 0 and inputs:
             assert memory is not None
             input_rms = _input_rms(inputs, input_scale)
-            memory = damp.remember(memory, input_rms, t)
-            reference = damp.remembered_rms(memory, t)
-            if damp.MECHANISM == "whitening":
-                sizes = np.array([x.size for x in inputs], np.float64)
-                extra = damp.whitening_scale(reference, sizes, config.damping)
-                noise_scale = jnp.sqrt(config.noise_scale**2 + jnp.square(extra))
-            else:
-                damped = damp.step_scales(input_rms, reference, config.damping)
+            memory = damp.remember(memory, input_rms)
+            damped = damp.step_scales(input_rms, memory, config.damping)
 
         lr = config.preconditioner_lr
         first = (t == 1) if config.preconditioner_init_scale is None else None
         lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / _LR_DECAY_STEPS), min(lr, _LR_FLOOR))
-        if first is not None and not kron.FIRST_STEP_MOVES:
-            lr = jnp.where(first, 0.0, lr)
+        if first is not None:
+            lr = jnp.where(first, 0.0, lr)  # the factors take no step on the first one
         ctx = StepContext(
             rule=rule,
             lr=lr,
@@ -373,7 +367,7 @@ def scale_by_white_kron(
             product_dtype=platform.product_dtype(dtype, config.matmul_dtype),
             input_scale=input_scale,
             step=t,
-            noise_scale=noise_scale,
+            noise_scale=config.noise_scale,
             first=first,
             stochastic_rounding=config.stochastic_rounding,
         )

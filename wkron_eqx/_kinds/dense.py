@@ -216,7 +216,7 @@ def _layers(bucket: Bucket, plan: TreePlan) -> np.ndarray:
 
 def _initial_scales(ctx: StepContext, stacks: list[Array], plan: TreePlan) -> list[Array]:
     """Per bucket, the scale of each tile's factors on the first step: its layer's
-    (`initial_scales`), from the sum of `|G|^k` over all the layer's tiles, whichever
+    (`initial_scales`), from the sum of `G^2` over all the layer's tiles, whichever
     buckets they are in."""
     assert ctx.first is not None
     layers = [_layers(bucket, plan) for bucket in plan.buckets]
