@@ -283,12 +283,11 @@ def test_spectral_norm_bound_compiles_to_few_kernels(request, loop, exact):
     only (re-measure them under another)."""
     if exact:
         request.getfixturevalue("measured_jax")
-    from wkron_eqx import _backend, _norms
+    from wkron_eqx import _norms
 
     stack = jax.ShapeDtypeStruct((6, 32, 32), jnp.float32)
-    backend = wk.Backend.of("cpu" if loop else "gpu")
-    with _backend.tracing_for(backend):  # (it is traced inside `compiled`)
-        kernels = _kernels(hlo.compiled(jax.jit(jax.vmap(_norms.spectral_norm_lower_bound)), stack))
+    bound = jax.vmap(lambda M: _norms.spectral_norm_lower_bound(M, loop=loop))
+    kernels = _kernels(hlo.compiled(jax.jit(bound), stack))
     if exact:
         assert kernels == SPECTRAL_NORM_KERNELS[loop]
     else:

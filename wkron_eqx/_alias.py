@@ -19,6 +19,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PyTree
 
 from ._config import (
+    STATIC_ARGS as STATIC_ARGS,
     BoolScalar,
     Config,
     IntScalar,
@@ -361,15 +362,6 @@ def skew(
     """
     config = _config(locals())
     return _with_decay_and_lr(Procrustes(), config, learning_rate, weight_decay, weight_decay_mask)
-
-
-# Every argument of `quad` / `skew` but the two `optax.inject_hyperparams` may inject, in
-# signature order: they set shapes, dtypes and branches when the step is traced.
-STATIC_ARGS: tuple[str, ...] = tuple(
-    name
-    for name in inspect.signature(quad).parameters
-    if name not in ("learning_rate", "weight_decay")
-)
 
 
 def tree_plan(params: Any, **kwargs: Any) -> TreePlan:

@@ -7,10 +7,6 @@ narrow (bfloat16) matrix multiplies run natively. `init` makes the record (for
 step reads it from there and asks nothing else.
 """
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -68,27 +64,3 @@ class Backend(eqx.Module):
         if storage.itemsize < 4 and not self.narrow_matmuls:
             return jnp.dtype(jnp.float32)
         return storage
-
-
-# The loop policy of the step being traced. A context rather than an argument, because
-# the rules (a public interface: `AbstractRule.dense(Q, A, c, z)`) call the bound too.
-_LOOPS_ARE_CHEAP: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "loops_are_cheap", default=None
-)
-
-
-@contextlib.contextmanager
-def tracing_for(backend: Backend) -> Iterator[None]:
-    """Within: `loops_are_cheap()` is the `backend`'s."""
-    token = _LOOPS_ARE_CHEAP.set(backend.loops_are_cheap)
-    try:
-        yield
-    finally:
-        _LOOPS_ARE_CHEAP.reset(token)
-
-
-def loops_are_cheap() -> bool:
-    """The loop policy of the step being traced (`tracing_for`); outside a step, the
-    default backend's."""
-    policy = _LOOPS_ARE_CHEAP.get()
-    return Backend.of().loops_are_cheap if policy is None else policy

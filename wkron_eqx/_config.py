@@ -78,8 +78,6 @@ def _refuse_arrays(config: "Config"):
         f.name for f in dataclasses.fields(config) if isinstance(getattr(config, f.name), jax.Array)
     ]
     if arrays:
-        from ._alias import STATIC_ARGS  # (the factories build Configs: imported here)
-
         names = ", ".join(f"`{name}`" for name in arrays)
         raise ValueError(
             f"{names} must be Python values, got arrays: they set shapes, dtypes and branches "
@@ -201,6 +199,14 @@ class Config(eqx.Module):
         """The dtype the factors and the momentum are stored in, and the 1-D leaves'
         maths runs in (the products use `Backend.product_dtype`)."""
         return _canonical_dtype(self.dtype)
+
+
+# The arguments of `quad` / `skew` that `optax.inject_hyperparams` must keep static:
+# every one but `learning_rate` and `weight_decay` (`Config`'s fields, and the decay's
+# mask). They set shapes, dtypes and branches when the step is traced.
+STATIC_ARGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config)) + (
+    "weight_decay_mask",
+)
 
 
 def check_weight_decay(weight_decay: Any):

@@ -57,6 +57,8 @@ class StepContext(NamedTuple):
     # and the first step); `None` when they start from a given scale.
     first: Bool[Array, ""] | None = None
     stochastic_rounding: bool = False  # round the stored factors stochastically
+    # The power iterations as loops (`Backend.loops_are_cheap`); the rule has its own.
+    loops_are_cheap: bool = True
 
     def corrected(self, x: Array) -> Array:
         """`x` with the momentum's bias correction applied (`bias_corrected`)."""
@@ -177,10 +179,10 @@ def _apply(Ql: Array, Qr: Array, G: Array, symmetric: bool) -> Array:
     return _right(_left(Ql, G, symmetric), Qr, symmetric)
 
 
-def _norm_bound(A: Array) -> Scalar:
+def _norm_bound(A: Array, loop: bool) -> Scalar:
     if A.ndim == 1:
         return jnp.max(A).astype(jnp.float32) if A.size else jnp.zeros((), jnp.float32)
-    return spectral_norm_lower_bound(A)
+    return spectral_norm_lower_bound(A, loop=loop)
 
 
 def step_size(rule: AbstractRule, L: Array, lr: Scalar) -> Array:
@@ -189,11 +191,11 @@ def step_size(rule: AbstractRule, L: Array, lr: Scalar) -> Array:
     return jnp.where(L > 0, rule.step_scale * lr / jnp.where(L > 0, L, 1), 0)
 
 
-def _move(rule: AbstractRule, Q: Array, A: Array, c: Array, L: Array, lr: Scalar):
+def _move(ctx: StepContext, Q: Array, A: Array, c: Array, L: Array):
     """Track the Lipschitz constant and move one factor."""
-    L = track_lipschitz(L, _norm_bound(A) + c)
-    z, c = step_size(rule, L, lr).astype(Q.dtype), c.astype(Q.dtype)
-    Q = rule.diag(Q, A, c, z) if Q.ndim == 1 else rule.dense(Q, A, c, z)
+    L = track_lipschitz(L, _norm_bound(A, ctx.loops_are_cheap) + c)
+    z, c = step_size(ctx.rule, L, ctx.lr).astype(Q.dtype), c.astype(Q.dtype)
+    Q = ctx.rule.diag(Q, A, c, z) if Q.ndim == 1 else ctx.rule.dense(Q, A, c, z)
     return Q, L
 
 
@@ -227,8 +229,8 @@ def _entry_step(ctx: StepContext, cache: bool, G, Gn, Ql, Qr, Ll, Lr, valid_rows
     c_right = jnp.where(valid_cols > 0, valid_rows, 0).astype(jnp.float32)
     A_left = jnp.sum(Pg * Pg, axis=1) if Ql.ndim == 1 else Pg @ Pg.T
     A_right = jnp.sum(Pg * Pg, axis=0) if Qr.ndim == 1 else Pg.T @ Pg
-    Ql, Ll = _move(ctx.rule, Ql, A_left, c_left, Ll, ctx.lr)
-    Qr, Lr = _move(ctx.rule, Qr, A_right, c_right, Lr, ctx.lr)
+    Ql, Ll = _move(ctx, Ql, A_left, c_left, Ll)
+    Qr, Lr = _move(ctx, Qr, A_right, c_right, Lr)
     if not cache:
         return _apply(Ql, Qr, G, ctx.rule.symmetric), (Ql, Qr, Ll, Lr), None
     # The output from the sides that are stored anyway: for a tile no wider than its

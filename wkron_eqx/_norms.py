@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
 
-from ._backend import loops_are_cheap
+from ._backend import Backend
 
 
 # Power-iteration steps of the spectral-norm lower bound, unrolled.
@@ -17,9 +17,11 @@ def track_lipschitz(L: Float[Array, "*s"], ell: Float[Array, "*s"]) -> Float[Arr
     return jnp.maximum(0.95 * L + 0.05 * ell, ell)
 
 
-def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATIONS) -> Scalar:
-    """Estimate `||M||_2` from below by `iters` steps of power iteration (unrolled, or a
-    loop where the step's `Backend` says loops are cheap: the CPU).
+def spectral_norm_lower_bound(
+    M: Float[Array, "n n"], iters: int = POWER_ITERATIONS, loop: bool | None = None
+) -> Scalar:
+    """Estimate `||M||_2` from below by `iters` steps of power iteration, as a loop or
+    unrolled.
 
     The start vector is the row of `M` with the largest energy (for a PSD matrix it
     already leans toward the top eigenvector), so no random draw is needed and the
@@ -29,6 +31,9 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
 
     - `M`: a square matrix (symmetric PSD or skew-symmetric in practice).
     - `iters`: power-iteration steps.
+    - `loop`: run them as a `fori_loop` (cheap on the CPU) rather than unrolled (on an
+      accelerator each loop iteration is a round trip to the host): a
+      `Backend.loops_are_cheap`. `None`: that of `jax.default_backend()`.
 
     **Returns:**
 
@@ -55,7 +60,7 @@ def spectral_norm_lower_bound(M: Float[Array, "n n"], iters: int = POWER_ITERATI
     step = jax.lax.rsqrt(jnp.maximum(jnp.sum(energy), tiny)) * inverse
     times = lambda x: jnp.matmul(x.astype(M.dtype), M, preferred_element_type=f32)
     x = M[jnp.argmax(energy)].astype(f32) * step
-    if loops_are_cheap():
+    if Backend.of().loops_are_cheap if loop is None else loop:
         x = jax.lax.fori_loop(0, iters, lambda _, x: times(x) * step, x)
     else:
         for _ in range(iters):

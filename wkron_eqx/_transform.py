@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 from jaxtyping import Array, ArrayLike
 
 from . import _damping as damp, _kron as kron
-from ._backend import Backend, tracing_for
+from ._backend import Backend
 from ._blocking import take
 from ._checks import check_params, check_updates, unwrapped
 from ._config import Config
@@ -178,17 +178,16 @@ def _precondition(
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.kind) if views[i].size]
         kind_state, kind_cache = kind.get(parts, indices)
-        with tracing_for(state.plan.backend):  # (the power iterations' loop policy)
-            out, kind_state, kind_sum_sq, kind_cache = kind.update(
-                ctx,
-                {i: views[i] for i in indices},
-                kind_state,
-                kind_cache,
-                {i: state.slots[i] for i in indices},
-                plan,
-                refresh,
-                axis_name,
-            )
+        out, kind_state, kind_sum_sq, kind_cache = kind.update(
+            ctx,
+            {i: views[i] for i in indices},
+            kind_state,
+            kind_cache,
+            {i: state.slots[i] for i in indices},
+            plan,
+            refresh,
+            axis_name,
+        )
         parts = kind.put(parts, kind_state, kind_cache)
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
@@ -361,7 +360,7 @@ def scale_by_white_kron(
         if first is not None:
             lr = jnp.where(first, 0.0, lr)  # the factors take no step on the first one
         ctx = StepContext(
-            rule=rule,
+            rule=rule.for_backend(platform),
             lr=lr,
             balance=(t % _BALANCE_EVERY) == 0,
             product_dtype=platform.product_dtype(dtype, config.matmul_dtype),
@@ -370,6 +369,7 @@ def scale_by_white_kron(
             noise_scale=config.noise_scale,
             first=first,
             stochastic_rounding=config.stochastic_rounding,
+            loops_are_cheap=platform.loops_are_cheap,
         )
         axis = config.pipeline_axis_name
 

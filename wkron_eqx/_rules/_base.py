@@ -5,6 +5,8 @@ import abc
 import equinox as eqx
 from jaxtyping import Array, Float, Scalar
 
+from .._backend import Backend
+
 
 class AbstractRule(eqx.Module):
     """How one Kronecker factor moves, given its statistic `A` and constant `c`.
@@ -21,6 +23,13 @@ class AbstractRule(eqx.Module):
     # padded identity it starts from is). Then `Q^T Q` is computed as `Q Q`, which XLA's
     # CPU matmul runs about 30% faster than a product with a transposed operand.
     symmetric: eqx.AbstractClassVar[bool]
+
+    def for_backend(self, backend: Backend) -> "AbstractRule":
+        """This rule as a step traced for `backend` runs it: a rule whose maths has
+        platform choices (a loop or an unrolled one) takes them from `backend`. By
+        default, the rule itself."""
+        del backend
+        return self
 
     @abc.abstractmethod
     def dense(
