@@ -199,7 +199,7 @@ def _skip_whole_step(
             )
         new_updates, new_state = chain.update(updates, state, params, **extra_args)
         new_state = typing.cast(tuple, new_state)  # the chain's (white_kron, ..., lr) states
-        skipped = new_state[0].skipped_steps != state[0].skipped_steps
+        skipped = new_state[0].last_step_skipped
         new_updates = jax.tree.map(
             lambda u: jax.lax.select(skipped, jnp.zeros_like(u), u), new_updates
         )

@@ -129,3 +129,86 @@ def check_updates(updates: Unchecked, state: WhiteKronState) -> tuple[list[Array
                 f"was initialised for shape {expected}."
             )
     return leaves, treedef
+
+
+def _key_name(key: Any) -> Any:
+    """A path entry as a plain name: a dict key, an attribute or a sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _plain_path(path: tuple) -> tuple:
+    return tuple(_key_name(k) for k in unwrapped(path))
+
+
+_NNX_RECIPE = (
+    "With Flax NNX, a nested dict keyed like the model's attributes works, e.g. "
+    '`{"blocks": True, "head": False}`; so does a tree of the params\' own type: '
+    "`flags = jax.tree.map(lambda _: False, nnx.state(model, nnx.Param))`, then set "
+    '`flags["blocks"] = jax.tree.map(lambda _: True, flags["blocks"])`.'
+)
+
+
+def _flags_by_path(scanned_layers: Any, params: Unchecked) -> list[Any]:
+    """Broadcast a prefix tree of another container type (a plain dict against a Flax
+    NNX `State`, or against an Equinox module's attributes) by matching key paths."""
+    prefix = {_plain_path(p): f for p, f in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]}
+    used, flags = set(), []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = _plain_path(path)
+        owner = next((names[:n] for n in range(len(names), -1, -1) if names[:n] in prefix), None)
+        if owner is None:
+            raise ValueError(
+                "`scanned_layers` must be None, a bool, or a (prefix) tree of bools covering "
+                f"every params leaf; nothing in it covers {jax.tree_util.keystr(unwrapped(path))}"
+                ". " + _NNX_RECIPE
+            )
+        used.add(owner)
+        flags.append(prefix[owner])
+    if unused := [p for p in prefix if p not in used]:
+        unused = ", ".join("".join(f"[{k!r}]" for k in p) for p in unused)
+        raise ValueError(
+            f"`scanned_layers` has entries that name no params leaf: {unused}. " + _NNX_RECIPE
+        )
+    return flags
+
+
+def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
+    """Broadcast `scanned_layers` (None, a bool, a full tree or a prefix tree of bools)
+    to one flag per leaf of `params`, refusing anything that does not fit.
+
+    A prefix tree of the params' own structure is broadcast as `jax.tree.broadcast`
+    does; one of other containers (a nested dict against a Flax NNX `State` or an
+    Equinox module) is matched by key path. A flag is a Python `bool` or a NumPy
+    `np.bool_`; an int or a JAX array is refused (it is too easy to pass a traced or
+    non-boolean value by mistake).
+    """
+    leaves = jax.tree.leaves(params)
+    if scanned_layers is None:
+        return (False,) * len(leaves)
+    try:
+        flags = jax.tree.leaves(jax.tree.broadcast(scanned_layers, params))
+    except (ValueError, TypeError):
+        # Not JAX's wording (it names its internals): ours names the leaf and the fix.
+        flags = _flags_by_path(scanned_layers, params)
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if len(flags) != len(leaves):
+        raise ValueError(
+            "`scanned_layers` must be a bool or a tree of bools whose structure is a prefix "
+            f"of the params tree; it broadcasts to {len(flags)} flags for {len(leaves)} leaves."
+        )
+    out = []
+    for name, flag, leaf in zip(names, flags, leaves, strict=True):
+        if not isinstance(flag, bool | np.bool_):
+            raise ValueError(
+                f"`scanned_layers` at {name} must be a bool (`True`/`False`), got {flag!r}."
+            )
+        if flag and jnp.ndim(leaf) == 0:
+            raise ValueError(
+                f"`scanned_layers` flags the leaf {name} as scanned, but it has no leading axis "
+                "(shape ())."
+            )
+        out.append(bool(flag))
+    return tuple(out)

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._backend import Backend
 from ._kron import Grams
@@ -209,6 +209,8 @@ class WhiteKronState(NamedTuple):
       `cache_preconditioner` and an update probability below 1; else `None`.
     - `damping_memory`: with `damping > 0`, per leaf (float32), the largest RMS its
       input has had; else `None`.
+    - `last_step_skipped`: whether the latest step was skipped (a non-finite gradient
+      or step): `quad` / `skew` then skip the rest of their chain too.
     """
 
     count: Int[Array, ""]
@@ -222,6 +224,7 @@ class WhiteKronState(NamedTuple):
     plan: Plan
     cache: PreconditionerCache | None = None
     damping_memory: Float[Array, " leaves"] | None = None
+    last_step_skipped: Bool[Array, ""] = None  # pyright: ignore  (always set by `init`)
 
     def leaf_tree(self) -> PyTree[LeafState]:
         """`leaves` arranged in the params' tree structure (e.g. `state.leaf_tree()["w"]`)."""

@@ -6,7 +6,7 @@ probability, exactly one `cond` chooses between updating and only applying the f
 A step whose result is not finite is undone by selects, not by a conditional.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -19,7 +19,7 @@ from jaxtyping import Array, ArrayLike
 from . import _damping as damp, _kron as kron
 from ._backend import Backend
 from ._blocking import take
-from ._checks import check_params, check_updates, unwrapped
+from ._checks import check_params, check_updates, scanned_flags
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
 from ._kinds import KINDS, StateParts, leaf_slots, state_specs
@@ -35,7 +35,7 @@ from ._sharding import (
     type_spec,
     with_auto_axes,
 )
-from ._state import LeafState, Plan, PreconditionerCache, WhiteKronState
+from ._state import DenseState, LeafState, Plan, PreconditionerCache, WhiteKronState
 
 
 _CLIP_RMS = 1.1
@@ -45,89 +45,6 @@ _ADAM_STYLE_DIVISOR = 5.0
 _LR_DECAY_STEPS = 10000
 _LR_FLOOR = 0.4
 _BALANCE_EVERY = 100
-
-
-def _key_name(key: Any) -> Any:
-    """A path entry as a plain name: a dict key, an attribute or a sequence index."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
-
-
-def _plain_path(path: tuple) -> tuple:
-    return tuple(_key_name(k) for k in unwrapped(path))
-
-
-_NNX_RECIPE = (
-    "With Flax NNX, a nested dict keyed like the model's attributes works, e.g. "
-    '`{"blocks": True, "head": False}`; so does a tree of the params\' own type: '
-    "`flags = jax.tree.map(lambda _: False, nnx.state(model, nnx.Param))`, then set "
-    '`flags["blocks"] = jax.tree.map(lambda _: True, flags["blocks"])`.'
-)
-
-
-def _flags_by_path(scanned_layers: Any, params: Unchecked) -> list[Any]:
-    """Broadcast a prefix tree of another container type (a plain dict against a Flax
-    NNX `State`, or against an Equinox module's attributes) by matching key paths."""
-    prefix = {_plain_path(p): f for p, f in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]}
-    used, flags = set(), []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = _plain_path(path)
-        owner = next((names[:n] for n in range(len(names), -1, -1) if names[:n] in prefix), None)
-        if owner is None:
-            raise ValueError(
-                "`scanned_layers` must be None, a bool, or a (prefix) tree of bools covering "
-                f"every params leaf; nothing in it covers {jax.tree_util.keystr(unwrapped(path))}"
-                ". " + _NNX_RECIPE
-            )
-        used.add(owner)
-        flags.append(prefix[owner])
-    if unused := [p for p in prefix if p not in used]:
-        unused = ", ".join("".join(f"[{k!r}]" for k in p) for p in unused)
-        raise ValueError(
-            f"`scanned_layers` has entries that name no params leaf: {unused}. " + _NNX_RECIPE
-        )
-    return flags
-
-
-def scanned_flags(scanned_layers: Any, params: Unchecked) -> tuple[bool, ...]:
-    """Broadcast `scanned_layers` (None, a bool, a full tree or a prefix tree of bools)
-    to one flag per leaf of `params`, refusing anything that does not fit.
-
-    A prefix tree of the params' own structure is broadcast as `jax.tree.broadcast`
-    does; one of other containers (a nested dict against a Flax NNX `State` or an
-    Equinox module) is matched by key path. A flag is a Python `bool` or a NumPy
-    `np.bool_`; an int or a JAX array is refused (it is too easy to pass a traced or
-    non-boolean value by mistake).
-    """
-    leaves = jax.tree.leaves(params)
-    if scanned_layers is None:
-        return (False,) * len(leaves)
-    try:
-        flags = jax.tree.leaves(jax.tree.broadcast(scanned_layers, params))
-    except (ValueError, TypeError):
-        # Not JAX's wording (it names its internals): ours names the leaf and the fix.
-        flags = _flags_by_path(scanned_layers, params)
-    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if len(flags) != len(leaves):
-        raise ValueError(
-            "`scanned_layers` must be a bool or a tree of bools whose structure is a prefix "
-            f"of the params tree; it broadcasts to {len(flags)} flags for {len(leaves)} leaves."
-        )
-    out = []
-    for name, flag, leaf in zip(names, flags, leaves, strict=True):
-        if not isinstance(flag, bool | np.bool_):
-            raise ValueError(
-                f"`scanned_layers` at {name} must be a bool (`True`/`False`), got {flag!r}."
-            )
-        if flag and jnp.ndim(leaf) == 0:
-            raise ValueError(
-                f"`scanned_layers` flags the leaf {name} as scanned, but it has no leading axis "
-                "(shape ())."
-            )
-        out.append(bool(flag))
-    return tuple(out)
 
 
 def _partition_specs(config: Config, params: Unchecked) -> list[PartitionSpec | None]:
@@ -211,6 +128,199 @@ def _cache(parts: StateParts) -> PreconditionerCache | None:
     return PreconditionerCache(dense=parts.dense_cache, leaves=parts.leaf_cache)
 
 
+def _moment(
+    config: Config, grads: list[Array], state: WhiteKronState, t: Array, t_float: Array
+) -> tuple[Any, list[Array], Array]:
+    """The momentum stage: the new moment to store (a tree like the params, or `None`
+    with `b1 = 0`), the kinds' inputs and the scale that bias-corrects them.
+
+    The input is the bias-corrected moment, `new_mu / (1 - b1^t)`: the kinds apply the
+    correction to their stacked inputs (`kron.bias_corrected`)."""
+    dtype = config.compute_dtype
+    input_scale = jnp.ones((), jnp.float32)
+    if config.b1 == 0:
+        return None, [g.astype(dtype) for g in grads], input_scale
+    # In float32, stored in `dtype`.
+    f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
+    old_mu, mu_def = jax.tree.flatten(state.mu)
+    grads32, mu32 = f32(grads), f32(old_mu)
+    # (`optax.tree.update_moment`'s `b1 mu + (1 - b1) g`, without its `g ** 1`: one
+    # traced operation fewer per leaf.)
+    b1 = config.b1
+    new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
+    specs = leaf_specs(state.mu, config.params_partition_specs)
+    if config.stochastic_rounding:
+        # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
+        stored = [
+            stochastic_round(m, dtype, t, (slot[0] + MOMENTUM_STREAM).astype(jnp.uint32))
+            for m, slot in zip(new_mu, state.slots, strict=True)
+        ]
+    else:
+        stored = [m.astype(dtype) for m in new_mu]
+    new_mu = [constrain_like(m, s) for m, s in zip(stored, specs, strict=True)]
+    # The same moment, written as `mu + (1 - b1)(g - mu)`: as a second expression, each
+    # copy is fused into its one consumer (the kinds' stacking here, the state's select
+    # at the end), where one shared value would be its own kernel per leaf shape, written
+    # out and read back twice. (The two may differ in the last bit.)
+    inputs = [
+        constrain_like((m + (1 - b1) * (g - m)).astype(dtype), s)
+        for g, m, s in zip(grads32, mu32, specs, strict=True)
+    ]
+    input_scale = optax.tree.bias_correction(input_scale, b1, t_float)
+    return mu_def.unflatten(new_mu), inputs, input_scale
+
+
+def _normalised(inputs: list[Array], input_scale: Array) -> tuple[list[Array], Array]:
+    """`normalize_grads`: each leaf's input divided by its norm (plus `1e-6`); the bias
+    correction is undone by the normalisation (but for its `1e-6`), so applied first."""
+    inputs = [kron.bias_corrected(x, input_scale) if x.size else x for x in inputs]
+    inputs = [
+        x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(x.dtype) if x.size else x
+        for x in inputs
+    ]
+    return inputs, jnp.ones((), jnp.float32)
+
+
+def _damped(
+    config: Config, inputs: list[Array], input_scale: Array, memory: Array | None
+) -> tuple[Array | None, Array | None]:
+    """`damping`: the new memory (each leaf's peak input RMS) and each leaf's factor of
+    its update; `(memory, None)` without damping."""
+    if config.damping == 0 or not inputs:
+        return memory, None
+    assert memory is not None
+    input_rms = _input_rms(inputs, input_scale)
+    memory = damp.remember(memory, input_rms)
+    return memory, damp.step_scales(input_rms, memory, config.damping)
+
+
+def _context(
+    rule: AbstractRule,
+    config: Config,
+    platform: Backend,
+    t: Array,
+    t_float: Array,
+    input_scale: Array,
+) -> StepContext:
+    """What every kind's step knows beyond its inputs: the rule (for the backend), the
+    factors' step size this step, the balance and first-step flags, the dtypes."""
+    lr = config.preconditioner_lr
+    first = (t == 1) if config.preconditioner_init_scale is None else None
+    lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / _LR_DECAY_STEPS), min(lr, _LR_FLOOR))
+    if first is not None:
+        lr = jnp.where(first, 0.0, lr)  # the factors take no step on the first one
+    return StepContext(
+        rule=rule.for_backend(platform),
+        lr=lr,
+        balance=(t % _BALANCE_EVERY) == 0,
+        product_dtype=platform.product_dtype(config.compute_dtype, config.matmul_dtype),
+        input_scale=input_scale,
+        step=t,
+        noise_scale=config.noise_scale,
+        first=first,
+        stochastic_rounding=config.stochastic_rounding,
+        loops_are_cheap=platform.loops_are_cheap,
+    )
+
+
+class _Factors(NamedTuple):
+    """The factor-holding parts of a state after the preconditioning stage."""
+
+    dense: tuple[DenseState, ...]
+    leaves: tuple[LeafState, ...]
+    cache: PreconditionerCache | None
+
+
+def _preconditioned(
+    ctx: StepContext, config: Config, views: list[Array], state: WhiteKronState
+) -> tuple[list[Array], Array, _Factors, _Factors, Array | bool]:
+    """The preconditioning stage: every leaf through its kind, the factors updated when
+    due (`preconditioner_update_probability`). `views`: each leaf's input as `[B, m,
+    n]` (`[B, n]` for a 1-D leaf).
+
+    **Returns:**
+
+    `(outputs, sum_sqs, factors, kept, refreshed)`: the outputs (as views); each leaf's
+    sum of squared outputs; the new factors; those a skipped step keeps (the old ones,
+    or, when the update is a branch, the new ones already guarded inside it); and
+    whether the factors were updated (`True` when every step updates them)."""
+    plan = state.plan.tree
+    axis = config.pipeline_axis_name
+    refresh = _refresh_due(config, ctx.step, state.update_counter)
+    if ctx.first is not None and refresh is not True:
+        refresh = refresh | ctx.first  # the factors start from the first input
+    old = _Factors(state.dense, state.leaves, state.cache)
+    if refresh is True:
+        outputs, sum_sqs, dense, leaves, cache = _precondition(ctx, views, state, plan, True, axis)
+        return outputs, sum_sqs, _Factors(dense, leaves, cache), old, True
+
+    def guarded_update():
+        # The non-finite guard (`_kept_if_sound`) for the factors, inside the branch that
+        # changes them: outside, the select would need the old factors alive beside the
+        # branch's result, and XLA would copy every factor through the branch that only
+        # applies them.
+        outputs, sum_sqs, *new = _precondition(ctx, views, state, plan, True, axis)
+        ok = _finite(sum_sqs)
+        kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), tuple(old))
+        return outputs, sum_sqs, *kept
+
+    outputs, sum_sqs, dense, leaves, cache = jax.lax.cond(
+        refresh, guarded_update, lambda: _precondition(ctx, views, state, plan, False, axis)
+    )
+    new = _Factors(dense, leaves, cache)
+    return outputs, sum_sqs, new, new, refresh
+
+
+def _clipped(
+    config: Config,
+    outputs: list[Array],
+    grads: list[Array],
+    sum_sqs: Array,
+    damped: Array | None,
+    slots: tuple[Array, ...],
+) -> tuple[list[Array], Array]:
+    """The RMS clip and `lr_style` stage: each leaf's output scaled, in its gradient's
+    shape and dtype, or zero if the step is not sound; and whether it is.
+
+    A non-finite gradient reaches every output it touches (through the matmuls, or
+    through a NaN/Inf factor: a non-finite statistic makes the new factor NaN), so the
+    outputs' sums of squares, which the RMS clip needs anyway, tell whether the step is
+    sound: one reduction over them gives the verdict."""
+    if not outputs:
+        return [], jnp.array(True)
+    ok = _finite(sum_sqs)
+    # Every leaf's clip factor in one vectorised computation, not one per leaf.
+    sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
+    divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
+    scales = rms_clip_scale(sum_sqs, sizes) / divisor
+    if damped is not None:
+        scales = scales * damped
+    updates = []
+    for out, g, slot in zip(outputs, grads, slots, strict=True):
+        # The leaf's index as data (see `leaf_slots`): same-shaped leaves share one kernel.
+        scale = take(scales, slot[0], 1)[0]
+        u = jax.lax.select(ok, out * scale.astype(out.dtype), jnp.zeros_like(out))
+        updates.append(u.reshape(g.shape).astype(g.dtype))
+    return updates, ok
+
+
+def _kept_if_sound(
+    ok: Array, stepped: WhiteKronState, state: WhiteKronState, kept: _Factors
+) -> WhiteKronState:
+    """The guard: `stepped` if the step is sound, else `state` with the skip counted and
+    reported, and the factors `kept` (`_preconditioned`)."""
+    skipped = state._replace(
+        skipped_steps=state.skipped_steps + 1,
+        dense=kept.dense,
+        leaves=kept.leaves,
+        cache=kept.cache,
+        last_step_skipped=jnp.ones([], bool),
+    )
+    # (`lax.select` rather than `jnp.where`: no broadcasting to trace, per array.)
+    keep = lambda new, old: new if new is old else jax.lax.select(ok, new, old)
+    return jax.tree.map(keep, stepped, skipped)
+
+
 def plan_params(params: Unchecked, config: Config, backend: Backend | None = None):
     """Check `params` and plan their layout, as `init` does (and `tree_plan`).
 
@@ -292,162 +402,43 @@ def scale_by_white_kron(
             plan=Plan(plan, names, treedef, platform),
             cache=_cache(parts),
             damping_memory=jnp.zeros(len(leaves), jnp.float32) if config.damping > 0 else None,
+            last_step_skipped=jnp.zeros([], bool),
         )
 
     def update_fn(updates: Unchecked, state: WhiteKronState, params: Unchecked = None):
         del params
         grads, treedef = check_updates(updates, state)
-        plan, platform = state.plan.tree, state.plan.backend
         t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
-
-        # The input is the bias-corrected moment, `new_mu / (1 - b1^t)`: the kinds apply
-        # the correction to their stacked inputs (`kron.bias_corrected`).
-        input_scale = jnp.ones((), jnp.float32)
-        if config.b1 > 0:
-            # In float32, stored in `dtype`.
-            f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
-            old_mu, mu_def = jax.tree.flatten(state.mu)
-            grads32, mu32 = f32(grads), f32(old_mu)
-            # (`optax.tree.update_moment`'s `b1 mu + (1 - b1) g`, without its `g ** 1`:
-            # one traced operation fewer per leaf.)
-            b1 = config.b1
-            new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
-            specs = _partition_specs(config, updates)
-            if config.stochastic_rounding:
-                # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
-                stored = [
-                    stochastic_round(m, dtype, t, (slot[0] + MOMENTUM_STREAM).astype(jnp.uint32))
-                    for m, slot in zip(new_mu, state.slots, strict=True)
-                ]
-            else:
-                stored = [m.astype(dtype) for m in new_mu]
-            new_mu = [constrain_like(m, s) for m, s in zip(stored, specs, strict=True)]
-            # The same moment, written as `mu + (1 - b1)(g - mu)`: as a second
-            # expression, each copy is fused into its one consumer (the kinds' stacking
-            # here, the state's select below), where one shared value would be its own
-            # kernel per leaf shape, written out and read back twice. (The two may
-            # differ in the last bit.)
-            inputs = [
-                constrain_like((m + (1 - b1) * (g - m)).astype(dtype), s)
-                for g, m, s in zip(grads32, mu32, specs, strict=True)
-            ]
-            input_scale = optax.tree.bias_correction(input_scale, config.b1, t_float)
-        else:
-            mu_def, new_mu = None, None
-            inputs = [g.astype(dtype) for g in grads]
+        mu, inputs, input_scale = _moment(config, grads, state, t, t_float)
         if config.normalize_grads:
-            # Per leaf, and the scale is undone by the normalisation (but for its 1e-6).
-            inputs = [kron.bias_corrected(x, input_scale) if x.size else x for x in inputs]
-            inputs = [
-                x / (jnp.linalg.norm(x.astype(jnp.float32)) + 1e-6).astype(dtype) if x.size else x
-                for x in inputs
-            ]
-            input_scale = jnp.ones((), jnp.float32)
+            inputs, input_scale = _normalised(inputs, input_scale)
+        plan = state.plan.tree
         views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
-
-        # `damping`: per leaf, a factor of the output
-        memory, damped = state.damping_memory, None
-        if config.damping > 0 and inputs:
-            assert memory is not None
-            input_rms = _input_rms(inputs, input_scale)
-            memory = damp.remember(memory, input_rms)
-            damped = damp.step_scales(input_rms, memory, config.damping)
-
-        lr = config.preconditioner_lr
-        first = (t == 1) if config.preconditioner_init_scale is None else None
-        lr = jnp.maximum(lr * jax.lax.rsqrt(1 + t_float / _LR_DECAY_STEPS), min(lr, _LR_FLOOR))
-        if first is not None:
-            lr = jnp.where(first, 0.0, lr)  # the factors take no step on the first one
-        ctx = StepContext(
-            rule=rule.for_backend(platform),
-            lr=lr,
-            balance=(t % _BALANCE_EVERY) == 0,
-            product_dtype=platform.product_dtype(dtype, config.matmul_dtype),
-            input_scale=input_scale,
-            step=t,
-            noise_scale=config.noise_scale,
-            first=first,
-            stochastic_rounding=config.stochastic_rounding,
-            loops_are_cheap=platform.loops_are_cheap,
-        )
-        axis = config.pipeline_axis_name
-
-        refresh = _refresh_due(config, t, state.update_counter)
-        if ctx.first is not None and refresh is not True:
-            refresh = refresh | ctx.first  # the factors start from the first input
-        factors = (state.dense, state.leaves, state.cache)
-        if refresh is True:
-            outputs, sum_sqs, buckets, leaf_states, cache = _precondition(
-                ctx, views, state, plan, True, axis
-            )
+        memory, damped = _damped(config, inputs, input_scale, state.damping_memory)
+        ctx = _context(rule, config, state.plan.backend, t, t_float, input_scale)
+        outputs, sum_sqs, factors, kept, refreshed = _preconditioned(ctx, config, views, state)
+        if refreshed is True:
             counter, refreshed = state.update_counter, jnp.ones([], jnp.int32)
         else:
-
-            def guarded_update():
-                # The non-finite guard (below) for the factors, inside the branch that
-                # changes them: outside, the select would need the old factors alive
-                # beside the branch's result, and XLA would copy every factor through
-                # the branch that only applies them.
-                outputs, sum_sqs, *new = _precondition(ctx, views, state, plan, True, axis)
-                ok = _finite(sum_sqs)
-                kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), factors)
-                return outputs, sum_sqs, *kept
-
-            outputs, sum_sqs, buckets, leaf_states, cache = jax.lax.cond(
-                refresh,
-                guarded_update,
-                lambda: _precondition(ctx, views, state, plan, False, axis),
-            )
-            factors = (buckets, leaf_states, cache)  # already guarded
-            counter = jnp.where(refresh, 0, state.update_counter + 1)
-            refreshed = jnp.asarray(refresh, jnp.int32)
-
-        # A non-finite gradient reaches every output it touches (through the matmuls, or
-        # through a NaN/Inf factor: a non-finite statistic makes the new factor NaN), so
-        # the outputs' sums of squares, which the RMS clip needs anyway, tell whether the
-        # step is sound. One reduction over them gives the verdict.
-        new_updates = []
-        if outputs:
-            ok = _finite(sum_sqs)
-            # Every leaf's clip factor in one vectorised computation, not one per leaf.
-            sizes = np.array([max(out.size, 1) for out in outputs], np.float32)
-            divisor = _ADAM_STYLE_DIVISOR if config.lr_style == "adam" else 1.0
-            scales = rms_clip_scale(sum_sqs, sizes) / divisor
-            if damped is not None:
-                scales = scales * damped
-            for out, g, slot in zip(outputs, grads, state.slots, strict=True):
-                # The leaf's index as data (see `leaf_slots`): same-shaped leaves share
-                # one kernel.
-                scale = take(scales, slot[0], 1)[0]
-                u = jax.lax.select(ok, out * scale.astype(out.dtype), jnp.zeros_like(out))
-                new_updates.append(u.reshape(g.shape).astype(g.dtype))
-        else:
-            ok = jnp.array(True)
-
+            counter = jnp.where(refreshed, 0, state.update_counter + 1)
+            refreshed = jnp.asarray(refreshed, jnp.int32)
+        new_updates, ok = _clipped(config, outputs, grads, sum_sqs, damped, state.slots)
         stepped = WhiteKronState(
             count=t,
-            mu=None if mu_def is None else mu_def.unflatten(new_mu),
-            dense=buckets,
-            leaves=leaf_states,
+            mu=mu,
+            dense=factors.dense,
+            leaves=factors.leaves,
             update_counter=counter.astype(jnp.int32),
             skipped_steps=state.skipped_steps,
             factor_updates=state.factor_updates + refreshed,
             slots=state.slots,
             plan=state.plan,
-            cache=cache,
+            cache=factors.cache,
             damping_memory=memory,
+            last_step_skipped=jnp.zeros([], bool),
         )
-        skipped = state._replace(
-            skipped_steps=state.skipped_steps + 1,
-            dense=factors[0],
-            leaves=factors[1],
-            cache=factors[2],
-        )
-        # (`lax.select` rather than `jnp.where`: no broadcasting to trace, per array.)
-        keep = lambda new, old: new if new is old else jax.lax.select(ok, new, old)
-        new_state = jax.tree.map(keep, stepped, skipped)
-        return treedef.unflatten(new_updates), new_state
+        return treedef.unflatten(new_updates), _kept_if_sound(ok, stepped, state, kept)
 
     def mesh_axis() -> AxisNames:
         return active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)
