@@ -254,6 +254,7 @@ def main(argv=None):
             for k, b in best.items():
                 if k.startswith(problem_name + "/"):
                     _, impl, name = k.split("/")
+                    impl = "optax" if name == "adamw" else impl  # adamw is optax's, not ours
                     steps = np.arange(len(b["curve"])) * every
                     ax.semilogy(steps, b["curve"], label=f"{impl} {name} (lr {b['lr']:g})")
             ax.set_title(title)
