@@ -17,8 +17,9 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
@@ -312,8 +313,8 @@ def test_specs_mirror_state(weight_decay, scanned, pipeline, cache):
         kwargs |= dict(pipeline_axis_name=pipeline, pipeline_axis_size=4)
     specs = wk.get_opt_state_partition_specs(_SPEC_PARAMS, **kwargs)
     state = jax.eval_shape(wk.quad(**kwargs).init, _SPEC_PARAMS)
-    assert len(specs) == len(state) == (3 if weight_decay > 0 else 2)
-    assert all(s is None for s in specs[1:])
+    assert len(specs) == len(state) == 3  # a decay of 0 keeps its place in the chain
+    assert specs[1:] == state[1:] == (optax.EmptyState(), optax.EmptyState())
     sharded = _mirror(specs, state, pipeline)
     inner = state[0]
     stacked = sum(len(jax.tree.leaves(d)) for d in inner.dense)
@@ -322,6 +323,53 @@ def test_specs_mirror_state(weight_decay, scanned, pipeline, cache):
     sides = 0 if inner.cache is None else len(jax.tree.leaves(inner.cache))
     assert sides == (2 * len(inner.dense) + 2 if cache else 0)  # one large leaf
     assert sharded == (0 if pipeline is None else stacked + sides)
+
+
+_is_spec = lambda x: isinstance(x, P)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(weight_decay=0.0),
+        dict(weight_decay=0.1),
+        dict(weight_decay=0.1, weight_decay_mask={k: k != "bias" for k in _SPEC_PARAMS}),
+        dict(learning_rate=optax.cosine_decay_schedule(1e-2, 100)),
+    ],
+    ids=["no-decay", "decay", "masked-decay", "schedule"],
+)
+def test_specs_have_the_structure_of_the_state(kwargs):
+    """The whole chain, with a `PartitionSpec` for every array: `optax.EmptyState()`
+    where the state has one, a replicated spec for a schedule's count."""
+    specs = wk.get_opt_state_partition_specs(_SPEC_PARAMS, **kwargs)
+    state = jax.eval_shape(wk.quad(**kwargs).init, _SPEC_PARAMS)
+    assert jax.tree.structure(specs, is_leaf=_is_spec) == jax.tree.structure(state)
+    rest = jax.tree.leaves(specs[1:], is_leaf=_is_spec)
+    assert rest == ([P()] if "learning_rate" in kwargs else [])
+
+
+def test_specs_place_a_state():
+    """Through `NamedSharding`, the specs are the `out_shardings` of `init` and `update`
+    and the target of `jax.device_put`: every array lands with its spec."""
+    mesh = jax.make_mesh((1,), (_AXIS,))
+    kwargs = dict(
+        learning_rate=optax.constant_schedule(1e-2),  # (optax's cosine is not strict-dtype)
+        pipeline_axis_name=_AXIS,
+        max_size_dense=64,
+        block_size=16,
+    )
+    tx = wk.quad(**kwargs)
+    params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), _SPEC_PARAMS)
+    specs = wk.get_opt_state_partition_specs(params, **kwargs)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+    with jax.set_mesh(mesh):
+        state = jax.jit(tx.init, out_shardings=shardings)(params)
+        _, state = jax.jit(tx.update, out_shardings=(None, shardings))(params, state, params)
+        placed = jax.device_put(tx.init(params), shardings)
+    for tree in (state, placed):
+        got = jax.tree.leaves(jax.tree.map(lambda x: x.sharding.spec, tree))
+        assert got == jax.tree.leaves(specs, is_leaf=_is_spec)
+    assert int(state[-1].count) == 1
 
 
 def test_unknown_keyword_arguments_are_refused():

@@ -8,7 +8,6 @@ from jax.sharding import PartitionSpec
 from jaxtyping import ArrayLike, PyTree
 
 from ._alias import quad, scale_by_quad
-from ._config import check_weight_decay, python_scalar
 from ._kinds import state_specs
 from ._sharding import specs_tree
 
@@ -35,8 +34,9 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     stored sides of `cache_preconditioner`) are sharded over `pipeline_axis_name`
     along their leading axis; the momentum follows `params_partition_specs` (or the
     params' own shardings); everything else is replicated. Unlike the reference, the
-    default `weight_decay` here is the one of `quad`/`skew` (0.1), so the specs always
-    match `quad(**kwargs).init(params)`.
+    default `weight_decay` here is the one of `quad`/`skew` (0.1), and the rest of the
+    chain is not `None`: the specs have exactly the tree structure of
+    `quad(**kwargs).init(params)`.
 
     **Arguments:**
 
@@ -45,24 +45,26 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
 
     **Returns:**
 
-    `(state_specs, None, None)` when `weight_decay > 0`, else `(state_specs, None)`;
-    `state_specs` is a `WhiteKronState` whose array leaves are `PartitionSpec`s.
-    Pass it through `NamedSharding` to `jax.jit(..., out_shardings=...)`.
+    `(state_specs, decay, lr)`, shaped as the chain's state: `state_specs` is a
+    `WhiteKronState` whose array leaves are `PartitionSpec`s; the weight decay's and
+    the learning rate's parts are their states as `init` makes them, with
+    `PartitionSpec()` for their arrays (a schedule's `count`): mostly an
+    `optax.EmptyState()`, which has no leaves. Map it through `NamedSharding`
+    (`is_leaf=lambda x: isinstance(x, PartitionSpec)`) for `jax.jit(...,
+    out_shardings=...)` or `jax.device_put`.
     """
     unknown = set(kwargs) - _QUAD_KWARGS
     if unknown:
         raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
-    weight_decay = python_scalar(
-        kwargs.get("weight_decay", inspect.signature(quad).parameters["weight_decay"].default)
-    )
-    check_weight_decay(weight_decay)
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
-    # `init` refuses a bad `scanned_layers` tree with the same ValueError.
-    shapes = jax.eval_shape(scale_by_quad(**scale_kwargs).init, params)
+    # `quad` checks the arguments; `init` refuses a bad `scanned_layers` tree with the
+    # same ValueError. `skew`'s state has the same structure.
+    shapes = jax.eval_shape(quad(**kwargs).init, params)
+    inner, rest = shapes[0], tuple(shapes[1:])
     mu = None
-    if shapes.mu is not None:
+    if inner.mu is not None:
         mu = specs_tree(params, scale_kwargs.get("params_partition_specs"), _param_spec)
-    specs = state_specs(shapes, scale_kwargs.get("pipeline_axis_name"), mu)
-    # quad/skew always add the decay for an array weight_decay (it may be injected)
-    has_decay = isinstance(weight_decay, jax.Array) or weight_decay > 0
-    return (specs, None, None) if has_decay else (specs, None)
+    specs = state_specs(inner, scale_kwargs.get("pipeline_axis_name"), mu)
+    # The decay's and the learning rate's states: EmptyState (no leaves), a MaskedState
+    # around one, or a schedule's scalar count (replicated).
+    return (specs, *jax.tree.map(lambda _: PartitionSpec(), rest))
