@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -154,16 +154,17 @@ for ax, name in zip(axes, drawn):
 fig.tight_layout()
 
 # %% [markdown]
-# `wk.preconditioner_stats` reads the same numbers (and Lipschitz estimates and
-# condition numbers of every factor) from an optimizer state, also inside `jit`:
+# `wk.preconditioner_stats` reads the same numbers (and the Lipschitz estimates and
+# RMS singular value of every factor) from an optimizer state, also inside `jit`. At
+# `init` every factor is the identity, of RMS singular value 1:
 
 # %%
 stats = jax.jit(wk.preconditioner_stats)(wk.scale_by_skew(**config).init(params))
 for name in ["conv", "dense", "layers"]:
     s = stats[name]
     kind, n, pad = int(s["kind"]), int(s["tiles"]), float(s["padding_fraction"])
-    cond = s["cond_left"]
-    print(f"{name:>7}: kind {kind}, {n} tiles, padding {pad:.1%}, cond(Ql) {cond}")
+    rms = s["rms_left"]
+    print(f"{name:>7}: kind {kind}, {n} tiles, padding {pad:.1%}, rms(Ql) {rms}")
 
 # %% [markdown]
 # ## The factors of one layer, before and after training
@@ -259,7 +260,8 @@ np.testing.assert_array_equal(before[0], np.eye(32))
 np.testing.assert_array_equal(before[1], np.eye(64))
 assert np.abs(after[1] - np.eye(64)).max() > 0.1
 assert spearman < -0.3
-first = jax.jit(wk.preconditioner_stats)(opt_state).layers[0].weight
+# the condition numbers take an SVD of every dense factor: asked for explicitly
+first = wk.preconditioner_stats(opt_state, condition_numbers=True).layers[0].weight
 np.testing.assert_allclose(first["cond_right"], np.linalg.cond(after[1]), rtol=1e-3)
 cond_left, cond_right = float(first["cond_left"][0]), float(first["cond_right"][0])
 print(f"condition numbers of Ql, Qr: {cond_left:.1f}, {cond_right:.1f}")
