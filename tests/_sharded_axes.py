@@ -19,6 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import cosine  # (run as a script: `tests/` is on the path)
 from jax.sharding import PartitionSpec as P
 
 import wkron_eqx as wk
@@ -44,12 +45,6 @@ CONFIG = dict(
 def _arrays(seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
-
-
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    denominator = np.linalg.norm(a) * np.linalg.norm(b)
-    return 1.0 if denominator == 0 else float(a @ b / denominator)
 
 
 def _stacks(state) -> dict:
@@ -90,7 +85,7 @@ def two_axes() -> dict:
         cosines = []
         for g, want in zip(grads, single, strict=True):
             u, state = jax.jit(tx.update)(g, state, params)
-            cosines += [_cosine(u[k], want[k]) for k in SHAPES]
+            cosines += [cosine(u[k], want[k]) for k in SHAPES]
         report["min_cosine"] = min(cosines)
         report["stacks"] = {
             k: {
@@ -163,9 +158,7 @@ def fsdp() -> dict:
             for x, want in zip(xs, single, strict=True):
                 x = jax.device_put(x, NamedSharding(mesh, P("data")))
                 p, state, u = stepper(tx)(p, state, x)
-                cosines += [
-                    _cosine(a, b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want))
-                ]
+                cosines += [cosine(a, b) for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want))]
             weight = p.layers[1].weight
             report[layout] = {
                 "min_cosine": min(cosines),

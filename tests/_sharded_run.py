@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from helpers import cosine  # (run as a script: `tests/` is on the path)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import wkron_eqx as wk
@@ -111,12 +112,6 @@ def _mismatches(state, shardings) -> list[str]:
     ]
 
 
-def _cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    denominator = np.linalg.norm(a) * np.linalg.norm(b)
-    return 1.0 if denominator == 0 else float(a @ b / denominator)
-
-
 def _dummies_inert(state) -> bool:
     """Pipeline dummies (entries whose valid size is 0) hold zero factors, zero L."""
     for bucket in state[0].dense:
@@ -151,7 +146,7 @@ def _with_options(grads: list, params0: dict, mesh, options: dict, field: str) -
         cosines = []
         for g, want in zip(grads[:4], single, strict=True):
             u, state = update(g, state, params0)
-            cosines += [_cosine(u[k], want[k]) for k in SHAPES]
+            cosines += [cosine(u[k], want[k]) for k in SHAPES]
         sides = {
             f"{jax.tree_util.keystr(path)}": _placement(x)
             for path, x in jax.tree_util.tree_flatten_with_path(getattr(state[0], field))[0]
@@ -183,7 +178,7 @@ def _explicit(grads, params0, single, mesh, pipeline: int = 4) -> dict:
         for g, want in zip(grads, single, strict=True):
             u, state = update(place(g), state, params)
             for k in SHAPES:
-                cosines[k].append(_cosine(u[k], want[k]))
+                cosines[k].append(cosine(u[k], want[k]))
         return {
             "min_cosine": {k: min(v) for k, v in cosines.items()},
             "init_specs": init_specs,
@@ -230,7 +225,7 @@ def main() -> dict:
             u, state = sharded_update(place(g), state, params)
             params = optax.apply_updates(params, u)
             for k in SHAPES:
-                cosines[k].append(_cosine(u[k], single[step][k]))
+                cosines[k].append(cosine(u[k], single[step][k]))
             if step == resumed_from:
                 continuing = [jax.device_get(u)]
             elif resumed_from is not None:

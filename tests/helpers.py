@@ -1,6 +1,9 @@
 """Helpers shared by the test modules (no test module imports another)."""
 
+from collections.abc import Iterable
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -53,3 +56,41 @@ def assert_bit_identical(a, b) -> None:
     assert len(leaves_a) == len(leaves_b)
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b, strict=True)):
         assert bits(x) == bits(y), f"leaf {i} differs"
+
+
+def normal_tree(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, jax.Array]:
+    """A dict of float32 standard-normal arrays of `shapes`, drawn in the dict's order from
+    `np.random.default_rng(seed)`."""
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+
+
+def run_steps(tx, params, grads: Iterable, *, state=None) -> tuple[list, list]:
+    """Run `jax.jit(tx.update)` once per gradient tree of `grads`, from `state` (from
+    `tx.init(params)` when `None`), passing `params` to every step.
+
+    Re-jitting the same `tx.update` reuses its compile, so a cached `tx` compiles once
+    across calls.
+
+    **Returns:**
+
+    `(updates, states)`: the updates of every step and the state after every step.
+    """
+    state = tx.init(params) if state is None else state
+    update = jax.jit(tx.update)
+    updates, states = [], []
+    for g in grads:
+        u, state = update(g, state, params)
+        updates.append(u)
+        states.append(state)
+    return updates, states
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened, in float64: 1 when both are zero, 0
+    when only one is."""
+    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    if norms == 0:
+        return float(not np.any(a) and not np.any(b))
+    return float(a @ b / norms)

@@ -12,7 +12,7 @@ import pytest
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
 
-from .helpers import assert_trees_equal
+from .helpers import assert_trees_equal, normal_tree, run_steps
 
 
 # Every kind: dense tiles with padding (12 = 8 + 4 in tiles of 8), a transposed tile, a
@@ -39,21 +39,13 @@ COMMON = dict(
 RULES = {"quad": wk.scale_by_quad, "skew": wk.scale_by_skew}
 
 
-def _tree(seed: int, shapes=SHAPES) -> dict:
-    rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+def _tree(seed: int) -> dict:
+    return normal_tree(SHAPES, seed)
 
 
-def _run(tx, steps: int, shapes=SHAPES, state=None):
-    params = _tree(0, shapes)
-    state = tx.init(params) if state is None else state
-    update = jax.jit(tx.update)
-    outputs, states = [], []
-    for t in range(steps):
-        u, state = update(_tree(t + 1, shapes), state, params)
-        outputs.append(u)
-        states.append(state)
-    return outputs, states
+def _run(tx, steps: int, state=None):
+    """`steps` steps from params `_tree(0)` with gradients `_tree(1)`, `_tree(2)`, ..."""
+    return run_steps(tx, _tree(0), [_tree(t + 1) for t in range(steps)], state=state)
 
 
 def _factors(state):

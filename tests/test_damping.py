@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import wkron_eqx as wk
 
-from .helpers import assert_trees_equal
+from .helpers import assert_trees_equal, run_steps
 
 
 SHAPES = {"w": (12, 8), "b": (8,), "c": (3, 3, 2, 4), "s": ()}
@@ -44,17 +44,6 @@ def _gradients(steps: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def _run(tx, grads):
-    params = _params()
-    state, updates, states = tx.init(params), [], []
-    step = jax.jit(tx.update)
-    for g in grads:
-        u, state = step(g, state, params)
-        updates.append(u)
-        states.append(state)
-    return updates, states
-
-
 @pytest.mark.parametrize(
     "value", [-1e-3, float("inf"), float("nan"), "1e-3", jnp.asarray(1e-3)], ids=repr
 )
@@ -81,8 +70,8 @@ def test_memory_and_scales_follow_the_numpy_derivation(rule, b1, damping):
     undamped one times `min(1, r / (d M))`, with `r` the RMS of the bias-corrected
     momentum (re-derived here) and `M` its running peak."""
     grads = _gradients(12)
-    plain, plain_states = _run(FACTORIES[rule](**OPTIONS, b1=b1), grads)
-    damped, states = _run(FACTORIES[rule](**OPTIONS, b1=b1, damping=damping), grads)
+    plain, plain_states = run_steps(FACTORIES[rule](**OPTIONS, b1=b1), _params(), grads)
+    damped, states = run_steps(FACTORIES[rule](**OPTIONS, b1=b1, damping=damping), _params(), grads)
     names = sorted(SHAPES)  # (the leaves' flattening order)
     mu = {k: np.zeros(s) for k, s in SHAPES.items()}
     peak = np.zeros(len(names))
@@ -110,7 +99,7 @@ def test_memory_and_scales_follow_the_numpy_derivation(rule, b1, damping):
 def test_a_skipped_step_keeps_the_memory():
     tx = wk.quad(**OPTIONS, damping=1e-2)
     grads = _gradients(3)
-    _, states = _run(tx, grads)
+    _, states = run_steps(tx, _params(), grads)
     bad = jax.tree.map(lambda x: x.at[...].set(jnp.nan), grads[0])
     u, after = jax.jit(tx.update)(bad, states[-1], _params())
     assert int(after[0].skipped_steps) == 1
@@ -122,7 +111,7 @@ def test_checkpoint_donation_and_scan_carry_the_memory():
     tx = wk.skew(**OPTIONS, damping=1e-2)
     grads = _gradients(6)
     params = _params()
-    _, states = _run(tx, grads[:3])
+    _, states = run_steps(tx, params, grads[:3])
     buffer = io.BytesIO()
     eqx.tree_serialise_leaves(buffer, states[-1])
     buffer.seek(0)
@@ -135,7 +124,7 @@ def test_checkpoint_donation_and_scan_carry_the_memory():
     state = jax.tree.map(jnp.copy, restored)
     for g in grads[3:]:
         _, state = donating(g, state, params)
-    _, undonated = _run(tx, grads)
+    _, undonated = run_steps(tx, params, grads)
     assert_trees_equal(state, undonated[-1])
 
     def body(state, g):

@@ -7,26 +7,20 @@ import pytest
 
 import wkron_eqx as wk
 
+from .helpers import normal_tree, run_steps
+
 
 # A dense leaf (two tile sizes), a large leaf (diagonal side + dense strip) and a bias.
 SHAPES = {"w": (40, 24), "v": (24, 24), "table": (300, 12), "b": (24,)}
 
 
-def _tree(seed):
-    rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
-
-
 def _run(steps=12, **kwargs):
+    """`steps` steps from params drawn with seed 0, gradients with seeds 1, 2, ...:
+    the updates of every step and the final state."""
     tx = wk.scale_by_skew(b1=0.0, max_size_dense=64, block_size=16, noise_scale=0.0, **kwargs)
-    params = _tree(0)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    outs = []
-    for i in range(steps):
-        u, state = update(_tree(i + 1), state, params)
-        outs.append(u)
-    return outs, state
+    grads = [normal_tree(SHAPES, t + 1) for t in range(steps)]
+    updates, states = run_steps(tx, normal_tree(SHAPES, 0), grads)
+    return updates, states[-1]
 
 
 def _factor_dtypes(state):

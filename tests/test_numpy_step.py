@@ -28,6 +28,7 @@ import pytest
 
 import wkron_eqx as wk
 
+from .helpers import cosine, run_steps
 from .numpy_reference import ReferenceOptimizer, merge_shape
 
 
@@ -40,9 +41,8 @@ _SCALE_BY = {"quad": wk.scale_by_quad, "skew": wk.scale_by_skew}
 
 @functools.cache
 def _transform(rule: str, **config):
-    """One jitted update per configuration, so that cases sharing one reuse its compile."""
-    tx = _SCALE_BY[rule](dtype=jnp.float32, noise_scale=0.0, **config)
-    return tx.init, jax.jit(tx.update)
+    """One transform per configuration, so that cases sharing one reuse its compile."""
+    return _SCALE_BY[rule](dtype=jnp.float32, noise_scale=0.0, **config)
 
 
 def _spiked(rng: np.random.Generator, shape, scanned: bool):
@@ -148,11 +148,6 @@ def _match_entries(state, ref: ReferenceOptimizer, leaf_indices):
     return pairs
 
 
-def _cosine(a, b) -> float:
-    a, b = np.ravel(np.asarray(a, np.float64)), np.ravel(np.asarray(b, np.float64))
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **config):
     """Run ours and the reference side by side for `steps` steps from `count`.
 
@@ -172,22 +167,26 @@ def _run(rule, leaves, sampler, *, steps=STEPS, count=0, adjust=None, seed=0, **
     rng = np.random.default_rng(seed)
     samplers = [sampler(rng, s, f) for s, f in leaves]
     scanned_config = {"scanned_layers": scanned} if any(scanned) else {}
-    init, update = _transform(rule, **scanned_config, **config)
-    state = init(tuple(jnp.zeros(s, jnp.float32) for s in shapes))
+    tx = _transform(rule, **scanned_config, **config)
+    params = tuple(jnp.zeros(s, jnp.float32) for s in shapes)
+    state = tx.init(params)
     state = state._replace(count=jnp.asarray(count, jnp.int32))
     ref = ReferenceOptimizer(rule, shapes, list(scanned), count=count, **config)
     if adjust is not None:
         state = adjust(state, ref)
+    grads = [[sample() for sample in samplers] for _ in range(steps)]
+    updates, states = run_steps(
+        tx, params, [tuple(jnp.asarray(g) for g in step) for step in grads], state=state
+    )
     worst, _run.cosine = 0.0, 1.0
-    for _ in range(steps):
-        grads = [sample() for sample in samplers]
-        updates, state = update(tuple(jnp.asarray(g) for g in grads), state)
-        expected = ref.step(grads)
-        for u, e in zip(updates, expected, strict=True):
+    for step_grads, step_updates in zip(grads, updates, strict=True):
+        expected = ref.step(step_grads)
+        for u, e in zip(step_updates, expected, strict=True):
             assert u.shape == e.shape and u.dtype == jnp.float32
             worst = max(worst, _rel(u, e))
             if np.any(e):
-                _run.cosine = min(_run.cosine, _cosine(u, e))
+                _run.cosine = min(_run.cosine, cosine(u, e))
+    state = states[-1]
     assert int(state.count) == count + steps
     return worst, _match_entries(state, ref, range(len(shapes)))
 

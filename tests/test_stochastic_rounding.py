@@ -11,7 +11,7 @@ import pytest
 import wkron_eqx as wk
 from wkron_eqx._noise import stochastic_round
 
-from .helpers import assert_trees_equal
+from .helpers import assert_trees_equal, run_steps
 
 
 _ULP_AT_ONE = 2.0**-7  # bfloat16's spacing on [1, 2)
@@ -68,28 +68,31 @@ _PARAMS = {"w": jnp.ones((12, 8)), "big": jnp.ones((40, 3)), "b": jnp.ones(8)}
 
 
 @functools.cache
-def _update(dtype, rounding):
-    tx = wk.scale_by_quad(
+def _tx(dtype, rounding):
+    """One transform per case, so that runs of the same case share one compile."""
+    return wk.scale_by_quad(
         dtype=dtype, block_size=8, max_size_dense=32, stochastic_rounding=rounding
     )
-    return tx.init, jax.jit(tx.update)
+
+
+def _gradients(steps: int) -> list[dict]:
+    """Standard-normal gradients of `_PARAMS`' shapes, from `jax.random.key(0)`."""
+    key, out = jax.random.key(0), []
+    leaves, treedef = jax.tree.flatten(_PARAMS)
+    for _ in range(steps):
+        key, sub = jax.random.split(key)
+        keys = jax.random.split(sub, len(leaves))
+        out.append(
+            treedef.unflatten(
+                [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+            )
+        )
+    return out
 
 
 def _run(dtype, rounding, steps=3):
-    init, update = _update(dtype, rounding)
-    state = init(_PARAMS)
-    key = jax.random.key(0)
-    out = []
-    for _ in range(steps):
-        key, sub = jax.random.split(key)
-        leaves, treedef = jax.tree.flatten(_PARAMS)
-        keys = jax.random.split(sub, len(leaves))
-        grads = treedef.unflatten(
-            [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-        )
-        updates, state = update(grads, state)
-        out.append(updates)
-    return out, state
+    updates, states = run_steps(_tx(dtype, rounding), _PARAMS, _gradients(steps))
+    return updates, states[-1]
 
 
 def test_the_optimizer_rounds_deterministically_and_only_bfloat16_storage():

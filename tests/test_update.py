@@ -143,9 +143,13 @@ def _configs(draw: st.DrawFn) -> dict:
     }
 
 
-def _run_steps(tx, grads: dict[str, np.ndarray]):
+def _scan_steps(tx, grads: dict[str, np.ndarray]):
     """Updates from `grads` (`[steps, *shape]` per leaf) under one jitted `lax.scan`;
-    returns the updates of every step (a dict like `grads`) and the final state."""
+    returns the updates of every step (a dict like `grads`) and the final state.
+
+    (Not `helpers.run_steps`, which jits one step per gradient tree: these properties
+    are checked on the scanned program, which rounds differently, and a 101-step run is
+    one dispatch.)"""
     state = tx.init({k: jnp.zeros(g.shape[1:]) for k, g in grads.items()})
 
     def body(state, g):
@@ -214,7 +218,7 @@ def test_leaf_update_does_not_depend_on_other_leaves(case):
             scanned_layers={**scanned, target: flag},
             **config,
         )
-        updates, _ = _run_steps(tx, grads)
+        updates, _ = _scan_steps(tx, grads)
         results.append(updates[target])
     alone, together = results
     scale = float(jnp.max(jnp.abs(alone), initial=0.0))
@@ -293,7 +297,7 @@ def test_padding_stays_zero_and_dummies_change_nothing(
             preconditioner_init_scale=init_scale,
             **config,
         )
-        updates, state = _run_steps(tx, grads)
+        updates, state = _scan_steps(tx, grads)
         padding = _all_padding(state)
         assert np.all(padding == 0), f"{np.count_nonzero(padding)} padded entries moved"
         assert int(state.count) == 20 and int(state.skipped_steps) == 0
@@ -472,7 +476,7 @@ def test_compute_groups_change_nothing(rule):
         backend = dataclasses.replace(wk.Backend.of(), grouping=grouping)
         rules = {"quad": wk.Quad(), "skew": wk.Procrustes()}
         tx = wk.scale_by_white_kron(rules[rule], config, backend=backend)
-        updates, state = _run_steps(tx, grads)
+        updates, state = _scan_steps(tx, grads)
         return updates, state, state.plan.tree
 
     separate = _layout.Grouping(budget=-1.0)
@@ -501,7 +505,7 @@ def test_quad_factors_stay_symmetric_bit_for_bit(dtype):
     params = _zeros({"a": (30, 5), "b": (5, 30), "c": (16, 16), "big": (200, 12)})
     grads = _gradients(params, steps=101)  # step 100 balances
     tx = wk.scale_by_quad(dtype=dtype, block_size=16, max_size_dense=64, noise_scale=1e-3)
-    _, state = _run_steps(tx, grads)
+    _, state = _scan_steps(tx, grads)
     factors = [q for b in state.dense for q in (b.Ql, b.Qr)]
     is_leaf_state = lambda x: isinstance(x, wk.LeafState)
     for leaf in jax.tree.leaves(state.leaves, is_leaf=is_leaf_state):
