@@ -24,14 +24,25 @@ def expected_merge(shape: tuple[int, ...]) -> tuple[int, ...]:
     return min(splits, key=ratio)  # `min` keeps the first of equally good splits
 
 
-def expected_kind(merged: tuple[int, ...], max_size_dense: int) -> tuple[LeafKind, bool, bool]:
-    """(kind, diag_left, diag_right) of a merged shape (ONE_D reports no diagonal sides)."""
+def expected_kind(
+    merged: tuple[int, ...], max_size_dense: int, memory_save_mode: str | None = None
+) -> tuple[LeafKind, bool, bool]:
+    """(kind, diag_left, diag_right) of a merged shape (ONE_D reports no diagonal sides).
+
+    A side longer than `max_size_dense` is diagonal. Of a non-empty matrix,
+    `"one_diag"` also makes the longer side diagonal (the right one when square),
+    `"all_diag"` both; a matrix with a diagonal side is LARGE."""
     if len(merged) == 1:
         return LeafKind.ONE_D, False, False
     rows, cols = merged
-    if rows <= max_size_dense and cols <= max_size_dense:
+    left, right = rows > max_size_dense, cols > max_size_dense
+    if rows and cols and memory_save_mode == "one_diag":
+        left, right = left or rows > cols, right or cols >= rows
+    if rows and cols and memory_save_mode == "all_diag":
+        left = right = True
+    if not (left or right):
         return LeafKind.DENSE, False, False
-    return LeafKind.LARGE, rows > max_size_dense, cols > max_size_dense
+    return LeafKind.LARGE, left, right
 
 
 def expected_sides(length: int, block_size: int) -> list[int]:

@@ -7,7 +7,6 @@ import math
 
 import hypothesis
 import hypothesis.strategies as st
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -514,14 +513,26 @@ def test_groups_of_the_benchmark_trees():
     max_size_dense=st.integers(4, 40),
     mode=st.sampled_from([None, "one_diag", "all_diag"]),
 )
-def test_tree_plan_is_the_plan_init_stores(tree, max_size_dense, mode):
-    """`tree_plan` plans without `init`, through the same planning: the same plan."""
+def test_tree_plan_follows_the_factory_arguments(tree, max_size_dense, mode):
+    """`tree_plan` takes `quad`'s arguments (those that change no layout too) and plans
+    every leaf, in flattening order, by the rules re-derived in `plan_rules.py`."""
     params, scanned = tree
-    kwargs = dict(
+    plan = wk.tree_plan(
+        params,
+        learning_rate=0.1,
+        weight_decay=1e-4,
         scanned_layers=scanned,
         block_size=8,
         max_size_dense=max_size_dense,
         memory_save_mode=mode,
     )
-    stored = jax.eval_shape(wk.quad(**kwargs).init, params)[0].plan.tree
-    assert wk.tree_plan(params, learning_rate=0.1, **kwargs) == stored
+    assert len(plan.leaves) == len(params)
+    for name, leaf in zip(sorted(params), plan.leaves, strict=True):
+        shape = params[name].shape
+        batch, layer = (shape[0], shape[1:]) if scanned[name] else (1, shape)
+        merged = expected_merge(layer)
+        kind, diag_left, diag_right = expected_kind(merged, max_size_dense, mode)
+        assert (leaf.scanned, leaf.batch, leaf.shape) == (scanned[name], batch, layer)
+        assert (leaf.merged, leaf.block_size, leaf.kind) == (merged, 8, kind)
+        if kind != LeafKind.ONE_D:
+            assert (leaf.layout.diag_left, leaf.layout.diag_right) == (diag_left, diag_right)
