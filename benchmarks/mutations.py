@@ -6,11 +6,11 @@ The package, tests and benchmarks are first copied to a temporary snapshot, so t
 edits made to the working tree meanwhile do not mix into the run. Each mutation replaces
 one exact piece of text in one file of `wkron_eqx/` (it must occur there exactly once,
 or the mutation is reported as invalid and not run): the snapshot is copied again, the
-mutation applied to that copy, and the fast tests below run there (`pytest -x`, stopping
-at the first failure). The real tree is never written to. A mutation is *killed* when a
-test fails (the first failing test is recorded) and *survives* when all pass. Before
-any mutation, the unmutated snapshot must pass the same tests, and must be the package
-those tests import.
+mutation applied to that copy, and the tests marked `fast` run there (`pytest -x -m
+fast`, stopping at the first failure). The real tree is never written to. A mutation is
+*killed* when a test fails (the first failing test is recorded) and *survives* when all
+pass. Before any mutation, the unmutated snapshot must pass the same tests, and must be
+the package those tests import.
 
 Prints a Markdown table and writes it to `--output` (default
 `benchmarks/results/mutations.md`). Sequential: about a minute per surviving mutation on
@@ -18,6 +18,7 @@ two CPU cores, less for a killed one.
 """
 
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -32,14 +33,9 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The fast tests, those most likely to fail first listed first.
-FAST_TESTS = (
-    "tests/test_numpy_step.py",
-    "tests/test_step_pieces.py",
-    "tests/test_update_probability.py",
-    "tests/test_reliability.py::test_nonfinite_gradient_is_skipped_and_counted",
-    "tests/test_reliability.py::test_a_statistic_that_overflows_skips_the_step",
-)
+# The tests run against each mutant: those marked `fast` (pyproject.toml's `markers`),
+# in pytest's collection order.
+PYTEST = (sys.executable, "-m", "pytest", "-m", "fast", "-q", "-p", "no:cacheprovider")
 
 # What a copy needs to run them.
 COPIED = ("wkron_eqx", "tests", "benchmarks", "pyproject.toml")
@@ -203,11 +199,24 @@ def _imported_from(tree: Path) -> Path:
     return Path(done.stdout.strip()).resolve()
 
 
+def _selected_files(tree: Path) -> collections.Counter[str]:
+    """The files of the tests marked `fast` in `tree`, and how many each holds."""
+    done = subprocess.run(
+        [*PYTEST, "--collect-only"],
+        cwd=tree,
+        env=_environment(tree),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    return collections.Counter(line.split("::")[0] for line in lines if "::" in line)
+
+
 def _run_tests(tree: Path, timeout: float) -> Outcome:
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE"]
     start = time.monotonic()
     process = subprocess.Popen(
-        command + list(FAST_TESTS),
+        [*PYTEST, "-x", "-rfE"],
         cwd=tree,
         env=_environment(tree),
         stdout=subprocess.PIPE,
@@ -256,15 +265,16 @@ def run_mutation(snapshot: Path, mutation: Mutation, timeout: float) -> Outcome:
         return _run_tests(tree, timeout)
 
 
-def baseline(snapshot: Path, timeout: float) -> Outcome:
-    """The unmutated snapshot: it must be what the tests import, and must pass."""
+def baseline(snapshot: Path, timeout: float) -> tuple[Outcome, collections.Counter[str]]:
+    """The unmutated snapshot: it must be what the tests import, and must pass. Also
+    returns the files of the tests marked `fast`, with their counts."""
     with tempfile.TemporaryDirectory(prefix="wkron_baseline_") as tmp:
         tree = Path(tmp)
         _copy_tree(snapshot, tree)
         imported = _imported_from(tree)
         if not imported.is_relative_to(tree.resolve()):
             raise SystemExit(f"the copy imports wkron_eqx from {imported}, not from {tree}")
-        return _run_tests(tree, timeout)
+        return _run_tests(tree, timeout), _selected_files(tree)
 
 
 def _git(*args: str) -> str:
@@ -302,7 +312,7 @@ def main(argv=None) -> list[tuple[Mutation, Outcome]]:
         commit = _git("rev-parse", "--short", "HEAD")
         dirty = _git("status", "--porcelain", "wkron_eqx", "tests")
         _copy_tree(ROOT, snapshot)
-        base = baseline(snapshot, args.timeout)
+        base, selected = baseline(snapshot, args.timeout)
         print(f"baseline (no mutation): {base.status} in {base.seconds:.0f} s", flush=True)
         if base.status != "survived":
             raise SystemExit(f"the unmutated tree does not pass the fast tests: {base.detail}")
@@ -316,10 +326,10 @@ def main(argv=None) -> list[tuple[Mutation, Outcome]]:
         "# Mutation check",
         "",
         f"`python benchmarks/mutations.py`, on commit {commit}{dirty} of `wkron_eqx/` and "
-        "`tests/`. Each mutation is one textual change of the maths; the fast tests ran on "
-        "a copy with it, `pytest -x`:",
+        "`tests/`. Each mutation is one textual change of the maths; the tests marked "
+        "`fast` ran on a copy with it, `pytest -x -m fast`:",
         "",
-        *[f"- `{t}`" for t in FAST_TESTS],
+        *[f"- `{name}` ({count} tests)" for name, count in selected.items()],
         "",
         f"Unmutated, they pass in {base.seconds:.0f} s.",
         "",

@@ -32,6 +32,10 @@ from .helpers import cosine, run_steps
 from .numpy_reference import ReferenceOptimizer, merge_shape
 
 
+# The quick subset `benchmarks/mutations.py` runs against each mutant.
+pytestmark = pytest.mark.fast
+
+
 TOL = 2e-5
 GENERIC_TOL = 5e-2
 STEPS = 3

@@ -19,6 +19,10 @@ from wkron_eqx._transform import rms_clip_scale
 from .numpy_reference import ReferenceOptimizer
 
 
+# The quick subset `benchmarks/mutations.py` runs against each mutant.
+pytestmark = pytest.mark.fast
+
+
 # ---------------------------------------------------------------------------------------
 # spectral_norm_lower_bound
 

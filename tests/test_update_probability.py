@@ -10,6 +10,10 @@ import pytest
 import wkron_eqx as wk
 
 
+# The quick subset `benchmarks/mutations.py` runs against each mutant.
+pytestmark = pytest.mark.fast
+
+
 def test_schedule_closed_form():
     schedule = wk.precond_update_prob_schedule(max_prob=1.0, min_prob=0.03, decay=0.001)
     for n in [0, 1, 499, 500, 501, 1000, 2500, 10_000]:
