@@ -18,8 +18,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from helpers import cosine  # (run as a script: `tests/` is on the path)
+from helpers import cosine, normal_tree  # (run as a script: `tests/` is on the path)
 from jax.sharding import PartitionSpec as P
 
 import wkron_eqx as wk
@@ -40,11 +39,6 @@ CONFIG = dict(
     block_size=16,
     scanned_layers={k: k == "stack" for k in SHAPES},
 )
-
-
-def _arrays(seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
 
 
 def _stacks(state) -> dict:
@@ -70,7 +64,7 @@ def _trimmed(spec: P) -> tuple:
 
 
 def two_axes() -> dict:
-    params, grads = _arrays(0), [_arrays(s + 1) for s in range(3)]
+    params, grads = normal_tree(SHAPES, 0), [normal_tree(SHAPES, s + 1) for s in range(3)]
     tx = wk.quad(**CONFIG)
     state, single = tx.init(params), []
     for g in grads:
