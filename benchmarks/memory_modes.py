@@ -38,7 +38,7 @@ def main():
         for mode in MODES:
             tx = wk.scale_by_quad(dtype=jnp.float32, scanned_layers=scanned, memory_save_mode=mode)
             state = jax.eval_shape(tx.init, params)
-            factors = _bytes((state.dense, state.leaves))
+            factors = _bytes((state.dense, state.large, state.one_d))
             ratio, share = _bytes(state) / _bytes(params), factors / _bytes(params)
             rows.append(
                 {

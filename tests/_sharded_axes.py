@@ -49,7 +49,7 @@ def _stacks(state) -> dict:
         for k, x in d.to_dict().items()
         if isinstance(x, jax.Array)
     }
-    for path, leaf in zip(inner.plan.paths, inner.leaves, strict=True):
+    for path, leaf in zip(inner.plan.paths, inner.leaf_states(), strict=True):
         if leaf.kind == wk.LARGE_PATH:
             out |= {f"{path}.{k}": x for k, x in leaf.to_dict().items() if isinstance(x, jax.Array)}
     return out

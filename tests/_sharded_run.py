@@ -71,7 +71,7 @@ def _arrays(seed: int) -> dict[str, np.ndarray]:
 
 def _named_leaves(inner):
     """(path, LeafState) of every params leaf."""
-    return zip(inner.plan.paths, inner.leaves, strict=True)
+    return zip(inner.plan.paths, inner.leaf_states(), strict=True)
 
 
 def _stacked_arrays(state) -> dict[str, jax.Array]:
@@ -119,7 +119,7 @@ def _dummies_inert(state) -> bool:
         for x in (bucket.Ql[dummies], bucket.Qr[dummies], bucket.Ll[dummies], bucket.Lr[dummies]):
             if np.any(np.asarray(x) != 0):
                 return False
-    for leaf in state[0].leaves:
+    for leaf in state[0].leaf_states():
         if leaf.kind == wk.LARGE_PATH:
             dummy = (np.asarray(leaf.valid_rows) == 0) | (np.asarray(leaf.valid_cols) == 0)
             for x in (leaf.Ql, leaf.Qr, leaf.Ll, leaf.Lr):

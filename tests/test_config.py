@@ -224,7 +224,7 @@ def test_good_edge_values_are_accepted_and_honoured(edge):
         # every side is "large": both factors diagonal, stacks padded to a multiple of 8
         (u,), (state,) = _steps(**kwargs)
         assert state.dense == ()
-        w = state.leaves[1]
+        w = state.leaf_states()[1]
         assert (w.kind, w.diag_left, w.diag_right, w.stack) == (wk.LARGE_PATH, True, True, 8)
         assert all(np.all(np.isfinite(x)) and np.any(x != 0) for x in jax.tree.leaves(u))
     elif edge == "noise_scale=0":

@@ -128,7 +128,7 @@ def test_stacked_layers_with_a_plain_dict_prefix():
         model, wk.quad(scanned_layers={"blocks": True, "head": False}, **kwargs), wrt=nnx.Param
     )
     inner = opt.opt_state[0]
-    by_path = dict(zip(inner.plan.paths, inner.leaves, strict=True))
+    by_path = dict(zip(inner.plan.paths, inner.leaf_states(), strict=True))
     assert {p: s.B for p, s in by_path.items()} == {
         "['blocks']['linear']['bias']": 3,
         "['blocks']['linear']['kernel']": 3,

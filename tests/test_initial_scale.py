@@ -93,7 +93,7 @@ def test_a_non_finite_first_input_is_skipped_and_the_next_one_starts_the_factors
     expected, expected_state = _step(None, good)
     assert_trees_equal(after, expected)
     assert_trees_equal(state.dense, expected_state.dense)
-    assert_trees_equal(state.leaves, expected_state.leaves)
+    assert_trees_equal(state.leaf_states(), expected_state.leaf_states())
 
 
 def test_the_first_step_updates_the_factors_even_when_the_schedule_would_not():

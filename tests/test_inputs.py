@@ -40,7 +40,7 @@ def test_non_float_leaves_are_refused_at_init_naming_them(leaf, words):
 def test_filtered_model_and_python_floats_are_accepted():
     params = eqx.filter(_mlp(), eqx.is_inexact_array)
     state = wk.quad(dtype=jnp.float32).init(params)
-    assert len(state[0].leaves) == len(jax.tree.leaves(params))
+    assert len(state[0].leaf_states()) == len(jax.tree.leaves(params))
     wk.quad().init({"w": jnp.ones((2, 2)), "scale": 1.0})
 
 

@@ -25,7 +25,7 @@ def _run(steps=12, **kwargs):
 
 def _factor_dtypes(state):
     arrays = [d.Ql for d in state.dense] + [d.Qr for d in state.dense]
-    leaves = jax.tree.leaves(state.leaves, is_leaf=lambda x: isinstance(x, wk.LeafState))
+    leaves = state.leaf_states()
     arrays += [s.Ql for s in leaves] + [s.Qr for s in leaves]
     return {a.dtype for a in arrays if a is not None}
 

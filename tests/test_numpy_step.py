@@ -86,7 +86,7 @@ def _factor(Q, valid: int, diagonal: bool) -> np.ndarray:
 def _our_entries(state: wk.WhiteKronState, leaf_index: int):
     """The factors of a leaf's entries in our state, as `(Ql, Qr, Ll, Lr)` cut to their valid
     sizes. For a dense leaf: every real tile of every bucket, that is of all dense leaves."""
-    leaf = jax.tree.leaves(state.leaves, is_leaf=lambda x: isinstance(x, wk.LeafState))[leaf_index]
+    leaf = state.leaf_states()[leaf_index]
     entries = []
     if leaf.kind == wk.DENSE_PATH:
         for bucket in state.dense:
@@ -270,7 +270,8 @@ def _unbalance(state: wk.WhiteKronState, ref: ReferenceOptimizer) -> wk.WhiteKro
 
     return state._replace(
         dense=tuple(scale(d) for d in state.dense),
-        leaves=tuple(scale(s) for s in state.leaves),
+        large=tuple(scale(s) for s in state.large),
+        one_d=tuple(scale(s) for s in state.one_d),
     )
 
 

@@ -199,7 +199,7 @@ def _recovered_statistic(rule: str, count: int) -> np.ndarray:
     t = count + 1
     lr = max(0.7 / np.sqrt(1 + t / 10000), 0.4)
     rows = []
-    for leaf in state.leaves:  # the params' order: "stack", then "v"
+    for leaf in state.leaf_states():  # the params' order: "stack", then "v"
         q = np.asarray(leaf.Ql, np.float64)
         L = np.asarray(leaf.Ll, np.float64)[:, None]
         if rule == "quad":
@@ -261,7 +261,7 @@ def test_dense_and_large_factors_see_the_noise():
     _, state = jax.jit(tx.update)(params, tx.init(params))
     lr = max(0.7 / np.sqrt(1 + 1 / 10000), 0.4)
     (bucket,) = state.dense
-    large = state.leaves[1]
+    large = state.leaf_states()[1]
     assert large.kind == wk.LARGE_PATH and large.diag_left and not large.diag_right
     entries = [  # (Ql, Qr, Ll, Lr, rows, cols)
         (bucket.Ql[0], bucket.Qr[0], bucket.Ll[0], bucket.Lr[0], 48, 24),

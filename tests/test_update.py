@@ -243,8 +243,7 @@ def _all_padding(state: wk.WhiteKronState) -> np.ndarray:
         pieces.append(_padding(bucket.Qr, bucket.valid_cols, diagonal=False))
         pieces.append(np.asarray(bucket.Ll[bucket.valid_count :]))
         pieces.append(np.asarray(bucket.Lr[bucket.valid_count :]))
-    is_leaf_state = lambda x: isinstance(x, wk.LeafState)
-    for leaf in jax.tree.leaves(state.leaves, is_leaf=is_leaf_state):
+    for leaf in state.leaf_states():
         if leaf.kind == wk.LARGE_PATH:
             pieces.append(_padding(leaf.Ql, leaf.valid_rows, leaf.diag_left))
             pieces.append(_padding(leaf.Qr, leaf.valid_cols, leaf.diag_right))
@@ -493,7 +492,7 @@ def test_compute_groups_change_nothing(rule):
         for a, b in zip(state.dense, single_state.dense, strict=True):
             for x, y in ((a.Ql, b.Ql), (a.Qr, b.Qr), (a.Ll, b.Ll), (a.Lr, b.Lr)):
                 np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-        for a, b in zip(state.leaves, single_state.leaves, strict=True):
+        for a, b in zip(state.leaf_states(), single_state.leaf_states(), strict=True):
             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
                 np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
@@ -507,8 +506,7 @@ def test_quad_factors_stay_symmetric_bit_for_bit(dtype):
     tx = wk.scale_by_quad(dtype=dtype, block_size=16, max_size_dense=64, noise_scale=1e-3)
     _, state = _scan_steps(tx, grads)
     factors = [q for b in state.dense for q in (b.Ql, b.Qr)]
-    is_leaf_state = lambda x: isinstance(x, wk.LeafState)
-    for leaf in jax.tree.leaves(state.leaves, is_leaf=is_leaf_state):
+    for leaf in state.leaf_states():
         if leaf.kind == wk.LARGE_PATH:
             factors += [q for q in (leaf.Ql, leaf.Qr) if q is not None and q.ndim == 3]
     assert len(factors) >= 5

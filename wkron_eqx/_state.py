@@ -14,7 +14,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._backend import Backend
 from ._kron import Grams
-from ._layout import LeafPlan, TreePlan
+from ._layout import LeafKind, LeafPlan, TreePlan
 
 
 def _encode(value: Any) -> Any:
@@ -97,8 +97,10 @@ class DenseState(_Serialisable):
 
 
 class LeafState(_Serialisable):
-    """The static description of one parameter leaf and, for the `LARGE` and `ONE_D`
-    kinds, its own factors (a `DENSE` leaf's factors live in the `DenseState` buckets).
+    """The state of one `LARGE_PATH` or `ONE_D_PATH` leaf: its factors, and the
+    reference's static description of the leaf. (A `DENSE_PATH` leaf has none in the
+    state: its factors live in the `DenseState` buckets; `WhiteKronState.leaf_tree`
+    describes it on demand.)
 
     **Fields:**
 
@@ -112,8 +114,9 @@ class LeafState(_Serialisable):
     - `stack`: for a large leaf, entries in its stacked factors (strips plus pipeline
       dummies); for a dense leaf, its real tiles; for a 1-D leaf, `B`.
     - `Ql`, `Qr`, `Ll`, `Lr`, `valid_rows`, `valid_cols`: the leaf's own factors
-      (`None` where the kind has none). A diagonal factor is `[stack, length]`, a
-      dense one `[stack, side, side]`.
+      (`Qr`/`Lr` are `None` for a 1-D leaf; all are `None` in a dense leaf's
+      description). A diagonal factor is `[stack, length]`, a dense one
+      `[stack, side, side]`.
     """
 
     kind: int = eqx.field(static=True)
@@ -138,7 +141,7 @@ class LeafState(_Serialisable):
     def from_plan(cls, plan: LeafPlan, **arrays: Array) -> "LeafState":
         """The `LeafState` of a planned leaf: its static fields, the one place they are
         written, read off `plan` and its kind's layout; its factors (none for a dense
-        leaf) from `arrays`. Nothing in the step reads them back: it follows the plan."""
+        leaf's description) from `arrays`. The step follows the plan, not these."""
         layout = plan.layout
         return cls(
             kind=int(plan.kind),
@@ -170,20 +173,21 @@ class Plan(eqx.Module):
 class PreconditionerCache(eqx.Module):
     """The stored sides `Pl = Ql^T Ql`, `Pr = Qr^T Qr` of every stacked factor pair
     (`cache_preconditioner`), refreshed whenever the factors are; a step that only
-    applies the factors computes `Pl G Pr` from them.
+    applies the factors computes `Pl G Pr` from them. One field per kind that stores
+    sides, named as its part of the state.
 
     **Fields:**
 
     - `dense`: one `Grams` per `DenseState` bucket, shaped like its `Ql` and `Qr`.
-    - `leaves`: per parameter leaf, the `Grams` of a large leaf (a diagonal side is
-      `q^2`, `[stack, length]`), `None` for the others (1-D leaves store none: their
-      `q^2 g` is one elementwise pass either way).
+    - `large`: one `Grams` per large leaf, as `WhiteKronState.large` (a diagonal side
+      is `q^2`, `[stack, length]`).
 
-    Both are in the factors' storage dtype and sharded like them.
+    (1-D leaves store none: their `q^2 g` is one elementwise pass either way.) Both are
+    in the factors' storage dtype and sharded like them.
     """
 
     dense: tuple[Grams, ...]
-    leaves: tuple[Grams | None, ...]
+    large: tuple[Grams, ...]
 
 
 class WhiteKronState(NamedTuple):
@@ -194,9 +198,12 @@ class WhiteKronState(NamedTuple):
     - `count`: steps taken (int32); a step skipped for a non-finite gradient does not count.
     - `mu`: the momentum buffer (same tree as params, in the preconditioner dtype),
       or `None` when `b1 == 0`.
-    - `dense`: one `DenseState` per bucket of equally sized dense tiles.
-    - `leaves`: a `LeafState` per parameter leaf, in `jax.tree.leaves(params)` order
-      (a flat tuple, so that the state holds no container of the params' library).
+    - `dense`: the dense kind's part, one `DenseState` per bucket of equally sized
+      dense tiles (of every dense leaf).
+    - `large`: the large kind's part, a `LeafState` per large leaf, in
+      `jax.tree.leaves(params)` order (flat tuples, so that the state holds no
+      container of the params' library).
+    - `one_d`: the 1-D kind's part, a `LeafState` per 1-D leaf, in the same order.
     - `update_counter`: steps since the factors were last updated
       (`preconditioner_update_probability`).
     - `skipped_steps`: steps skipped because the gradient (or the step) was not finite.
@@ -216,7 +223,8 @@ class WhiteKronState(NamedTuple):
     count: Int[Array, ""]
     mu: PyTree[Array] | None
     dense: tuple[DenseState, ...]
-    leaves: tuple[LeafState, ...]
+    large: tuple[LeafState, ...]
+    one_d: tuple[LeafState, ...]
     update_counter: Int[Array, ""]
     skipped_steps: Int[Array, ""]
     factor_updates: Int[Array, ""]
@@ -226,6 +234,17 @@ class WhiteKronState(NamedTuple):
     damping_memory: Float[Array, " leaves"] | None = None
     last_step_skipped: Bool[Array, ""] = None  # pyright: ignore  (always set by `init`)
 
+    def leaf_states(self) -> tuple[LeafState, ...]:
+        """A `LeafState` per parameter leaf, in `jax.tree.leaves(params)` order: a large
+        or 1-D leaf's own state, and for a dense leaf its description
+        (`LeafState.from_plan`, no arrays: its factors are in the buckets)."""
+        plan = self.plan.tree
+        own = dict(zip(plan.of_kind(LeafKind.LARGE), self.large, strict=True))
+        own |= dict(zip(plan.of_kind(LeafKind.ONE_D), self.one_d, strict=True))
+        return tuple(
+            own[i] if i in own else LeafState.from_plan(p) for i, p in enumerate(plan.leaves)
+        )
+
     def leaf_tree(self) -> PyTree[LeafState]:
-        """`leaves` arranged in the params' tree structure (e.g. `state.leaf_tree()["w"]`)."""
-        return jax.tree.unflatten(self.plan.treedef, self.leaves)
+        """`leaf_states` arranged like the params (`state.leaf_tree()["w"]`)."""
+        return jax.tree.unflatten(self.plan.treedef, self.leaf_states())

@@ -8,7 +8,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._blocking import valid_prefix
-from ._kinds import FactorStack, StateParts, kind_of
+from ._kinds import FactorStack, kind_of
 from ._state import WhiteKronState
 
 
@@ -93,6 +93,12 @@ def _leaf_stats(kind: int, stacks: list[FactorStack], condition_numbers: bool) -
     return out
 
 
+def _factor_stacks(state: WhiteKronState, index: int) -> list[FactorStack]:
+    """Leaf `index`'s factors, from its kind's part of `state`."""
+    kind = kind_of(state.plan.tree.leaves[index].kind)
+    return kind.factor_stacks(getattr(state, kind.name), state.plan.tree, index)
+
+
 def preconditioner_stats(state: Any, *, condition_numbers: bool = False) -> Any:
     """Per-leaf statistics of the preconditioner, as a plain pytree of arrays.
 
@@ -137,11 +143,10 @@ def preconditioner_stats(state: Any, *, condition_numbers: bool = False) -> Any:
         )
     state = _find_state(state)
     plan = state.plan.tree
-    parts = StateParts(state.dense, state.leaves, None, None)
     out = [
         _leaf_stats(
             int(leaf.kind),
-            kind_of(leaf.kind).factor_stacks(parts, plan, i),
+            _factor_stacks(state, i),
             bool(condition_numbers),
         )
         for i, leaf in enumerate(plan.leaves)

@@ -22,7 +22,7 @@ from ._blocking import take
 from ._checks import check_params, check_updates, scanned_flags
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
-from ._kinds import KINDS, StateParts, leaf_slots, state_specs
+from ._kinds import KINDS, leaf_slots, state_specs
 from ._kron import StepContext
 from ._layout import TreePlan, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
@@ -35,7 +35,7 @@ from ._sharding import (
     type_spec,
     with_auto_axes,
 )
-from ._state import DenseState, LeafState, Plan, PreconditionerCache, WhiteKronState
+from ._state import Plan, PreconditionerCache, WhiteKronState
 
 
 _CLIP_RMS = 1.1
@@ -86,46 +86,33 @@ def _precondition(
     plan: TreePlan,
     refresh: bool,
     axis_name: AxisNames,
-) -> tuple[list[Array], Array, tuple, tuple[LeafState, ...], PreconditionerCache | None]:
+) -> tuple[list[Array], Array, dict[str, Any], PreconditionerCache | None]:
     """Every non-empty leaf through its kind; returns the outputs (as views), each
-    leaf's sum of squared outputs, and the new dense buckets, leaf states and cache."""
+    leaf's sum of squared outputs, and each kind's new part of the state (by field
+    name) and the new cache."""
     outputs = list(views)
-    parts = _parts(state)
     sum_sq = jnp.zeros(len(views), jnp.float32)
+    parts, caches = {}, {}
     for kind in KINDS:
         indices = [i for i in plan.of_kind(kind.kind) if views[i].size]
-        kind_state, kind_cache = kind.get(parts, indices)
-        out, kind_state, kind_sum_sq, kind_cache = kind.update(
+        cache = None if state.cache is None or not kind.caches else getattr(state.cache, kind.name)
+        out, parts[kind.name], kind_sum_sq, cache = kind.update(
             ctx,
             {i: views[i] for i in indices},
-            kind_state,
-            kind_cache,
+            getattr(state, kind.name),
+            cache,
             {i: state.slots[i] for i in indices},
             plan,
             refresh,
             axis_name,
         )
-        parts = kind.put(parts, kind_state, kind_cache)
+        if kind.caches:
+            caches[kind.name] = cache
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x
-    return outputs, sum_sq, parts.dense, parts.leaves, _cache(parts)
-
-
-def _parts(state: WhiteKronState) -> StateParts:
-    cache = state.cache
-    return StateParts(
-        dense=state.dense,
-        leaves=state.leaves,
-        dense_cache=None if cache is None else cache.dense,
-        leaf_cache=None if cache is None else cache.leaves,
-    )
-
-
-def _cache(parts: StateParts) -> PreconditionerCache | None:
-    if parts.dense_cache is None or parts.leaf_cache is None:
-        return None
-    return PreconditionerCache(dense=parts.dense_cache, leaves=parts.leaf_cache)
+    cache = None if state.cache is None else PreconditionerCache(**caches)
+    return outputs, sum_sq, parts, cache
 
 
 def _moment(
@@ -224,11 +211,15 @@ def _context(
 
 
 class _Factors(NamedTuple):
-    """The factor-holding parts of a state after the preconditioning stage."""
+    """The factor-holding parts of a state: each kind's part (by its field's name) and
+    the stored sides."""
 
-    dense: tuple[DenseState, ...]
-    leaves: tuple[LeafState, ...]
+    parts: dict[str, Any]
     cache: PreconditionerCache | None
+
+    @classmethod
+    def of(cls, state: WhiteKronState) -> "_Factors":
+        return cls({kind.name: getattr(state, kind.name) for kind in KINDS}, state.cache)
 
 
 def _preconditioned(
@@ -249,10 +240,10 @@ def _preconditioned(
     refresh = _refresh_due(config, ctx.step, state.update_counter)
     if ctx.first is not None and refresh is not True:
         refresh = refresh | ctx.first  # the factors start from the first input
-    old = _Factors(state.dense, state.leaves, state.cache)
+    old = _Factors.of(state)
     if refresh is True:
-        outputs, sum_sqs, dense, leaves, cache = _precondition(ctx, views, state, plan, True, axis)
-        return outputs, sum_sqs, _Factors(dense, leaves, cache), old, True
+        outputs, sum_sqs, parts, cache = _precondition(ctx, views, state, plan, True, axis)
+        return outputs, sum_sqs, _Factors(parts, cache), old, True
 
     def guarded_update():
         # The non-finite guard (`_kept_if_sound`) for the factors, inside the branch that
@@ -264,10 +255,10 @@ def _preconditioned(
         kept = jax.tree.map(lambda a, b: jax.lax.select(ok, a, b), tuple(new), tuple(old))
         return outputs, sum_sqs, *kept
 
-    outputs, sum_sqs, dense, leaves, cache = jax.lax.cond(
+    outputs, sum_sqs, parts, cache = jax.lax.cond(
         refresh, guarded_update, lambda: _precondition(ctx, views, state, plan, False, axis)
     )
-    new = _Factors(dense, leaves, cache)
+    new = _Factors(parts, cache)
     return outputs, sum_sqs, new, new, refresh
 
 
@@ -311,8 +302,7 @@ def _kept_if_sound(
     reported, and the factors `kept` (`_preconditioned`)."""
     skipped = state._replace(
         skipped_steps=state.skipped_steps + 1,
-        dense=kept.dense,
-        leaves=kept.leaves,
+        **kept.parts,
         cache=kept.cache,
         last_step_skipped=jnp.ones([], bool),
     )
@@ -366,18 +356,15 @@ def scale_by_white_kron(
 
     def init_fn(params: Unchecked) -> WhiteKronState:
         plan, leaves, treedef, names, platform = plan_params(params, config, backend)
-        caches = config.caches
-        parts = StateParts(
-            dense=(),
-            # (the kinds with factors of their own replace theirs)
-            leaves=tuple(LeafState.from_plan(p) for p in plan.leaves),
-            dense_cache=() if caches else None,
-            leaf_cache=(None,) * len(plan.leaves) if caches else None,
-        )
-        for kind in KINDS:
-            kind_state = kind.init(plan, config)
-            kind_cache = kind.init_cache(kind_state, config, rule.symmetric) if caches else None
-            parts = kind.put(parts, kind_state, kind_cache)
+        parts = {kind.name: kind.init(plan, config) for kind in KINDS}
+        cache = None
+        if config.caches:
+            sides = {
+                kind.name: kind.init_cache(parts[kind.name], config, rule.symmetric)
+                for kind in KINDS
+                if kind.caches
+            }
+            cache = PreconditionerCache(**sides)
         mu = None
         if config.b1 > 0:
             specs = _partition_specs(config, params)
@@ -393,14 +380,13 @@ def scale_by_white_kron(
         return WhiteKronState(
             count=zero(),
             mu=mu,
-            dense=parts.dense,
-            leaves=parts.leaves,
+            **parts,
             update_counter=zero(),
             skipped_steps=zero(),
             factor_updates=zero(),
             slots=tuple(jnp.array(s, jnp.int32) for s in leaf_slots(plan)),
             plan=Plan(plan, names, treedef, platform),
-            cache=_cache(parts),
+            cache=cache,
             damping_memory=jnp.zeros(len(leaves), jnp.float32) if config.damping > 0 else None,
             last_step_skipped=jnp.zeros([], bool),
         )
@@ -427,8 +413,7 @@ def scale_by_white_kron(
         stepped = WhiteKronState(
             count=t,
             mu=mu,
-            dense=factors.dense,
-            leaves=factors.leaves,
+            **factors.parts,
             update_counter=counter.astype(jnp.int32),
             skipped_steps=state.skipped_steps,
             factor_updates=state.factor_updates + refreshed,

@@ -1,7 +1,7 @@
 """The leaf kinds, each a final `AbstractKind` (see `_base`): dense tiles in shared
-buckets, large leaves with diagonal sides and strips, and 1-D leaves. The step, the
-state's partition specs and `preconditioner_stats` loop over `KINDS` without naming
-one."""
+buckets, large leaves with diagonal sides and strips, and 1-D leaves, each with its own
+part of the state. The step, the state's partition specs and `preconditioner_stats`
+loop over `KINDS` without naming one."""
 
 import functools
 from typing import Any
@@ -10,14 +10,10 @@ import jax
 from jax.sharding import PartitionSpec
 
 from .._custom_types import AxisNames
-from .._layout import LeafKind, LeafPlan, TreePlan
+from .._layout import LeafKind, TreePlan
 from .._sharding import stacked_spec
-from .._state import LeafState, WhiteKronState
-from ._base import (
-    AbstractKind as AbstractKind,
-    FactorStack as FactorStack,
-    StateParts as StateParts,
-)
+from .._state import WhiteKronState
+from ._base import AbstractKind as AbstractKind, FactorStack as FactorStack
 from .dense import DenseKind
 from .large import LargeKind
 from .one_d import OneDKind
@@ -54,21 +50,18 @@ def leaf_slots(plan: TreePlan) -> tuple[tuple[int, ...], ...]:
 
 
 def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> WhiteKronState:
-    """The `PartitionSpec` of every array of `state` (arrays or shapes): the stacked
-    factor arrays (every `DenseState` field, the `LeafState`s of a kind whose
-    `stacked_leaf_states`, the stored sides) over `axis_name` along their leading axis,
-    the momentum as `mu_specs` (a tree like the params), everything else replicated."""
+    """The `PartitionSpec` of every array of `state` (arrays or shapes): each kind's
+    part over `axis_name` along its leading axis where the kind is `stacked` (else
+    replicated), the stored sides likewise, the momentum as `mu_specs` (a tree like the
+    params), everything else replicated."""
     stacked = functools.partial(stacked_spec, axis_name)
     replicated = lambda _: PartitionSpec()
-
-    def leaf_specs(s: LeafState, plan: LeafPlan) -> LeafState:
-        return jax.tree.map(stacked if kind_of(plan.kind).stacked_leaf_states else replicated, s)
-
-    specs = jax.tree.map(replicated, state)
-    plans = state.plan.tree.leaves
-    return specs._replace(
+    parts = {
+        k.name: jax.tree.map(stacked if k.stacked else replicated, getattr(state, k.name))
+        for k in KINDS
+    }
+    return jax.tree.map(replicated, state)._replace(
         mu=None if state.mu is None else mu_specs,
-        dense=tuple(jax.tree.map(stacked, d) for d in state.dense),
-        leaves=tuple(leaf_specs(s, p) for s, p in zip(state.leaves, plans, strict=True)),
         cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
+        **parts,
     )

@@ -1,5 +1,5 @@
-"""`AbstractKind`: what every leaf kind gives the step, and `StateParts`, the parts of a
-`WhiteKronState` that the kinds own."""
+"""`AbstractKind`: what every leaf kind gives the step. Each kind owns its part of a
+`WhiteKronState` (the field named as the kind) and of its `PreconditionerCache`."""
 
 import abc
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -9,9 +9,9 @@ from jaxtyping import Array, Float, Int
 
 from .._config import Config
 from .._custom_types import AxisNames
-from .._kron import Grams, StepContext
+from .._kron import StepContext
 from .._layout import LeafKind, LeafPlan, TreePlan
-from .._state import DenseState, LeafState
+from .._state import LeafState
 
 
 class FactorStack(NamedTuple):
@@ -29,17 +29,6 @@ class FactorStack(NamedTuple):
         return FactorStack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
 
 
-class StateParts(NamedTuple):
-    """The factor-holding parts of a state, as the kinds read and write them: the dense
-    buckets, one `LeafState` per leaf, and (with `cache_preconditioner`) the stored
-    sides of each bucket and of each leaf (`None` where it has none)."""
-
-    dense: tuple[DenseState, ...]
-    leaves: tuple[LeafState, ...]
-    dense_cache: tuple[Grams, ...] | None
-    leaf_cache: tuple[Grams | None, ...] | None
-
-
 _State = TypeVar("_State")
 _Cache = TypeVar("_Cache")
 
@@ -49,18 +38,23 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     initialised, kept in the state, and stepped.
 
     Each kind owns the type of its leaves' static plan (`layout`, the `LeafPlan.layout`
-    that `_layout` classifies a leaf into), of its part of the state (`_State`: the
-    dense kind's buckets, a leaf kind's `LeafState`s by leaf index) and of its stored
-    sides (`_Cache`); the step loops over the kinds without naming one.
+    that `_layout` classifies a leaf into), its part of the state (`_State`: the field
+    `name` of `WhiteKronState`) and its stored sides (`_Cache`: the field `name` of
+    `PreconditionerCache`, for a kind that stores any); the step loops over the kinds
+    without naming one.
     """
 
+    # Its part's field in `WhiteKronState` (and in `PreconditionerCache`).
+    name: eqx.AbstractClassVar[str]
     kind: eqx.AbstractClassVar[LeafKind]
     # The type of its leaves' `LeafPlan.layout` (`_layout.DenseLayout`, ...): the static
     # facts of a leaf that only this kind reads.
     layout: eqx.AbstractClassVar[type]
-    # Whether the arrays of this kind's `LeafState`s are stacks, sharded over the
-    # pipeline axes (the dense kind's stacks are its buckets).
-    stacked_leaf_states: eqx.AbstractClassVar[bool]
+    # Whether it stores sides with `cache_preconditioner` (a field of
+    # `PreconditionerCache`).
+    caches: eqx.AbstractClassVar[bool]
+    # Whether its part's arrays are stacks, sharded over the pipeline axes.
+    stacked: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
@@ -68,32 +62,24 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
         index, in `WhiteKronState.slots`); a leaf left out has no positions."""
 
     @abc.abstractmethod
-    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
-        """The real entries (no pipeline dummies) of leaf `index`'s factors."""
+    def factor_stacks(self, part: _State, plan: TreePlan, index: int) -> list[FactorStack]:
+        """The real entries (no pipeline dummies) of leaf `index`'s factors in `part`."""
 
     @abc.abstractmethod
     def init(self, plan: TreePlan, config: Config) -> _State:
-        """The initial factors of every leaf of this kind in `plan`."""
+        """The initial factors of every leaf of this kind in `plan`: its part."""
 
     @abc.abstractmethod
-    def init_cache(self, state: _State, config: Config, symmetric: bool) -> _Cache | None:
-        """The sides `P = Q^T Q` of `state`'s factors (`cache_preconditioner`), or
-        `None` when the kind stores none; `symmetric` as `AbstractRule.symmetric`."""
-
-    @abc.abstractmethod
-    def get(self, parts: StateParts, indices: list[int]) -> tuple[_State, _Cache | None]:
-        """This kind's state and cache out of `parts`, for the leaves `indices`."""
-
-    @abc.abstractmethod
-    def put(self, parts: StateParts, state: _State, cache: _Cache | None) -> StateParts:
-        """`parts` with this kind's state and cache replaced (the inverse of `get`)."""
+    def init_cache(self, part: _State, config: Config, symmetric: bool) -> _Cache:
+        """The sides `P = Q^T Q` of `part`'s factors (`cache_preconditioner`; only for a
+        kind that `caches`); `symmetric` as `AbstractRule.symmetric`."""
 
     @abc.abstractmethod
     def update(
         self,
         ctx: StepContext,
         inputs: dict[int, Float[Array, "B ..."]],
-        state: _State,
+        part: _State,
         cache: _Cache | None,
         slots: dict[int, Int[Array, " k"]],
         plan: TreePlan,
@@ -107,7 +93,8 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
         - `ctx`: what the step knows beyond the inputs (`StepContext`).
         - `inputs`: leaf index -> the leaf viewed as `[B, m, n]` (`[B, n]` for a 1-D
           leaf), for every non-empty leaf of this kind.
-        - `state`, `cache`: as `get` returns them.
+        - `part`, `cache`: this kind's part of the state and of the cache (`None`
+          without one).
         - `slots`: leaf index -> its `WhiteKronState.slots` entry, where the leaf sits in
           the kind's shared arrays.
         - `plan`: the static layout; `refresh`: whether the factors update (static);
@@ -115,43 +102,33 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
 
         **Returns:**
 
-        `(outputs, state, sum_sq, cache)`: the outputs keyed like `inputs`; the new
-        state and cache; each leaf's sum of squared outputs (0 for other kinds' leaves),
+        `(outputs, part, sum_sq, cache)`: the outputs keyed like `inputs`; the new part
+        and cache; each leaf's sum of squared outputs (0 for other kinds' leaves),
         which the RMS clip needs.
         """
 
 
-class AbstractLeafKind(AbstractKind[dict[int, LeafState], Any]):
-    """A kind whose every leaf has its own `LeafState` (and its own sides, if any)."""
+class AbstractLeafKind(AbstractKind[tuple[LeafState, ...], Any]):
+    """A kind whose every leaf has its own `LeafState` (and its own sides, if any): its
+    part is one per leaf of the kind, in leaf order (`TreePlan.of_kind`)."""
 
     @abc.abstractmethod
     def real_entries(self, plan: LeafPlan) -> int:
         """How many entries of a leaf's stacked factors are real (not dummies)."""
 
-    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
-        s = parts.leaves[index]
+    def by_leaf(self, part: tuple, plan: TreePlan) -> dict[int, Any]:
+        """`part` (or this kind's part of the cache) keyed by leaf index."""
+        return dict(zip(plan.of_kind(self.kind), part, strict=True))
+
+    def in_order(self, by_leaf: dict[int, Any], plan: TreePlan) -> tuple:
+        """The inverse of `by_leaf`."""
+        return tuple(by_leaf[i] for i in plan.of_kind(self.kind))
+
+    def factor_stacks(
+        self, part: tuple[LeafState, ...], plan: TreePlan, index: int
+    ) -> list[FactorStack]:
+        s = self.by_leaf(part, plan)[index]
         assert s.Ql is not None and s.Ll is not None
         assert s.valid_rows is not None and s.valid_cols is not None
         stack = FactorStack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols)
         return [stack.sliced(0, self.real_entries(plan.leaves[index]))]
-
-    def get(
-        self, parts: StateParts, indices: list[int]
-    ) -> tuple[dict[int, LeafState], dict[int, Any] | None]:
-        state = {i: parts.leaves[i] for i in indices}
-        cache = None if parts.leaf_cache is None else {i: parts.leaf_cache[i] for i in indices}
-        return state, cache
-
-    def put(
-        self, parts: StateParts, state: dict[int, LeafState], cache: dict[int, Any] | None
-    ) -> StateParts:
-        leaves = list(parts.leaves)
-        for i, s in state.items():
-            leaves[i] = s
-        leaf_cache = parts.leaf_cache
-        if leaf_cache is not None and cache is not None:
-            leaf_cache = list(leaf_cache)
-            for i, g in cache.items():
-                leaf_cache[i] = g
-            leaf_cache = tuple(leaf_cache)
-        return parts._replace(leaves=tuple(leaves), leaf_cache=leaf_cache)

@@ -44,10 +44,9 @@ from .._layout import Bucket, ComputeGroup, DenseLayout, GroupMember, LeafKind, 
 from .._noise import add_noise
 from .._sharding import constrain_stack
 from .._state import DenseState
-from ._base import AbstractKind, FactorStack, StateParts
+from ._base import AbstractKind, FactorStack
 
 
-KIND = LeafKind.DENSE
 State = tuple[DenseState, ...]
 Cache = tuple[Grams, ...]  # the stored sides of each bucket (`cache_preconditioner`)
 
@@ -60,40 +59,6 @@ def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
         cols += [group.col_part.size] * seg.count
     dummies = bucket.stack - bucket.valid_count
     return rows + [0] * dummies, cols + [0] * dummies
-
-
-def init(plan: TreePlan, config: Config) -> State:
-    """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
-    dtype, axis = config.compute_dtype, config.pipeline_axis_name
-    scale = config.initial_scale
-    states = []
-    for bucket in plan.buckets:
-        rows, cols = _valid_sides(bucket, plan)
-        valid_rows, valid_cols = jnp.array(rows, jnp.int32), jnp.array(cols, jnp.int32)
-        states.append(
-            DenseState(
-                Ql=constrain_stack(padded_identity(valid_rows, bucket.rows, scale, dtype), axis),
-                Qr=constrain_stack(padded_identity(valid_cols, bucket.cols, scale, dtype), axis),
-                Ll=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
-                Lr=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
-                valid_rows=constrain_stack(valid_rows, axis),
-                valid_cols=constrain_stack(valid_cols, axis),
-                valid_count=bucket.valid_count,
-                block_size=config.block_size,
-            )
-        )
-    return tuple(states)
-
-
-def init_cache(state: State, config: Config, symmetric: bool) -> Cache:
-    """The sides of each bucket's initial factors, sharded like them."""
-    axis = config.pipeline_axis_name
-    return tuple(
-        Grams(
-            *(constrain_stack(P, axis) for P in initial_grams(_factors(b), symmetric, b.Ql.dtype))
-        )
-        for b in state
-    )
 
 
 def _factors(state: DenseState) -> Factors:
@@ -233,129 +198,14 @@ def _join(xs: list[Array]) -> Array:
     return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
 
 
-def update(
-    ctx: StepContext,
-    inputs: dict[int, Float[Array, "B m n"]],
-    state: State,
-    cache: Cache | None,
-    slots: dict[int, Int[Array, " k"]],
-    plan: TreePlan,
-    refresh: bool,
-    axis_name: AxisNames,
-) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
-    """Precondition every dense leaf; update the factors too when `refresh`.
-
-    **Arguments:**
-
-    - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
-    - `state`: the current `DenseState`s, in `plan.buckets` order.
-    - `cache`: the buckets' stored sides (`cache_preconditioner`), or `None`.
-    - `slots`: leaf index -> its `WhiteKronState.slots` entry: the leaf's index, then
-      the first entry of each of its tile groups in its bucket.
-
-    **Returns:**
-
-    `(outputs, new buckets, sums of squares, new cache)`: the outputs keyed like
-    `inputs`, and each leaf's sum of squared outputs (0 for leaves of other kinds).
-    """
-    tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
-    stacks = []
-    for bucket in plan.buckets:
-        G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
-        G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
-        stacks.append(ctx.corrected(G))
-    starts = None
-    if refresh and ctx.first is not None and stacks:
-        starts = _initial_scales(ctx, stacks, plan)
-    results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
-    new_state = list(state)
-    new_cache = None if cache is None else list(cache)
-    leaves = len(plan.leaves)
-    sum_sq = jnp.zeros(leaves, jnp.float32)
-    for group in plan.groups:
-        entries = [
-            _enter(
-                m,
-                group,
-                plan.buckets[m.bucket],
-                state[m.bucket],
-                stacks[m.bucket],
-                None if cache is None else cache[m.bucket],
-            )
-            for m in group.members
-        ]
-        G = constrain_stack(_join([e.G for e in entries]), axis_name)
-        factors = Factors(
-            *(
-                constrain_stack(_join(list(f)), axis_name)
-                for f in zip(*[e.factors for e in entries])
-            )
-        )
-        valid_rows = _join([e.valid_rows for e in entries])
-        valid_cols = _join([e.valid_cols for e in entries])
-        grams = None
-        if cache is not None:
-            grams = Grams(
-                *(
-                    constrain_stack(_join(list(g)), axis_name)
-                    for g in zip(*[e.grams for e in entries])
-                )
-            )
-        if starts is not None:
-            padded = [starts[m.bucket] for m in group.members]
-            factors = rescaled(factors, constrain_stack(_join(padded), axis_name))
-        if refresh:
-            # Pipeline dummies draw no noise: entries are numbered among the real ones.
-            real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
-            valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
-            Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
-            out, factors, grams = update_stack(
-                ctx, G, Gn, factors, valid_rows, valid_cols, cache=cache is not None
-            )
-        else:
-            out = apply_stack(ctx.rule, G, factors, grams)
-        # Per-leaf sums of squares of the output from one reduction over the group's
-        # tiles (padding and dummies are zero), for the RMS clip.
-        owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
-        tile_sum_sq = jnp.sum(jnp.square(out.astype(jnp.float32)), axis=(1, 2))
-        sum_sq = sum_sq + jax.ops.segment_sum(tile_sum_sq, owner, leaves + 1)[:leaves]
-        offset = 0
-        for m in group.members:
-            size = plan.buckets[m.bucket].stack
-            part = slice(offset, offset + size)
-            offset += size
-            mine = Factors(*(f[part] for f in factors)) if refresh else None
-            my_grams = None if grams is None or not refresh else Grams(*(g[part] for g in grams))
-            results[m.bucket], bucket_state, my_grams = _leave(
-                m, plan.buckets[m.bucket], state[m.bucket], out[part], mine, my_grams
-            )
-            if new_cache is not None and my_grams is not None:
-                new_cache[m.bucket] = Grams(*(constrain_stack(g, axis_name) for g in my_grams))
-            new_state[m.bucket] = bucket_state.replace(
-                **{
-                    k: constrain_stack(getattr(bucket_state, k), axis_name)
-                    for k in ("Ql", "Qr", "Ll", "Lr")
-                }
-            )
-    pieces: dict[int, list[Array]] = {
-        i: [jnp.zeros(())] * len(plan.leaves[i].layout.groups) for i in inputs
-    }
-    for bucket, result in zip(plan.buckets, results, strict=True):
-        for seg in bucket.segments:
-            # A runtime start (see `_kinds.leaf_slots`): leaves of one shape in one
-            # bucket are then cut out by one shared kernel.
-            start = slots[seg.leaf][1 + seg.group]
-            pieces[seg.leaf][seg.group] = take(result, start, seg.count)
-    outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
-    return outputs, tuple(new_state), sum_sq, None if new_cache is None else tuple(new_cache)
-
-
 class DenseKind(AbstractKind[State, Cache]):
-    """`DENSE_PATH`, as the step sees it (the functions above do the work)."""
+    """`DENSE_PATH`: the buckets of every dense leaf's tiles (`WhiteKronState.dense`)."""
 
-    kind: ClassVar[LeafKind] = KIND
+    name: ClassVar[str] = "dense"
+    kind: ClassVar[LeafKind] = LeafKind.DENSE
     layout: ClassVar[type] = DenseLayout
-    stacked_leaf_states: ClassVar[bool] = False  # its factors live in the buckets
+    caches: ClassVar[bool] = True
+    stacked: ClassVar[bool] = True
 
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
         # The first entry of each tile group in its bucket (0 for an empty group).
@@ -364,43 +214,173 @@ class DenseKind(AbstractKind[State, Cache]):
             i: tuple(
                 starts.get((i, g), (0, 0, 0))[1] for g in range(len(plan.leaves[i].layout.groups))
             )
-            for i in plan.of_kind(KIND)
+            for i in plan.of_kind(self.kind)
         }
 
-    def factor_stacks(self, parts: StateParts, plan: TreePlan, index: int) -> list[FactorStack]:
+    def factor_stacks(self, part: State, plan: TreePlan, index: int) -> list[FactorStack]:
         stacks, starts = [], tile_starts(plan)
         for g in range(len(plan.leaves[index].layout.groups)):
             if (index, g) in starts:
                 b, start, count = starts[(index, g)]
-                d = parts.dense[b]
+                d = part[b]
                 stack = FactorStack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols)
                 stacks.append(stack.sliced(start, start + count))
         return stacks
 
     def init(self, plan: TreePlan, config: Config) -> State:
-        return init(plan, config)
+        """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
+        dtype, axis = config.compute_dtype, config.pipeline_axis_name
+        scale = config.initial_scale
+        states = []
+        for bucket in plan.buckets:
+            rows, cols = _valid_sides(bucket, plan)
+            valid_rows, valid_cols = jnp.array(rows, jnp.int32), jnp.array(cols, jnp.int32)
+            states.append(
+                DenseState(
+                    Ql=constrain_stack(
+                        padded_identity(valid_rows, bucket.rows, scale, dtype), axis
+                    ),
+                    Qr=constrain_stack(
+                        padded_identity(valid_cols, bucket.cols, scale, dtype), axis
+                    ),
+                    Ll=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
+                    Lr=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
+                    valid_rows=constrain_stack(valid_rows, axis),
+                    valid_cols=constrain_stack(valid_cols, axis),
+                    valid_count=bucket.valid_count,
+                    block_size=config.block_size,
+                )
+            )
+        return tuple(states)
 
-    def init_cache(self, state: State, config: Config, symmetric: bool):
-        return init_cache(state, config, symmetric)
-
-    def get(self, parts: StateParts, indices: list[int]) -> tuple[State, Cache | None]:
-        del indices  # the buckets hold every dense leaf's tiles
-        return parts.dense, parts.dense_cache
-
-    def put(self, parts: StateParts, state: State, cache: Cache | None) -> StateParts:
-        return parts._replace(
-            dense=state, dense_cache=parts.dense_cache if cache is None else cache
+    def init_cache(self, part: State, config: Config, symmetric: bool) -> Cache:
+        """The sides of each bucket's initial factors, sharded like them."""
+        axis = config.pipeline_axis_name
+        return tuple(
+            Grams(
+                *(
+                    constrain_stack(P, axis)
+                    for P in initial_grams(_factors(b), symmetric, b.Ql.dtype)
+                )
+            )
+            for b in part
         )
 
     def update(
         self,
         ctx: StepContext,
-        inputs: dict,
-        state: State,
+        inputs: dict[int, Float[Array, "B m n"]],
+        part: State,
         cache: Cache | None,
-        slots: dict,
+        slots: dict[int, Int[Array, " k"]],
         plan: TreePlan,
         refresh: bool,
         axis_name: AxisNames,
-    ):
-        return update(ctx, inputs, state, cache, slots, plan, refresh, axis_name)
+    ) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
+        """Precondition every dense leaf; update the factors too when `refresh`.
+
+        **Arguments:**
+
+        - `inputs`: leaf index -> the leaf viewed as `[B, m, n]`, for every dense leaf.
+        - `part`: the current `DenseState`s, in `plan.buckets` order.
+        - `cache`: the buckets' stored sides (`cache_preconditioner`), or `None`.
+        - `slots`: leaf index -> its `WhiteKronState.slots` entry: the leaf's index, then
+          the first entry of each of its tile groups in its bucket.
+
+        **Returns:**
+
+        `(outputs, new buckets, sums of squares, new cache)`: the outputs keyed like
+        `inputs`, and each leaf's sum of squared outputs (0 for leaves of other kinds).
+        """
+        tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
+        stacks = []
+        for bucket in plan.buckets:
+            G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
+            G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
+            stacks.append(ctx.corrected(G))
+        starts = None
+        if refresh and ctx.first is not None and stacks:
+            starts = _initial_scales(ctx, stacks, plan)
+        results: list[Array] = [jnp.zeros(())] * len(plan.buckets)
+        new_part = list(part)
+        new_cache = None if cache is None else list(cache)
+        leaves = len(plan.leaves)
+        sum_sq = jnp.zeros(leaves, jnp.float32)
+        for group in plan.groups:
+            entries = [
+                _enter(
+                    m,
+                    group,
+                    plan.buckets[m.bucket],
+                    part[m.bucket],
+                    stacks[m.bucket],
+                    None if cache is None else cache[m.bucket],
+                )
+                for m in group.members
+            ]
+            G = constrain_stack(_join([e.G for e in entries]), axis_name)
+            factors = Factors(
+                *(
+                    constrain_stack(_join(list(f)), axis_name)
+                    for f in zip(*[e.factors for e in entries])
+                )
+            )
+            valid_rows = _join([e.valid_rows for e in entries])
+            valid_cols = _join([e.valid_cols for e in entries])
+            grams = None
+            if cache is not None:
+                grams = Grams(
+                    *(
+                        constrain_stack(_join(list(g)), axis_name)
+                        for g in zip(*[e.grams for e in entries])
+                    )
+                )
+            if starts is not None:
+                padded = [starts[m.bucket] for m in group.members]
+                factors = rescaled(factors, constrain_stack(_join(padded), axis_name))
+            if refresh:
+                # Pipeline dummies draw no noise: entries are numbered among the real ones.
+                real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
+                valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
+                Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
+                out, factors, grams = update_stack(
+                    ctx, G, Gn, factors, valid_rows, valid_cols, cache=cache is not None
+                )
+            else:
+                out = apply_stack(ctx.rule, G, factors, grams)
+            # Per-leaf sums of squares of the output from one reduction over the group's
+            # tiles (padding and dummies are zero), for the RMS clip.
+            owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
+            tile_sum_sq = jnp.sum(jnp.square(out.astype(jnp.float32)), axis=(1, 2))
+            sum_sq = sum_sq + jax.ops.segment_sum(tile_sum_sq, owner, leaves + 1)[:leaves]
+            offset = 0
+            for m in group.members:
+                size = plan.buckets[m.bucket].stack
+                mine_of = slice(offset, offset + size)
+                offset += size
+                mine = Factors(*(f[mine_of] for f in factors)) if refresh else None
+                my_grams = (
+                    None if grams is None or not refresh else Grams(*(g[mine_of] for g in grams))
+                )
+                results[m.bucket], bucket_state, my_grams = _leave(
+                    m, plan.buckets[m.bucket], part[m.bucket], out[mine_of], mine, my_grams
+                )
+                if new_cache is not None and my_grams is not None:
+                    new_cache[m.bucket] = Grams(*(constrain_stack(g, axis_name) for g in my_grams))
+                new_part[m.bucket] = bucket_state.replace(
+                    **{
+                        k: constrain_stack(getattr(bucket_state, k), axis_name)
+                        for k in ("Ql", "Qr", "Ll", "Lr")
+                    }
+                )
+        pieces: dict[int, list[Array]] = {
+            i: [jnp.zeros(())] * len(plan.leaves[i].layout.groups) for i in inputs
+        }
+        for bucket, result in zip(plan.buckets, results, strict=True):
+            for seg in bucket.segments:
+                # A runtime start (see `_kinds.leaf_slots`): leaves of one shape in one
+                # bucket are then cut out by one shared kernel.
+                start = slots[seg.leaf][1 + seg.group]
+                pieces[seg.leaf][seg.group] = take(result, start, seg.count)
+        outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
+        return outputs, tuple(new_part), sum_sq, None if new_cache is None else tuple(new_cache)

@@ -44,9 +44,8 @@ from .._state import LeafState
 from ._base import AbstractLeafKind
 
 
-KIND = LeafKind.LARGE
-State = dict[int, LeafState]
-Cache = dict[int, Grams]  # each leaf's stored sides (`cache_preconditioner`)
+State = tuple[LeafState, ...]  # one per large leaf, in leaf order
+Cache = tuple[Grams, ...]  # each large leaf's stored sides (`cache_preconditioner`)
 
 
 def _valid_sides(plan: LeafPlan[LargeLayout]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -103,24 +102,10 @@ def _init_leaf(plan: LeafPlan[LargeLayout], config: Config) -> LeafState:
     )
 
 
-def init(plan: TreePlan, config: Config) -> State:
-    """The factors of every large leaf, keyed by leaf index."""
-    return {i: _init_leaf(plan.leaves[i], config) for i in plan.of_kind(KIND)}
-
-
 def _factors(state: LeafState) -> Factors:
     assert state.Ql is not None and state.Qr is not None
     assert state.Ll is not None and state.Lr is not None
     return Factors(state.Ql, state.Qr, state.Ll, state.Lr)
-
-
-def init_cache(state: State, config: Config, symmetric: bool) -> Cache:
-    """The sides of each large leaf's initial factors, sharded like them."""
-    constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
-    return {
-        i: Grams(*map(constrain, initial_grams(_factors(s), symmetric, config.compute_dtype)))
-        for i, s in state.items()
-    }
 
 
 def _update_leaf(
@@ -157,37 +142,15 @@ def _update_leaf(
     return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
 
 
-def update(
-    ctx: StepContext,
-    inputs: dict[int, Float[Array, "B m n"]],
-    state: State,
-    cache: Cache | None,
-    slots: dict[int, Int[Array, " 1"]],
-    plan: TreePlan,
-    refresh: bool,
-    axis_name: AxisNames,
-) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
-    """Precondition every large leaf (each is one stack of strips); update the factors
-    too when `refresh`. Returns as `dense.update`; a large leaf has its own
-    factors, so `slots` is not needed."""
-    del slots
-    outputs, new_state, new_cache = {}, {}, {}
-    sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
-    for i, x in inputs.items():
-        grams = None if cache is None else cache[i]
-        outputs[i], new_state[i], new_cache[i] = _update_leaf(
-            ctx, x, state[i], grams, plan.leaves[i], refresh, axis_name
-        )
-        sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
-    return outputs, new_state, sum_sq, None if cache is None else new_cache
-
-
 class LargeKind(AbstractLeafKind):
-    """`LARGE_PATH`, as the step sees it (the functions above do the work)."""
+    """`LARGE_PATH`: a `LeafState` (and its sides) per large leaf
+    (`WhiteKronState.large`)."""
 
-    kind: ClassVar[LeafKind] = KIND
+    name: ClassVar[str] = "large"
+    kind: ClassVar[LeafKind] = LeafKind.LARGE
     layout: ClassVar[type] = LargeLayout
-    stacked_leaf_states: ClassVar[bool] = True
+    caches: ClassVar[bool] = True
+    stacked: ClassVar[bool] = True
 
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
         return {}  # each large leaf has factors of its own
@@ -196,20 +159,42 @@ class LargeKind(AbstractLeafKind):
         return plan.layout.strips
 
     def init(self, plan: TreePlan, config: Config) -> State:
-        return init(plan, config)
+        """The factors of every large leaf."""
+        return tuple(_init_leaf(plan.leaves[i], config) for i in plan.of_kind(self.kind))
 
-    def init_cache(self, state: State, config: Config, symmetric: bool):
-        return init_cache(state, config, symmetric)
+    def init_cache(self, part: State, config: Config, symmetric: bool) -> Cache:
+        """The sides of each large leaf's initial factors, sharded like them."""
+        constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
+        return tuple(
+            Grams(*map(constrain, initial_grams(_factors(s), symmetric, config.compute_dtype)))
+            for s in part
+        )
 
     def update(
         self,
         ctx: StepContext,
-        inputs: dict,
-        state: State,
+        inputs: dict[int, Float[Array, "B m n"]],
+        part: State,
         cache: Cache | None,
-        slots: dict,
+        slots: dict[int, Int[Array, " 1"]],
         plan: TreePlan,
         refresh: bool,
         axis_name: AxisNames,
-    ):
-        return update(ctx, inputs, state, cache, slots, plan, refresh, axis_name)
+    ) -> tuple[dict[int, Float[Array, "B m n"]], State, Float[Array, " leaves"], Cache | None]:
+        """Precondition every large leaf (each is one stack of strips); update the factors
+        too when `refresh`. A large leaf has its own factors, so `slots` is not needed."""
+        del slots
+        states = self.by_leaf(part, plan)
+        sides = None if cache is None else self.by_leaf(cache, plan)
+        outputs = {}
+        sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
+        for i, x in inputs.items():
+            grams = None if sides is None else sides[i]
+            outputs[i], states[i], grams = _update_leaf(
+                ctx, x, states[i], grams, plan.leaves[i], refresh, axis_name
+            )
+            if sides is not None:
+                sides[i] = grams
+            sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
+        new_cache = None if sides is None else self.in_order(sides, plan)
+        return outputs, self.in_order(states, plan), sum_sq, new_cache
