@@ -21,7 +21,6 @@ brings the Gaussian case down to 1e-6: the bound is the whole difference.)
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -162,23 +162,23 @@ def _poison_padding(state):
     dense = tuple(
         d.replace(Ql=poison(d.Ql, d.valid_rows), Qr=poison(d.Qr, d.valid_cols)) for d in state.dense
     )
-    leaves = tuple(
-        leaf
-        if leaf.Ql is None
-        else leaf.replace(
-            Ql=poison(leaf.Ql, leaf.valid_rows),
-            Qr=None if leaf.Qr is None else poison(leaf.Qr, leaf.valid_cols),
-        )
-        for leaf in state.leaves
+    poisoned = lambda leaf: leaf.replace(
+        Ql=poison(leaf.Ql, leaf.valid_rows),
+        Qr=None if leaf.Qr is None else poison(leaf.Qr, leaf.valid_cols),
     )
-    return state._replace(dense=dense, leaves=leaves)
+    return state._replace(
+        dense=dense,
+        large=tuple(poisoned(leaf) for leaf in state.large),
+        one_d=tuple(poisoned(leaf) for leaf in state.one_d),
+    )
 
 
 def test_cheap_stats_read_only_the_valid_part():
     state, cheap, _, _, _ = _trained()
     poisoned = _poison_padding(state)
     factors = [d.Ql for d in poisoned.dense] + [d.Qr for d in poisoned.dense]
-    factors += [f for leaf in poisoned.leaves for f in (leaf.Ql, leaf.Qr) if f is not None]
+    own = poisoned.large + poisoned.one_d
+    factors += [f for leaf in own for f in (leaf.Ql, leaf.Qr) if f is not None]
     assert sum(int(jnp.isnan(f).sum()) for f in factors) > 0  # there is padding to poison
     stats = jax.jit(wk.preconditioner_stats)(poisoned)
     jax.tree.map(np.testing.assert_array_equal, stats, cheap)
