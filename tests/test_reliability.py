@@ -1,4 +1,4 @@
-"""Reliability (one test per item of the issue): a non-finite step is skipped and counted;
+"""Reliability: a non-finite step is skipped and counted;
 zero, tiny and huge gradients leave the state finite; empty and 0-d leaves pass through;
 a mismatched tree or `scanned_layers` is refused naming the leaf; `preconditioner_lr`
 below 0.4 is honoured; `init`/`update` are pure and deterministic; long bfloat16 runs
@@ -137,7 +137,7 @@ def _one_d_closed_form(rule: str, g: np.ndarray, lr: float, q: float = 1.0):
 
 
 # ---------------------------------------------------------------------------------------
-# 1. A non-finite gradient skips the step; training then continues as if it never came.
+# A non-finite gradient skips the step; training then continues as if it never came.
 
 
 @functools.cache
@@ -203,7 +203,7 @@ def test_skipped_step_is_all_zero_through_the_full_optimizer(rule):
 
 
 # ---------------------------------------------------------------------------------------
-# 2. Zero, tiny and huge gradients.
+# Zero, tiny and huge gradients.
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -257,7 +257,7 @@ def test_a_statistic_that_overflows_skips_the_step(rule, leaf):
 
 
 # ---------------------------------------------------------------------------------------
-# 3. Empty and 0-d leaves.
+# Empty and 0-d leaves.
 
 
 @st.composite
@@ -318,7 +318,7 @@ def test_empty_and_scalar_leaves_pass_through(tree, rule, seed):
 
 
 # ---------------------------------------------------------------------------------------
-# 4. A gradient tree that does not match the state is refused at trace time.
+# A gradient tree that does not match the state is refused at trace time.
 
 
 def _mismatch_state():
@@ -383,7 +383,7 @@ def test_tree_of_another_structure_is_refused_naming_the_leaf(grads, words, jit)
 
 
 # ---------------------------------------------------------------------------------------
-# 5. A `scanned_layers` tree that does not fit the params is refused naming the leaf.
+# A `scanned_layers` tree that does not fit the params is refused naming the leaf.
 
 
 @st.composite
@@ -422,7 +422,7 @@ def test_scanned_layers_that_do_not_fit_are_refused_naming_the_leaf(case, rule):
 
 
 # ---------------------------------------------------------------------------------------
-# 6. preconditioner_lr below 0.4 is honoured (the reference clamps it to 0.4).
+# preconditioner_lr below 0.4 is honoured (the reference clamps it to 0.4).
 
 
 @pytest.mark.parametrize("rule", ["quad", "skew"])
@@ -448,7 +448,7 @@ def test_small_preconditioner_lr_is_honoured(rule):
 
 
 # ---------------------------------------------------------------------------------------
-# 7. Purity: nothing passed in is changed or kept.
+# Purity: nothing passed in is changed or kept.
 
 
 def test_init_never_keeps_the_callers_arrays():
@@ -542,7 +542,7 @@ def test_the_purity_checks_catch_a_reference_style_update():
 
 
 # ---------------------------------------------------------------------------------------
-# 8. Long bfloat16 runs stay finite and keep learning.
+# Long bfloat16 runs stay finite and keep learning.
 
 _DIGITS_STEPS, _DIGITS_BATCH, _DIGITS_HIDDEN, _DIGITS_LR = 2000, 128, 32, 3e-3
 
@@ -617,7 +617,7 @@ def test_long_bfloat16_run_stays_finite_and_learns(rule):
 
 
 # ---------------------------------------------------------------------------------------
-# 9. Determinism: the noise keys derive from the step, nothing else.
+# Determinism: the noise keys derive from the step, nothing else.
 
 
 def test_same_inputs_give_bit_identical_results():

@@ -210,8 +210,8 @@ def diagonal_sides(
     """Which sides of a `rows x cols` matrix leaf get a diagonal factor.
 
     A side longer than `max_size_dense` always does. `"one_diag"` also makes the longer
-    side diagonal, the right one (the last dimension, as psgd_jax and HeavyBall do) when
-    both are equal; `"all_diag"` makes both diagonal.
+    side diagonal, the right one (the last dimension) when both are equal; `"all_diag"`
+    makes both diagonal.
     """
     left, right = rows > max_size_dense, cols > max_size_dense
     if rows == 0 or cols == 0:

@@ -20,8 +20,8 @@ class AbstractRule(eqx.Module):
     # `z = step_scale * lr / L`: QUAD takes half steps, Procrustes full ones.
     step_scale: eqx.AbstractClassVar[float]
     # Whether `dense` returns a bitwise-symmetric `Q` whenever it is given one (the
-    # padded identity it starts from is). Then `Q^T Q` is computed as `Q Q`, which XLA's
-    # CPU matmul runs about 30% faster than a product with a transposed operand.
+    # padded identity it starts from is). Then `Q^T Q` is computed as `Q Q`: no
+    # transposed operand for the matmul to read.
     symmetric: eqx.AbstractClassVar[bool]
 
     def for_backend(self, backend: Backend) -> "AbstractRule":
