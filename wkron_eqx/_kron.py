@@ -35,7 +35,7 @@ class Factors(NamedTuple):
     Lr: Float[Array, " stack"]
 
 
-class Grams(NamedTuple):
+class StackCache(NamedTuple):
     """A stack's stored preconditioner sides, `Pl = Ql^T Ql` and `Pr = Qr^T Qr` (`q^2`
     for a diagonal factor), for steps that only apply (`cache_preconditioner`)."""
 
@@ -247,7 +247,7 @@ def update_stack(
     valid_rows: Int[Array, " s"],
     valid_cols: Int[Array, " s"],
     cache: bool = False,
-) -> tuple[Float[Array, "s r c"], Factors, Grams | None]:
+) -> tuple[Float[Array, "s r c"], Factors, StackCache | None]:
     """Update every entry's factors from `Gn` (`G` plus noise, or `G` itself), then
     precondition `G` with the new factors.
 
@@ -261,35 +261,35 @@ def update_stack(
     """
     left, right = balance_scales(ctx.balance, factors.Ql, factors.Qr)
     Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
-    out, (Ql, Qr, Ll, Lr), sides = jax.vmap(
+    out, (Ql, Qr, Ll, Lr), computed = jax.vmap(
         lambda g, gn, ql, qr, ll, lr, vr, vc: _entry_step(ctx, cache, g, gn, ql, qr, ll, lr, vr, vc)
     )(G, Gn, Ql, Qr, factors.Ll, factors.Lr, valid_rows, valid_cols)
     dtype = factors.Ql.dtype
     Ql = store(ctx, _scaled(Ql, left), dtype, stream=LEFT_STREAM)
     Qr = store(ctx, _scaled(Qr, right), factors.Qr.dtype, stream=RIGHT_STREAM)
-    grams = None
-    if sides is not None:
+    cached = None
+    if computed is not None:
         # The balance multiplies each Q by a scalar, so its side by the square. A side is
         # recomputed at every update, not accumulated: rounded to nearest, it has no bias
         # to keep.
-        Pl = _scaled(sides[0], left * left).astype(dtype)
-        grams = Grams(Pl, _scaled(sides[1], right * right).astype(factors.Qr.dtype))
-    return out, Factors(Ql, Qr, Ll, Lr), grams
+        Pl = _scaled(computed[0], left * left).astype(dtype)
+        cached = StackCache(Pl, _scaled(computed[1], right * right).astype(factors.Qr.dtype))
+    return out, Factors(Ql, Qr, Ll, Lr), cached
 
 
-def initial_grams(factors: Factors, symmetric: bool, dtype) -> Grams:
+def initial_sides(factors: Factors, symmetric: bool, dtype) -> StackCache:
     """The sides of freshly initialised factors, in `dtype` (the factors' storage)."""
     side = lambda Q: jax.vmap(lambda q: gram(q.astype(jnp.float32), symmetric))(Q).astype(dtype)
-    return Grams(side(factors.Ql), side(factors.Qr))
+    return StackCache(side(factors.Ql), side(factors.Qr))
 
 
 def apply_stack(
-    rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors, grams: Grams | None = None
+    rule: AbstractRule, G: Float[Array, "s r c"], factors: Factors, sides: StackCache | None = None
 ) -> Float[Array, "s r c"]:
     """Precondition with the current factors only (no noise, no factor update), in
-    `G`'s dtype: from the stored sides when there are `grams`."""
-    if grams is not None:
-        Pl, Pr = grams.Pl.astype(G.dtype), grams.Pr.astype(G.dtype)
+    `G`'s dtype: from the stored `sides` when given."""
+    if sides is not None:
+        Pl, Pr = sides.Pl.astype(G.dtype), sides.Pr.astype(G.dtype)
         return jax.vmap(_apply_grams)(Pl, Pr, G)
     Ql, Qr = factors.Ql.astype(G.dtype), factors.Qr.astype(G.dtype)
     return jax.vmap(lambda ql, qr, g: _apply(ql, qr, g, rule.symmetric))(Ql, Qr, G)

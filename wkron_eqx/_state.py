@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._backend import Backend
-from ._kron import Grams
+from ._kron import StackCache
 from ._layout import LeafKind, LeafPlan, TreePlan
 
 
@@ -178,16 +178,16 @@ class PreconditionerCache(eqx.Module):
 
     **Fields:**
 
-    - `dense`: one `Grams` per `DenseState` bucket, shaped like its `Ql` and `Qr`.
-    - `large`: one `Grams` per large leaf, as `WhiteKronState.large` (a diagonal side
+    - `dense`: one `StackCache` per `DenseState` bucket, shaped like its `Ql` and `Qr`.
+    - `large`: one `StackCache` per large leaf, as `WhiteKronState.large` (a diagonal side
       is `q^2`, `[stack, length]`).
 
     (1-D leaves store none: their `q^2 g` is one elementwise pass either way.) Both are
     in the factors' storage dtype and sharded like them.
     """
 
-    dense: tuple[Grams, ...]
-    large: tuple[Grams, ...]
+    dense: tuple[StackCache, ...]
+    large: tuple[StackCache, ...]
 
 
 class WhiteKronState(NamedTuple):

@@ -31,11 +31,11 @@ from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import (
     Factors,
-    Grams,
+    StackCache,
     StepContext,
     apply_stack,
-    initial_grams,
     initial_scales,
+    initial_sides,
     rescaled,
     sum_powers,
     update_stack,
@@ -48,7 +48,7 @@ from ._base import AbstractKind, FactorStack
 
 
 State = tuple[DenseState, ...]
-Cache = tuple[Grams, ...]  # the stored sides of each bucket (`cache_preconditioner`)
+Cache = tuple[StackCache, ...]  # the stored sides of each bucket (`cache_preconditioner`)
 
 
 def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
@@ -73,7 +73,7 @@ class _Entries(NamedTuple):
     valid_rows: Int[Array, " s"]
     valid_cols: Int[Array, " s"]
     real: tuple[int, ...]  # 1 for a real tile, 0 for a pipeline dummy
-    grams: Grams | None
+    sides: StackCache | None
 
 
 def _pad_to(x: Array, *sides: int) -> Array:
@@ -87,7 +87,7 @@ def _enter(
     bucket: Bucket,
     state: DenseState,
     G,
-    grams: Grams | None,
+    sides: StackCache | None,
 ) -> _Entries:
     """One bucket as its group sees it: transposed (left and right swapped) if the
     member says so, then zero-padded to the group's size."""
@@ -96,10 +96,10 @@ def _enter(
     if member.transposed:
         G = jnp.swapaxes(G, 1, 2)
         left, right = right, left
-        grams = None if grams is None else Grams(grams.Pr, grams.Pl)
-    if grams is not None:
-        grams = Grams(
-            _pad_to(grams.Pl, group.rows, group.rows), _pad_to(grams.Pr, group.cols, group.cols)
+        sides = None if sides is None else StackCache(sides.Pr, sides.Pl)
+    if sides is not None:
+        sides = StackCache(
+            _pad_to(sides.Pl, group.rows, group.rows), _pad_to(sides.Pr, group.cols, group.cols)
         )
     return _Entries(
         _pad_to(G, group.rows, group.cols),
@@ -112,7 +112,7 @@ def _enter(
         left[2],
         right[2],
         (1,) * bucket.valid_count + (0,) * (bucket.stack - bucket.valid_count),
-        grams,
+        sides,
     )
 
 
@@ -122,24 +122,24 @@ def _leave(
     state: DenseState,
     out: Array,
     factors: Factors | None,
-    grams: Grams | None,
-) -> tuple[Array, DenseState, Grams | None]:
+    sides: StackCache | None,
+) -> tuple[Array, DenseState, StackCache | None]:
     """Undo `_enter` for one member's slice of the group's results."""
     rows, cols = (bucket.cols, bucket.rows) if member.transposed else (bucket.rows, bucket.cols)
     out = out[:, :rows, :cols]
     if member.transposed:
         out = jnp.swapaxes(out, 1, 2)
-    if grams is not None:
-        grams = Grams(grams.Pl[:, :rows, :rows], grams.Pr[:, :cols, :cols])
+    if sides is not None:
+        sides = StackCache(sides.Pl[:, :rows, :rows], sides.Pr[:, :cols, :cols])
         if member.transposed:
-            grams = Grams(grams.Pr, grams.Pl)
+            sides = StackCache(sides.Pr, sides.Pl)
     if factors is None:
-        return out, state, grams
+        return out, state, sides
     Ql, Qr = factors.Ql[:, :rows, :rows], factors.Qr[:, :cols, :cols]
     Ll, Lr = factors.Ll, factors.Lr
     if member.transposed:
         Ql, Qr, Ll, Lr = Qr, Ql, Lr, Ll
-    return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
+    return out, state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), sides
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,10 +257,10 @@ class DenseKind(AbstractKind[State, Cache]):
         """The sides of each bucket's initial factors, sharded like them."""
         axis = config.pipeline_axis_name
         return tuple(
-            Grams(
+            StackCache(
                 *(
                     constrain_stack(P, axis)
-                    for P in initial_grams(_factors(b), symmetric, b.Ql.dtype)
+                    for P in initial_sides(_factors(b), symmetric, b.Ql.dtype)
                 )
             )
             for b in part
@@ -327,12 +327,12 @@ class DenseKind(AbstractKind[State, Cache]):
             )
             valid_rows = _join([e.valid_rows for e in entries])
             valid_cols = _join([e.valid_cols for e in entries])
-            grams = None
+            sides = None
             if cache is not None:
-                grams = Grams(
+                sides = StackCache(
                     *(
                         constrain_stack(_join(list(g)), axis_name)
-                        for g in zip(*[e.grams for e in entries])
+                        for g in zip(*[e.sides for e in entries])
                     )
                 )
             if starts is not None:
@@ -343,11 +343,11 @@ class DenseKind(AbstractKind[State, Cache]):
                 real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
                 valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
                 Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
-                out, factors, grams = update_stack(
+                out, factors, sides = update_stack(
                     ctx, G, Gn, factors, valid_rows, valid_cols, cache=cache is not None
                 )
             else:
-                out = apply_stack(ctx.rule, G, factors, grams)
+                out = apply_stack(ctx.rule, G, factors, sides)
             # Per-leaf sums of squares of the output from one reduction over the group's
             # tiles (padding and dummies are zero), for the RMS clip.
             owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
@@ -359,14 +359,18 @@ class DenseKind(AbstractKind[State, Cache]):
                 mine_of = slice(offset, offset + size)
                 offset += size
                 mine = Factors(*(f[mine_of] for f in factors)) if refresh else None
-                my_grams = (
-                    None if grams is None or not refresh else Grams(*(g[mine_of] for g in grams))
+                my_sides = (
+                    None
+                    if sides is None or not refresh
+                    else StackCache(*(g[mine_of] for g in sides))
                 )
-                results[m.bucket], bucket_state, my_grams = _leave(
-                    m, plan.buckets[m.bucket], part[m.bucket], out[mine_of], mine, my_grams
+                results[m.bucket], bucket_state, my_sides = _leave(
+                    m, plan.buckets[m.bucket], part[m.bucket], out[mine_of], mine, my_sides
                 )
-                if new_cache is not None and my_grams is not None:
-                    new_cache[m.bucket] = Grams(*(constrain_stack(g, axis_name) for g in my_grams))
+                if new_cache is not None and my_sides is not None:
+                    new_cache[m.bucket] = StackCache(
+                        *(constrain_stack(g, axis_name) for g in my_sides)
+                    )
                 new_part[m.bucket] = bucket_state.replace(
                     **{
                         k: constrain_stack(getattr(bucket_state, k), axis_name)

@@ -28,11 +28,11 @@ from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import (
     Factors,
-    Grams,
+    StackCache,
     StepContext,
     apply_stack,
-    initial_grams,
     initial_scales,
+    initial_sides,
     rescaled,
     sum_powers,
     update_stack,
@@ -45,7 +45,7 @@ from ._base import AbstractLeafKind
 
 
 State = tuple[LeafState, ...]  # one per large leaf, in leaf order
-Cache = tuple[Grams, ...]  # each large leaf's stored sides (`cache_preconditioner`)
+Cache = tuple[StackCache, ...]  # each large leaf's stored sides (`cache_preconditioner`)
 
 
 def _valid_sides(plan: LeafPlan[LargeLayout]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,17 +112,17 @@ def _update_leaf(
     ctx: StepContext,
     x: Float[Array, "B m n"],
     state: LeafState,
-    grams: Grams | None,
+    sides: StackCache | None,
     plan: LeafPlan[LargeLayout],
     refresh: bool,
     axis_name: AxisNames,
-) -> tuple[Float[Array, "B m n"], LeafState, Grams | None]:
+) -> tuple[Float[Array, "B m n"], LeafState, StackCache | None]:
     strips = cut_strips(x, plan).astype(ctx.product_dtype)
     strips = constrain_stack(ctx.corrected(strips), axis_name)
     assert state.valid_rows is not None and state.valid_cols is not None
     factors = _factors(state)
     if not refresh:
-        return join_strips(apply_stack(ctx.rule, strips, factors, grams), plan), state, grams
+        return join_strips(apply_stack(ctx.rule, strips, factors, sides), plan), state, sides
     if ctx.first is not None:
         # Each layer's factors from its first input (`initial_scales`).
         layers = _strip_layers(plan)
@@ -133,13 +133,13 @@ def _update_leaf(
     rows, cols = strips.shape[1:]
     valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
     noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)
-    out, factors, grams = update_stack(
-        ctx, strips, noisy, factors, state.valid_rows, state.valid_cols, cache=grams is not None
+    out, factors, sides = update_stack(
+        ctx, strips, noisy, factors, state.valid_rows, state.valid_cols, cache=sides is not None
     )
     Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
-    if grams is not None:
-        grams = Grams(*(constrain_stack(g, axis_name) for g in grams))
-    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), grams
+    if sides is not None:
+        sides = StackCache(*(constrain_stack(g, axis_name) for g in sides))
+    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), sides
 
 
 class LargeKind(AbstractLeafKind):
@@ -166,7 +166,7 @@ class LargeKind(AbstractLeafKind):
         """The sides of each large leaf's initial factors, sharded like them."""
         constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
         return tuple(
-            Grams(*map(constrain, initial_grams(_factors(s), symmetric, config.compute_dtype)))
+            StackCache(*map(constrain, initial_sides(_factors(s), symmetric, config.compute_dtype)))
             for s in part
         )
 
@@ -185,16 +185,16 @@ class LargeKind(AbstractLeafKind):
         too when `refresh`. A large leaf has its own factors, so `slots` is not needed."""
         del slots
         states = self.by_leaf(part, plan)
-        sides = None if cache is None else self.by_leaf(cache, plan)
+        cached = None if cache is None else self.by_leaf(cache, plan)
         outputs = {}
         sum_sq = jnp.zeros(len(plan.leaves), jnp.float32)
         for i, x in inputs.items():
-            grams = None if sides is None else sides[i]
-            outputs[i], states[i], grams = _update_leaf(
-                ctx, x, states[i], grams, plan.leaves[i], refresh, axis_name
+            sides = None if cached is None else cached[i]
+            outputs[i], states[i], sides = _update_leaf(
+                ctx, x, states[i], sides, plan.leaves[i], refresh, axis_name
             )
-            if sides is not None:
-                sides[i] = grams
+            if cached is not None:
+                cached[i] = sides
             sum_sq = sum_sq.at[i].set(jnp.sum(jnp.square(outputs[i].astype(jnp.float32))))
-        new_cache = None if sides is None else self.in_order(sides, plan)
+        new_cache = None if cached is None else self.in_order(cached, plan)
         return outputs, self.in_order(states, plan), sum_sq, new_cache
