@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -54,8 +54,9 @@ print(f"{x_train.shape[0]} train / {x_test.shape[0]} test images")
 # decayed along a cosine. At the same learning rate the first steps of `skew`/`quad`
 # are much smaller than AdamW's (their update is clipped to `0.22 x lr` and their
 # factors start at the identity), so at AdamW's rate they lag far behind it for the
-# first hundred or so steps; about 3x AdamW's rate makes up for it
-# (`examples/lr_sweep.py` measures this; see `docs/choosing.md`).
+# first hundred or so steps. Which multiple of AdamW's rate is best depends on the
+# problem (`benchmarks/results/curves.md`: a third of it on this MLP with the start
+# from the gradient, 3x on a character-level LM); see `docs/choosing.md`.
 #
 # Each step is compiled before the clock starts (one warm-up call whose result is
 # thrown away), so the timings below are training time only.
