@@ -135,7 +135,7 @@ def _moment(
     # traced operation fewer per leaf.)
     b1 = config.b1
     new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
-    specs = leaf_specs(state.mu, config.params_partition_specs)
+    specs = _partition_specs(config, state.mu)
     if config.stochastic_rounding:
         # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
         stored = [
