@@ -1,5 +1,6 @@
-"""Training loops for `converge.py`, in plain JAX + optax so that the same code runs in
-our environment and in the reference's (which has neither equinox nor scikit-learn)."""
+"""Training loops for `converge` (and `drift`), in plain JAX + optax so that the same code
+runs in our environment and in the reference's (which has neither equinox nor
+scikit-learn nor `wkron_eqx`)."""
 
 import time
 

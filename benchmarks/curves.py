@@ -2,9 +2,9 @@
 `wk.skew`), `optax.adamw` and `optax.contrib.muon`, each at the best learning rate of a
 small grid.
 
-    python benchmarks/curves.py [--quick] [--problems digits,charlm] [--optimizers ...]
-    python benchmarks/curves.py --time-only     # the step times again, same curves
-    python benchmarks/curves.py --report-only   # curves.md and curves.png from the json
+    python -m benchmarks curves [--quick] [--problems digits,charlm] [--optimizers ...]
+    python -m benchmarks curves --time-only     # the step times again, same curves
+    python -m benchmarks curves --report-only   # curves.md and curves.png from the json
 
 Two problems, each trained as a user would, with an Equinox model, minibatches and a
 decaying learning rate (weight decay 1e-4 for every optimizer):
@@ -35,14 +35,11 @@ subset and merges it into the json. `--quick` (tiny sizes, one learning rate) wr
 the temporary directory instead.
 """
 
-import argparse
 import dataclasses
 import importlib
 import inspect
-import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,8 +52,10 @@ import optax
 
 import wkron_eqx as wk
 
+from ._harness import read_results, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
+
+DESCRIPTION = "is it worth it: loss against steps and time on two problems, best lr each"
 WEIGHT_DECAY = 1e-4
 MODULES = (
     "argparse",
@@ -541,9 +540,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Loss against steps and time, best lr each.")
-    parser.add_argument("--quick", action="store_true", help="a smoke run, tiny sizes")
+def add_arguments(parser):
     parser.add_argument("--problems", default="digits,charlm")
     parser.add_argument(
         "--optimizers",
@@ -556,7 +553,9 @@ def main(argv=None):
     parser.add_argument(
         "--time-only", action="store_true", help="measure the step times again, keep the curves"
     )
-    args = parser.parse_args(argv)
+
+
+def run(args):
     results = {}
     for name in [] if args.report_only else args.problems.split(","):
         if args.quick:
@@ -575,22 +574,12 @@ def main(argv=None):
             else:
                 problem, chunks = charlm_problem(600, (1e-3, 3e-3, 1e-2)), 1
         if args.time_only:
-            previous = json.loads((RESULTS / "curves.json").read_text())[name]
+            previous = read_results(args)[name]
             results[name] = retime(problem, previous, 5, chunks)
         else:
             results[name] = run_problem(problem, names, rounds, chunks)
-    # A smoke run writes outside the repository.
-    out_dir = Path(tempfile.gettempdir()) / "curves_quick" if args.quick else RESULTS
-    out_dir.mkdir(exist_ok=True)
-    json_path = out_dir / "curves.json"
-    merged = json.loads(json_path.read_text()) if json_path.exists() else {}
-    merged.update(results)
-    json_path.write_text(json.dumps(merged, indent=1))
-    text = table(merged)
-    print(text)
-    header = (
-        "# Loss against steps and time (`python benchmarks/curves.py`)\n\n"
-        f"2-core CPU shared with other jobs, jax {jax.__version__}, optax {optax.__version__}, "
+    notes = (
+        f"2-core CPU shared with other jobs, optax {optax.__version__}, "
         f"Python {sys.version.split()[0]}, seed 0. digits: `eqx.nn.MLP` 64-128-128-10 on "
         "scikit-learn's digits, minibatch 128, cosine decay, loss on the whole training set. "
         "charlm: a character-level transformer (3 blocks, d=128, 4 heads, context 64, "
@@ -604,12 +593,17 @@ def main(argv=None):
         "`optax.adamw` at its best rate, at the same step. ms/step: a whole training step "
         "(forward, backward, update), the fastest of interleaved rounds, compile excluded; "
         "CPU time: the median round's process CPU time, as a check on the wall-clock "
-        "ratio.\n\n"
+        "ratio."
     )
-    (out_dir / "curves.md").write_text(header + text)
-    plot(merged, out_dir / "curves.png")
-    print(f"wrote {out_dir}/curves.json, curves.md, curves.png", file=sys.stderr)
+    merged = {}
 
+    def merge(earlier):
+        merged.update(earlier or {})
+        merged.update(results)
+        return merged
 
-if __name__ == "__main__":
-    main()
+    folder = write_results(
+        args, None, table, title="Loss against steps and time", notes=notes, merge=merge
+    )
+    print(table(merged))
+    plot(merged, folder / "curves.png")

@@ -12,25 +12,26 @@ optimizer, three comparisons of the update of the first hidden weight, step by s
 The growth rate is the geometric mean of the per-step factor by which the 1-ulp
 difference grows while it is between 1e-6 and 1e-2 (before it saturates).
 
-    python benchmarks/drift.py [--steps 60]
+    python -m benchmarks drift [--steps 60]
+
+`--quick`: 10 steps, adamw and quad only.
 """
 
-import argparse
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _converge_core import mlp_init, xent
 from sklearn.datasets import load_digits
 
 import wkron_eqx as wk
 
+from ._converge_core import mlp_init, xent
+from ._harness import write_results
 
-RESULTS = Path(__file__).parent / "results"
+
+DESCRIPTION = "how far a scan and a loop of the same step drift apart; how fast 1 ulp grows"
 
 
 def _data():
@@ -102,10 +103,13 @@ def _growth(diff):
     return math.exp((math.log(window[-1]) - math.log(window[0])) / (idx[-1] - idx[0]))
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def add_arguments(parser):
     parser.add_argument("--steps", type=int, default=60)
-    args = parser.parse_args()
+
+
+def run(args):
+    if args.quick:
+        args.steps = 10
     x, y = _data()
     params = mlp_init([64, 128, 128, 10], 0)
     bumped = dict(params, w0=params["w0"].at[3, 5].set(jnp.nextafter(params["w0"][3, 5], 1.0)))
@@ -119,7 +123,9 @@ def main():
         "quad, preconditioner_lr=0.1": wk.quad(preconditioner_lr=0.1, **kw),
         "skew, preconditioner_lr=0.1": wk.skew(preconditioner_lr=0.1, **kw),
     }
-    rows = {}
+    if args.quick:
+        optimizers = {name: optimizers[name] for name in ("adamw", "quad")}
+    rows, lines = {}, []
     for name, tx in optimizers.items():
         loop = _loop(tx, params, args.steps, x, y)
         rerun = _relative(_loop(tx, params, args.steps, x, y), loop)
@@ -137,7 +143,7 @@ def main():
             "ulp_growth_per_step": _growth(list(ulp)),
         }
         at = [s for s in (2, 10, 20, 40, args.steps) if s <= args.steps]
-        print(
+        lines.append(
             f"{name:22s} rerun {rows[name]['rerun_max']:.1e}  scan-vs-loop "
             + " ".join(f"s{s}={scan[s - 1]:.1e}" for s in at)
             + "  1ulp "
@@ -145,12 +151,13 @@ def main():
             + f"  growth/step {rows[name]['ulp_growth_per_step']}"
             + "  optimizer alone 1ulp "
             + " ".join(f"s{s}={alone[s - 1]:.1e}" for s in at)
-            + f"  growth/step {rows[name]['alone_growth_per_step']}",
-            flush=True,
+            + f"  growth/step {rows[name]['alone_growth_per_step']}"
         )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "drift.json").write_text(json.dumps(rows, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+        print(lines[-1], flush=True)
+    notes = (
+        f"Digits MLP 64-128-128-10, float32, full batch of 1,000 images, lr 3e-3, weight "
+        f"decay 1e-4, {args.steps} steps. Relative difference of the first hidden weight's "
+        "update, `||u_a - u_b|| / ||u_b||`."
+    )
+    text = "```\n" + "\n".join(lines) + "\n```"
+    write_results(args, rows, text, title="Drift between runs", notes=notes)

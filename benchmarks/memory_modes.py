@@ -1,20 +1,20 @@
 """Optimizer-state size for each `memory_save_mode`, from shapes alone (`jax.eval_shape`:
 nothing is allocated), as state bytes / params bytes and the factors' share, float32.
 
-    python benchmarks/memory_modes.py
-"""
+    python -m benchmarks memory_modes [--trees gpt,transformer12,gpt2_small]
 
-import json
-from pathlib import Path
+`--quick`: the GPT-like tree only (it is shapes alone, seconds either way).
+"""
 
 import jax
 import jax.numpy as jnp
-from _trees import TREES, broadcast_scanned
 
 import wkron_eqx as wk
 
+from ._harness import TREES, abstract_tree, write_results
 
-RESULTS = Path(__file__).parent / "results"
+
+DESCRIPTION = "optimizer-state size for each memory_save_mode, from shapes alone"
 MODES = (None, "one_diag", "all_diag")
 
 
@@ -22,19 +22,17 @@ def _bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def main():
+def add_arguments(parser):
+    parser.add_argument("--trees", default="gpt,transformer12,gpt2_small")
+
+
+def run(args):
+    trees = "gpt" if args.quick else args.trees
     rows = []
-    print("| tree | mode | state / params | factors / params |")
-    print("|---|---|---|---|")
-    for name in ("gpt", "transformer12", "gpt2_small"):
-        spec = TREES[name]()
-        build = lambda node: (
-            jax.ShapeDtypeStruct(node, jnp.float32)
-            if isinstance(node, tuple)
-            else {k: build(v) for k, v in node.items()}
-        )
-        params = build(spec["params"])
-        scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
+    lines = ["| tree | mode | state / params | factors / params |", "|---|---|---|---|"]
+    print("\n".join(lines))
+    for name in trees.split(","):
+        params, scanned = abstract_tree(TREES[name](), jnp.float32)
         for mode in MODES:
             tx = wk.scale_by_quad(dtype=jnp.float32, scanned_layers=scanned, memory_save_mode=mode)
             state = jax.eval_shape(tx.init, params)
@@ -48,10 +46,11 @@ def main():
                     "factors_over_params": share,
                 }
             )
-            print(f"| {name} | {mode} | {ratio:.3f} | {share:.3f} |", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory_modes.json").write_text(json.dumps(rows, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+            lines.append(f"| {name} | {mode} | {ratio:.3f} | {share:.3f} |")
+            print(lines[-1], flush=True)
+    notes = (
+        '`scale_by_quad`, float32, from shapes alone (`jax.eval_shape`). "factors" counts the\n'
+        "factors and their Lipschitz estimates; the state adds the momentum (1.0x the params)."
+    )
+    text = "\n".join(lines)
+    write_results(args, rows, text, title="State size per `memory_save_mode`", notes=notes)

@@ -1,28 +1,30 @@
 """Parity with the reference: eformer 0.0.101's `scale_by_quad` / `scale_by_skew`.
 
-    python benchmarks/parity.py [--reference-python .refenv/bin/python] [--steps 20]
-                                [--cases mlp,conv,...] [--output results/parity.json]
+    python -m benchmarks parity [--reference-python .refenv/bin/python] [--steps 20]
+                                [--cases mlp,conv,...]
 
 Both implementations see the same params and gradients (float32, `noise_scale=0`) for
-`--steps` steps; the reference runs in its own virtual environment
-(`benchmarks/setup_reference.sh`) in a subprocess. Prints, per case and rule, the worst
-per-leaf cosine similarity and norm ratio over all steps, and writes them to `--output`
-(default `benchmarks/results/parity.json`). `--cases` picks some of `CASES` (default all).
+`--steps` steps, each in its own interpreter (the reference in its own virtual
+environment, `benchmarks/setup_reference.sh`). Prints, per case and rule, the worst
+per-leaf cosine similarity and norm ratio over all steps, and writes them to
+`benchmarks/results/parity.json` (and `.md`). `--cases` picks some of `CASES` (default
+all). `--quick`: the `scanned` case for 3 steps. `tests/test_parity.py` runs this
+benchmark (`python -m benchmarks parity`) in a subprocess.
+
+This module does not import `wkron_eqx`: the reference's interpreter imports its `CASES`,
+`arrays` and `flat`.
 """
 
-import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
 import numpy as np
 
+from ._harness import reference_python, run_python, write_results
+
+
+DESCRIPTION = "the updates of both implementations on the same gradients, worst leaf per case"
 
 # name -> (params shapes, scanned flags or None, extra keyword arguments)
 CASES = {
@@ -77,10 +79,8 @@ def flat(tree, prefix=""):
 
 
 RUNNER = r"""
-import sys, json
-sys.path.insert(0, {here!r})
 import numpy as np, jax, jax.numpy as jnp
-from parity import CASES, arrays, flat
+from benchmarks.parity import CASES, arrays, flat
 {imports}
 out = {{}}
 for case in {cases!r}:
@@ -101,11 +101,11 @@ np.savez({path!r}, **out)
 """
 
 
-def run(python: str, factory: str, imports: str, steps: int, cases=tuple(CASES)) -> dict:
+def updates(python: str, factory: str, imports: str, steps: int, cases=tuple(CASES)) -> dict:
+    """Every leaf's update at every step, computed in `python`."""
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "out.npz")
         script = RUNNER.format(
-            here=str(HERE),
             imports=imports,
             factory=factory,
             cases=tuple(cases),
@@ -113,9 +113,7 @@ def run(python: str, factory: str, imports: str, steps: int, cases=tuple(CASES))
             steps=steps,
             path=path,
         )
-        proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-4000:])
+        run_python(python, script)
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
 
@@ -137,44 +135,49 @@ def compare(ours: dict, ref: dict) -> dict:
     return worst
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reference-python", default=str(HERE.parent / ".refenv/bin/python"))
+def add_arguments(parser):
+    parser.add_argument("--reference-python", default=None, help="default: .refenv/bin/python")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated names")
-    parser.add_argument("--output", default=str(HERE / "results" / "parity.json"))
-    args = parser.parse_args(argv)
+
+
+def run(args):
+    if args.quick:
+        args.cases, args.steps = "scanned", 3
     cases = args.cases.split(",")
     unknown = set(cases) - set(CASES)
     if unknown:
-        parser.error(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
-    ours = run(
+        raise SystemExit(f"unknown cases {sorted(unknown)}; known: {list(CASES)}")
+    ref_python = reference_python(args.reference_python)
+    if ref_python is None or not Path(ref_python).exists():
+        raise SystemExit("no reference environment: bash benchmarks/setup_reference.sh")
+    ours = updates(
         sys.executable,
         "(lambda r: getattr(wk, 'scale_by_' + r))",
         "import wkron_eqx as wk",
         args.steps,
         cases,
     )
-    ref = run(
-        args.reference_python,
+    ref = updates(
+        ref_python,
         "(lambda r: getattr(ref, 'scale_by_' + r))",
         "from eformer.optimizers._tx import white_kron as ref",
         args.steps,
         cases,
     )
     worst = compare(ours, ref)
-    print(f"parity over {args.steps} steps (float32, noise_scale=0), worst leaf per case:\n")
-    print("| case | rule | leaves x steps | min cosine | max abs(norm ratio - 1) |")
-    print("|---|---|---|---|---|")
+    lines = [
+        "| case | rule | leaves x steps | min cosine | max abs(norm ratio - 1) |",
+        "|---|---|---|---|---|",
+    ]
     for key, w in worst.items():
         case, rule = key.split("|")
-        print(
+        lines.append(
             f"| {case} | {rule} | {w['leaves']} | {w['cosine']:.6f} | {w['norm_ratio_dev']:.4%} |"
         )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(worst, indent=1))
+    text = "\n".join(lines)
+    print(f"parity over {args.steps} steps (float32, noise_scale=0), worst leaf per case:\n")
+    print(text)
+    notes = f"{args.steps} steps, float32, `noise_scale=0`; the worst leaf and step per case."
+    write_results(args, worst, text, title="Parity with the reference", notes=notes)
     return worst
-
-
-if __name__ == "__main__":
-    main()

@@ -18,32 +18,29 @@ multiplied by the lr, and the whole lr grid (and the seeds) run under `jax.vmap`
 fixed-length `lax.scan`, with the metric read every `EVERY` steps. Reported: the steps to
 the target (to `EVERY` steps) or the best metric reached. Results go to
 `benchmarks/results/precision.json` (merged by problem, variant, lr and seed, so runs can
-be made in pieces) and `precision.md` (rebuilt from the whole json).
+be made in pieces) and `precision.md` (rebuilt from the whole json); `--results-name
+precision_seeds3` keeps another record. `--quick`: adamw and quad on `lstsq` and `parity`,
+lr 1e-2, 50 steps.
 
-    python benchmarks/precision.py [--variants adamw,quad,skew] [--problems lstsq,parity]
+    python -m benchmarks precision [--variants adamw,quad,skew] [--problems lstsq,parity]
         [--lrs 3e-4,1e-3,3e-3,1e-2,3e-2] [--steps 2000] [--seeds 1]
-    python benchmarks/precision.py --variants quad+noise_scale=1e-3+b1=0.9
-    python benchmarks/precision.py --check   # vmapped lr == transform built with that lr
+    python -m benchmarks precision --variants quad+noise_scale=1e-3+b1=0.9
+    python -m benchmarks precision --check   # vmapped lr == transform built with that lr
 
 A variant is `adamw`, `quad` or `skew` (or a name in `EXTRA_VARIANTS`), then any number
 of `+key=value`, passed as keyword arguments to the factory (values through
 `ast.literal_eval`, else kept as strings). Another script can register its own:
 
-    import precision
+    from benchmarks import __main__ as benchmarks, precision
     precision.EXTRA_VARIANTS["mine"] = lambda: my_transform_for_lr_1()
-    precision.main(["--variants", "mine"])
+    benchmarks.main(["precision", "--variants", "mine"])
 """
 
-import argparse
 import ast
-import fcntl
-import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +49,10 @@ import optax
 
 import wkron_eqx as wk
 
+from ._harness import write_results
 
-RESULTS = Path(__file__).parent / "results"
+
+DESCRIPTION = "steps to a precision target, or off a recurrent plateau, per optimizer and lr"
 EVERY = 10  # steps between two reads of the metric: the resolution of "steps to target"
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
@@ -560,16 +559,14 @@ def _cell(rows):
     return text
 
 
-def markdown(rows, command):
+def markdown(rows):
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     problems = [p for p in PROBLEMS.values() if any(r["problem"] == p.name for r in rows)]
     lrs = sorted({r["lr"] for r in rows})
     budgets = "/".join(str(n) for n in sorted({r.get("steps") for r in rows}, key=str))
     seeds = len({r["seed"] for r in rows})
     lines = [
-        "# Precision and plateaus (`python benchmarks/precision.py`)",
-        "",
-        f"Last run: `{command}`, merged with the rows of earlier runs in the json. "
+        "The last run's rows merged with those of earlier runs in the json. "
         f"Step budget {budgets}, {seeds} seed(s), constant learning rate, float32, weight "
         "decay 0, other arguments at their defaults unless the variant says otherwise.",
         "",
@@ -632,18 +629,21 @@ def check(steps=30):
             )
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser):
     parser.add_argument("--variants", default="adamw,quad,skew")
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--out", default=str(RESULTS / "precision"), help="<out>.json, .md")
     parser.add_argument("--check", action="store_true", help="vmapped lr == built with lr")
-    args = parser.parse_args(argv)
+
+
+def run(args):
     if args.check:
         return check()
+    if args.quick:
+        args.variants, args.problems, args.lrs = "adamw,quad", "lstsq,parity", "1e-2"
+        args.steps = 50
     assert args.steps % EVERY == 0, f"--steps must be a multiple of {EVERY}"
     lrs = [float(lr) for lr in args.lrs.split(",")]
     names = args.problems.split(",")
@@ -660,20 +660,10 @@ def main(argv=None):
             rows += new
     for variant, seconds in totals.items():
         print(f"{variant}: {seconds:.1f} s for {len(names)} problems")
-    json_path, md_path = Path(f"{args.out}.json"), Path(f"{args.out}.md")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    command = ["python benchmarks/precision.py", *(sys.argv[1:] if argv is None else argv)]
-    with open(json_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # runs in parallel merge into the same file
-        f.seek(0)
-        text = f.read()
-        rows = merge(json.loads(text) if text.strip() else [], rows)
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(rows, indent=1))
-        md_path.write_text(markdown(rows, " ".join(command)))
-    return rows
-
-
-if __name__ == "__main__":
-    main()
+    write_results(
+        args,
+        None,
+        markdown,
+        title="Precision and plateaus",
+        merge=lambda earlier: merge(earlier or [], rows),
+    )

@@ -1,6 +1,6 @@
 """Reliability repros, run on wkron_eqx and on the reference (eformer 0.0.101's white_kron).
 
-    python benchmarks/ref_checks.py [--reference-python .refenv/bin/python]
+    python -m benchmarks ref_checks [--reference-python .refenv/bin/python]
 
 The same small script runs in a subprocess for each implementation (the reference in its
 own virtual environment, `benchmarks/setup_reference.sh`): does `update` mutate the input
@@ -8,20 +8,20 @@ state; does one NaN gradient poison the state for the next three good steps; are
 `block_size=0`, `lr_style="sgd"`, `b1=1.5`, `max_size_dense=-1` accepted; what error does a
 mismatched gradient tree give; does a zero gradient with `noise_scale=0` give NaN; are
 `preconditioner_lr=0.1` and `0.4` the same step. Prints a markdown table and writes
-`benchmarks/results/ref_checks.json`. Without `--reference-python` only wkron_eqx runs.
+`benchmarks/results/ref_checks.{json,md}`. Without a reference environment (given, or
+`.refenv`) only wkron_eqx runs. `--quick` runs the same (it is small already), but writes
+under the temporary directory.
 """
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ._harness import reference_python, run_python, write_results
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+
+DESCRIPTION = "the reference's failure modes (mutated state, NaN poisoning, ...) beside ours"
 
 RUNNER = r"""
 import json, sys
@@ -173,24 +173,21 @@ with open(out_path, "w") as f:
 """
 
 
-def run(python: str, impl: str) -> dict:
+def checks(python: str, impl: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        script, out = Path(tmp, "ref_checks_runner.py"), Path(tmp, "out.json")
-        script.write_text(RUNNER)
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        if impl == "wkron_eqx":
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        subprocess.run([python, str(script), impl, str(out)], check=True, env=env, cwd=tmp)
+        out = Path(tmp, "out.json")
+        run_python(python, RUNNER, impl, str(out), env={"JAX_PLATFORMS": "cpu"})
         return json.loads(out.read_text())
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference-python", help="python of the reference's virtual env")
-    args = parser.parse_args()
+def add_arguments(parser):
+    parser.add_argument("--reference-python", default=None, help="default: .refenv/bin/python")
 
-    ours = run(sys.executable, "wkron_eqx")
-    reference = run(args.reference_python, "reference") if args.reference_python else None
+
+def run(args):
+    ref_python = reference_python(args.reference_python)
+    ours = checks(sys.executable, "wkron_eqx")
+    reference = checks(ref_python, "reference") if ref_python else None
     rows = [
         {
             "case": name,
@@ -199,20 +196,15 @@ def main():
         }
         for name, result in ours["results"].items()
     ]
-    print("| case | reference | wkron_eqx |")
-    print("|---|---|---|")
+    lines = ["| case | reference | wkron_eqx |", "|---|---|---|"]
     for row in rows:
         cells = [row["case"], row["reference"] or "(not run)", row["wkron_eqx"]]
-        print("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    text = "\n".join(lines)
+    print(text)
     record = {
-        "reference_python": args.reference_python,
+        "reference_python": ref_python,
         "jax": {"wkron_eqx": ours["jax"], "reference": reference and reference["jax"]},
         "cases": rows,
     }
-    (results / "ref_checks.json").write_text(json.dumps(record, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    write_results(args, record, text, title="The reference's failure modes, and ours")

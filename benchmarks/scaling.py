@@ -1,48 +1,43 @@
 """Compile time and XLA temp memory against the number of leaves: ours and the reference.
 
-    python benchmarks/scaling.py [--sizes 8,32,128,256] [--reference-python .refenv/bin/python]
+    python -m benchmarks scaling [--sizes 8,32,128,256] [--reference-python .refenv/bin/python]
+    python -m benchmarks scaling --trees transformer12,resnet50,gpt2_small --rounds 3
 
-A tree of N leaves cycles through matrices, vectors and conv kernels (`_trees.mixed`);
-for each N, `jax.jit(tx.update).lower(...)` and `.compile()` are timed with cold caches,
-ours then the reference's (eformer 0.0.101, in its own virtual environment), `quad`
-and `skew`, float32. Shapes only: nothing is run, so the numbers are compile costs.
-Writes `benchmarks/results/scaling.json` and prints a markdown table with the growth
-from the smallest N and the ratio to the reference.
+A tree of N leaves cycles through matrices, vectors and conv kernels (`mixed`); for each
+N, `jax.jit(tx.update).lower(...)` and `.compile()` are timed with cold caches, ours then
+the reference's (eformer 0.0.101, in its own virtual environment), `quad` and `skew`,
+float32, each in a fresh interpreter. Shapes only: nothing is run, so the numbers are
+compile costs. Writes `benchmarks/results/scaling.{json,md}`: the growth from the
+smallest N and the ratio to the reference. `--quick`: 8 leaves, quad only.
 """
 
-import argparse
 import json
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
-
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 import jax
-from _trees import TREES
+
+from ._harness import (
+    TREES,
+    environment,
+    last_json,
+    reference_python,
+    run_python,
+    write_results,
+)
 
 
+DESCRIPTION = "compile time and XLA temp memory against the number of leaves, and the reference"
 OPTIMIZERS = ("quad", "skew")
 
 # Run in both interpreters: builds the abstract tree and measures one optimizer.
 MEASURE = r"""
-import json, sys
-sys.path.insert(0, {here!r})
-import jax, jax.numpy as jnp
-from _measure import compile_only
-from _trees import TREES, broadcast_scanned, mixed
+import json
+import jax.numpy as jnp
+from benchmarks._harness import TREES, abstract_tree, compile_only, mixed
 {import_line}
 spec = mixed({n}) if {tree!r} == "mixed" else TREES[{tree!r}]()
-def build(node):
-    if isinstance(node, tuple):
-        return jax.ShapeDtypeStruct(node, jnp.float32)
-    return {{k: build(v) for k, v in node.items()}}
-params = build(spec["params"])
-scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
+params, scanned = abstract_tree(spec, jnp.float32)
 tx = getattr(opt, {name!r})(learning_rate=1e-3, dtype=jnp.float32, scanned_layers=scanned)
 print(json.dumps(compile_only(tx, params, params)))
 """
@@ -51,25 +46,24 @@ OURS = "import wkron_eqx as opt"
 REFERENCE = "from eformer.optimizers._tx import white_kron as opt"
 
 
-def run(python: str, import_line: str, tree: str, n: int, name: str) -> dict:
+def measure(python: str, import_line: str, tree: str, n: int, name: str) -> dict:
     """One measurement in a fresh interpreter (no compile cache carries over)."""
-    script = MEASURE.format(here=str(HERE), import_line=import_line, tree=tree, n=n, name=name)
-    proc = subprocess.run([python, "-c", script], capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError(f"{tree} n={n} {name} failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    script = MEASURE.format(import_line=import_line, tree=tree, n=n, name=name)
+    return last_json(run_python(python, script))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+def add_arguments(parser):
     parser.add_argument("--sizes", default="8,32,128,256")
     parser.add_argument("--trees", default="", help="also these named trees, e.g. resnet50")
-    parser.add_argument("--reference-python", default=None)
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--reference-python", default=None, help="default: .refenv/bin/python")
     parser.add_argument("--rounds", type=int, default=1, help="keep each row's fastest")
-    args = parser.parse_args()
-    default_ref = HERE.parent / ".refenv" / "bin" / "python"
-    ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
+
+
+def run(args):
+    if args.quick:
+        args.sizes, args.trees, args.optimizers, args.rounds = "8", "", "quad", 1
+    ref_python = reference_python(args.reference_python)
     cases = [("mixed", int(n)) for n in args.sizes.split(",")]
     cases += [
         (t, len(jax.tree.leaves(TREES[t]()["params"], is_leaf=lambda x: isinstance(x, tuple))))
@@ -81,7 +75,7 @@ def main():
     # `--rounds` > 1 the whole sequence repeats and each row keeps its fastest compile.
     for _ in range(args.rounds):
         for tree, n in cases:
-            for name in OPTIMIZERS:
+            for name in args.optimizers.split(","):
                 row = rows.setdefault(
                     (tree, n, name), {"tree": tree, "leaves": n, "optimizer": name}
                 )
@@ -89,7 +83,7 @@ def main():
                 if ref_python:
                     who.append(("reference", ref_python, REFERENCE))
                 for key, python, line in who:
-                    new = run(python, line, tree, n, name)
+                    new = measure(python, line, tree, n, name)
                     old = row.get(key)
                     if (
                         old is None
@@ -98,20 +92,19 @@ def main():
                         row[key] = new
                 print(json.dumps(row), file=sys.stderr, flush=True)
     rows = list(rows.values())
+    where = environment()
     meta = {
-        "date": time.strftime("%Y-%m-%d"),
+        "date": where["date"],
         "cpus": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
+        "jax": where["jax"],
+        "backend": where["backend"],
+        "device": where["device"],
     }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "scaling.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1)
+    text = table(rows)
+    print(text)
+    write_results(
+        args, {"meta": meta, "rows": rows}, text, title="Compile time against the number of leaves"
     )
-    where = f"{meta['device']} ({meta['backend']}), {meta['cpus']} CPUs"
-    print(f"{meta['date']}, {where}, jax {meta['jax']}\n")
-    print(table(rows))
 
 
 def table(rows: list[dict]) -> str:
@@ -141,7 +134,3 @@ def table(rows: list[dict]) -> str:
             )
         )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

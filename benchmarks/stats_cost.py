@@ -6,18 +6,14 @@ the update returning the default statistics of its new state, the same with
 `condition_numbers=True`, and the statistics alone (both modes). All are timed on warm
 calls from a state that has taken a few steps, in turn, round after round; the reported
 time is the fastest of `--repeats` calls (other load on a shared machine only ever adds
-time), the median is kept beside it.
+time), the median is kept beside it. `--quick`: 2 repeats.
 
-    python benchmarks/stats_cost.py [--repeats 30]
+    python -m benchmarks stats_cost [--repeats 30]
 """
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +21,10 @@ import numpy as np
 
 import wkron_eqx as wk
 
+from ._harness import interleaved, write_results
 
-RESULTS = Path(__file__).parent / "results"
+
+DESCRIPTION = "what preconditioner_stats adds to a jitted training step"
 SIZES = (784, 512, 512, 10)
 WARMUP = 3
 
@@ -40,20 +38,12 @@ def _tree(rng: np.random.Generator, scale: bool) -> dict[str, jax.Array]:
     return tree
 
 
-def _time(calls: dict, repeats: int) -> dict[str, list[float]]:
-    """Wall times (ms) of every call in `calls`, taken in turn `repeats` times after
-    `WARMUP` rounds, so that a burst of other load falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for turn in range(WARMUP + repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            if turn >= WARMUP:
-                times[name].append(1e3 * (time.perf_counter() - start))
-    return times
+def add_arguments(parser):
+    parser.add_argument("--repeats", type=int, default=30)
 
 
-def main(repeats: int) -> None:
+def run(args) -> None:
+    repeats = 2 if args.quick else args.repeats
     rng = np.random.default_rng(0)
     params, grads = _tree(rng, scale=True), _tree(rng, scale=False)
     tx = wk.quad(dtype=jnp.float32)
@@ -87,18 +77,17 @@ def main(repeats: int) -> None:
         compiled = jax.jit(fn).lower(*args).compile()
         calls[name] = lambda compiled=compiled, args=args: compiled(*args)
     rows = []
-    for name, times in _time(calls, repeats).items():
+    for name, times in interleaved(calls, repeats, warmup=WARMUP).items():
         fastest, median = min(times), statistics.median(times)
         rows.append({"program": name, "step_ms": fastest, "median_ms": median})
         print(f"{name:>40}: {fastest:8.2f} ms (median {median:.2f})", flush=True)
     base = rows[0]["step_ms"]
     for row in rows:
         row["ratio"] = row["step_ms"] / base
-    _write(rows, repeats)
+    _write(args, rows, repeats)
 
 
-def _write(rows: list[dict], repeats: int) -> None:
-    RESULTS.mkdir(exist_ok=True)
+def _write(args, rows: list[dict], repeats: int) -> None:
     meta = {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
@@ -106,30 +95,17 @@ def _write(rows: list[dict], repeats: int) -> None:
         "machine": platform.machine(),
         "repeats": repeats,
     }
-    (RESULTS / "stats_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [
-        f"# `preconditioner_stats` inside a jitted step (`python benchmarks/stats_cost.py "
-        f"--repeats {repeats}`)",
-        "",
-        "`wk.quad(dtype=jnp.float32)` on an MLP 784-512-512-10 (14 dense tiles of up to",
-        "256 x 256, three 1-D leaves), jax "
-        f"{meta['jax']} on {meta['backend']} ({meta['machine']}, {meta['cpus']} cores). Fastest of "
-        f"{repeats} warm",
-        "calls (the median beside it); the ratio is to the update alone. On a shared machine",
-        "the programs with an SVD vary most from run to run (other load stretches their",
-        "long calls); the fastest call is the closest to their unloaded cost.",
-        "",
-        "| program | ms | median ms | ratio |",
-        "|---|---|---|---|",
-    ]
+    notes = (
+        "`wk.quad(dtype=jnp.float32)` on an MLP 784-512-512-10 (14 dense tiles of up to\n"
+        f"256 x 256, three 1-D leaves). Fastest of {repeats} warm calls (the median beside\n"
+        "it); the ratio is to the update alone. On a shared machine the programs with an SVD\n"
+        "vary most from run to run (other load stretches their long calls); the fastest call\n"
+        "is the closest to their unloaded cost."
+    )
+    lines = ["| program | ms | median ms | ratio |", "|---|---|---|---|"]
     lines += [
         f"| {r['program']} | {r['step_ms']:.2f} | {r['median_ms']:.2f} | {r['ratio']:.2f} |"
         for r in rows
     ]
-    (RESULTS / "stats_cost.md").write_text("\n".join(lines) + "\n")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    main(parser.parse_args().repeats)
+    title = "`preconditioner_stats` inside a jitted step"
+    write_results(args, {"meta": meta, "rows": rows}, "\n".join(lines), title=title, notes=notes)

@@ -1,47 +1,51 @@
 """Step time, compile time and state memory: wkron_eqx against optax.adamw and eformer.
 
-    python benchmarks/step.py [--reference-python .refenv/bin/python] [--trees mlp,gpt]
+    python -m benchmarks step [--reference-python .refenv/bin/python] [--trees mlp,gpt]
+    python -m benchmarks step --trees transformer12,resnet50 --results-name step_many
 
-Prints a markdown table and writes `benchmarks/results/step.json`. Every ratio is
+Prints a markdown table and writes `benchmarks/results/step.{json,md}`. Every ratio is
 measured in this one run on this machine. The reference (eformer 0.0.101's `quad` /
 `skew`) runs in its own virtual environment (`benchmarks/setup_reference.sh`), in a
-subprocess, on the same trees with the same keyword arguments.
+subprocess, on the same trees with the same keyword arguments. Tree by tree, ours then
+the reference's, so that both see the same machine load; the whole sequence `--rounds`
+times, keeping each row's fastest times. `--quick`: the MLP, quad in float32, 3 repeats,
+one round.
 """
 
-import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
-
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _measure import measure
-from _trees import TREES, broadcast_scanned, materialise
 
 import wkron_eqx as wk
 from wkron_eqx._layout import LeafKind, plan_tree
 
+from ._harness import (
+    TREES,
+    broadcast_scanned,
+    environment,
+    keep_fastest,
+    last_json,
+    materialise,
+    measure,
+    reference_python,
+    run_python,
+    write_results,
+)
 
-OPTIMIZERS = ["quad", "skew"]
-DTYPES = ["float32", "bfloat16"]
+
+DESCRIPTION = "step time, compile time and state memory against optax.adamw and the reference"
+OPTIMIZERS = ("quad", "skew")
+DTYPES = ("float32", "bfloat16")
 DEFAULT_TREES = ("mlp", "gpt", "conv", "embedding")
 
 REFERENCE_SCRIPT = r"""
 import json, sys
-sys.path.insert(0, {here!r})
 import jax, jax.numpy as jnp
-from _measure import measure
-from _trees import TREES, broadcast_scanned, materialise
+from benchmarks._harness import TREES, broadcast_scanned, materialise, measure
 from eformer.optimizers._tx import white_kron as ref
 
 out = {{}}
@@ -130,7 +134,7 @@ def matmul_floor(spec: dict, params, scanned, dtype, rule: str, repeats: int) ->
     return 1e3 * float(np.min(times))  # the fastest, like `measure`'s step time
 
 
-def run_ours(trees, repeats: int) -> dict:
+def run_ours(trees, optimizers, dtypes, repeats: int, probability: bool) -> dict:
     out = {}
     for tree in trees:
         spec = TREES[tree]()
@@ -138,8 +142,8 @@ def run_ours(trees, repeats: int) -> dict:
         grads = jax.tree.map(jnp.asarray, materialise(spec["params"], 1))
         scanned = broadcast_scanned(spec["params"], spec["scanned"]) if spec["scanned"] else None
         out[f"{tree}/adamw/float32"] = measure(optax.adamw(1e-3), params, grads, repeats)
-        for name in OPTIMIZERS:
-            for dtype in DTYPES:
+        for name in optimizers:
+            for dtype in dtypes:
                 tx = getattr(wk, name)(
                     learning_rate=1e-3, dtype=getattr(jnp, dtype), scanned_layers=scanned
                 )
@@ -149,7 +153,7 @@ def run_ours(trees, repeats: int) -> dict:
                 )
                 out[f"{tree}/{name}/{dtype}"] = row
                 print(tree, name, dtype, row, file=sys.stderr, flush=True)
-        if "pup" in os.environ.get("BENCH_EXTRA", "pup"):
+        if probability:
             out.update(update_probability(tree, params, grads, scanned))
     return out
 
@@ -182,20 +186,14 @@ def update_probability(tree: str, params, grads, scanned, rounds: int = 2) -> di
     }
 
 
-def run_reference(python: str, trees, repeats: int) -> dict:
+def run_reference(python: str, trees, optimizers, dtypes, repeats: int) -> dict:
     script = REFERENCE_SCRIPT.format(
-        here=str(HERE), trees=list(trees), optimizers=OPTIMIZERS, dtypes=DTYPES, repeats=repeats
+        trees=list(trees), optimizers=list(optimizers), dtypes=list(dtypes), repeats=repeats
     )
-    proc = subprocess.run(
-        [python, "-c", script], capture_output=True, text=True, env=os.environ.copy()
-    )
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise RuntimeError("the reference run failed")
-    return {f"{k}": v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    return last_json(run_python(python, script))
 
 
-def table(ours: dict, ref: dict, trees) -> str:
+def table(ours: dict, ref: dict, trees, optimizers, dtypes) -> str:
     lines = [
         "| tree | optimizer | dtype | step ms | vs adamw | vs reference | vs own matmuls "
         "| compile s | vs ref compile | temp MB | vs ref temp | state/params | ref state/params "
@@ -209,8 +207,8 @@ def table(ours: dict, ref: dict, trees) -> str:
             f"{adam['compile_s']:.2f} | | {adam['temp_bytes'] / 1e6:.1f} | | "
             f"{adam['state_bytes'] / adam['param_bytes']:.2f} | | |"
         )
-        for name in OPTIMIZERS:
-            for dtype in DTYPES:
+        for name in optimizers:
+            for dtype in dtypes:
                 key = f"{tree}/{name}/{dtype}"
                 row, r = ours[key], ref.get(key)
                 fmt = lambda x: f"{x:.2f}" if x is not None else "n/a"
@@ -240,19 +238,8 @@ def table(ours: dict, ref: dict, trees) -> str:
 _TIMES = ("step_ms", "median_ms", "compile_s", "matmul_ms")
 
 
-def keep_fastest(into: dict, rows: dict) -> None:
-    """Merge `rows` into `into`, keeping the smaller value of each time field."""
-    for key, row in rows.items():
-        if key in into:
-            for field in _TIMES:
-                if field in row:
-                    row[field] = min(row[field], into[key][field])
-        into[key] = row
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--reference-python", default=None)
+def add_arguments(parser):
+    parser.add_argument("--reference-python", default=None, help="default: .refenv/bin/python")
     parser.add_argument(
         "--trees", default=",".join(DEFAULT_TREES), help=f"any of {', '.join(TREES)}"
     )
@@ -260,41 +247,37 @@ def main():
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--no-update-probability",
+        action="store_true",
+        help="leave out the 100-step means at preconditioner_update_probability 0.1 and 1.0",
+    )
+
+
+def run(args):
+    if args.quick:
+        args.trees, args.optimizers, args.dtypes = "mlp", "quad", "float32"
+        args.repeats, args.rounds, args.no_update_probability = 3, 1, True
     trees = args.trees.split(",")
-    OPTIMIZERS[:] = args.optimizers.split(",")
-    DTYPES[:] = args.dtypes.split(",")
+    optimizers, dtypes = args.optimizers.split(","), args.dtypes.split(",")
     device = jax.devices()[0]
     print(f"running on {device.device_kind} ({jax.default_backend()})", file=sys.stderr)
-    default_ref = HERE.parent / ".refenv" / "bin" / "python"
-    ref_python = args.reference_python or (str(default_ref) if default_ref.exists() else None)
-    # Tree by tree, ours then the reference's, so that both see the same machine load;
-    # the whole sequence `--rounds` times, keeping each row's fastest times, so that a
-    # burst of load on this shared machine during one measurement does not decide a ratio.
+    ref_python = reference_python(args.reference_python)
+    probability = not args.no_update_probability
     ours, ref = {}, {}
     for _ in range(args.rounds):
         for tree in trees:
-            keep_fastest(ours, run_ours([tree], args.repeats))
+            rows = run_ours([tree], optimizers, dtypes, args.repeats, probability)
+            keep_fastest(ours, rows, _TIMES)
             if ref_python:
-                keep_fastest(ref, run_reference(ref_python, [tree], args.repeats))
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-    }
-    (HERE / "results").mkdir(exist_ok=True)
-    suffix = os.environ.get("BENCH_SUFFIX", "")
-    (HERE / "results" / f"step{suffix}.json").write_text(
-        json.dumps({"meta": meta, "ours": ours, "reference": ref}, indent=1)
+                rows = run_reference(ref_python, [tree], optimizers, dtypes, args.repeats)
+                keep_fastest(ref, rows, _TIMES)
+    meta = environment()
+    text = table(ours, ref, trees, optimizers, dtypes)
+    print(text)
+    write_results(
+        args,
+        {"meta": meta, "ours": ours, "reference": ref},
+        text,
+        title="One optimizer update against optax.adamw and eformer 0.0.101",
     )
-    print(
-        f"{meta['date']}, {meta['device']} ({meta['backend']}), {meta['machine']}, "
-        f"jax {meta['jax']}\n"
-    )
-    print(table(ours, ref, trees))
-
-
-if __name__ == "__main__":
-    main()

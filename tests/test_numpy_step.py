@@ -31,7 +31,7 @@ from .helpers import cosine, run_steps
 from .numpy_reference import ReferenceOptimizer, merge_shape
 
 
-# The quick subset `benchmarks/mutations.py` runs against each mutant.
+# The quick subset `tools/mutations.py` runs against each mutant.
 pytestmark = pytest.mark.fast
 
 

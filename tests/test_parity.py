@@ -7,8 +7,8 @@ Without that environment the test is skipped, unless `WKRON_REQUIRE_REFERENCE=1`
 Two cases by default, which between them hold every leaf kind (dense tiles with edge
 tiles, scanned stacks, 1-D leaves, large leaves with a diagonal left side, a diagonal right
 side, or both); compiling the two implementations dominates the cost, about 40 s a case.
-`WKRON_PARITY_CASES=all` (or a comma-separated list) runs others; `benchmarks/parity.py`
-runs all five and records them in `benchmarks/results/parity.json`.
+`WKRON_PARITY_CASES=all` (or a comma-separated list) runs others; `python -m benchmarks
+parity` runs all five and records them in `benchmarks/results/parity.json`.
 """
 
 import json
@@ -33,13 +33,15 @@ CASES = os.environ.get("WKRON_PARITY_CASES", "scanned,both_diagonal")
 )
 def test_parity_with_reference(tmp_path):
     assert Path(REFERENCE_PYTHON).exists(), f"no reference environment at {REFERENCE_PYTHON}"
-    # The benchmark is run as the script it is (imported, it would need `benchmarks/` on
-    # `sys.path`); without `--cases` it runs all of its cases.
-    output = tmp_path / "parity.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "parity.py")]
+    # The benchmark's own command, in a subprocess: both implementations run in
+    # interpreters of their own anyway, and this process's jax configuration (strict
+    # promotion, runtime type checks) stays out of them. Without `--cases` it runs all of
+    # its cases; its results go to `tmp_path`, not to `benchmarks/results/`.
+    command = [sys.executable, "-m", "benchmarks", "parity", "--results-dir", str(tmp_path)]
     command += ["--reference-python", REFERENCE_PYTHON, "--steps", "12"]
-    command += ["--output", str(output)] + ([] if CASES == "all" else ["--cases", CASES])
+    command += [] if CASES == "all" else ["--cases", CASES]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    output = tmp_path / "parity.json"
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     worst = json.loads(output.read_text())
     cases = {key.split("|")[0] for key in worst}

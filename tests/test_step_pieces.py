@@ -19,7 +19,7 @@ from wkron_eqx._transform import rms_clip_scale
 from .numpy_reference import ReferenceOptimizer
 
 
-# The quick subset `benchmarks/mutations.py` runs against each mutant.
+# The quick subset `tools/mutations.py` runs against each mutant.
 pytestmark = pytest.mark.fast
 
 

@@ -383,7 +383,7 @@ def test_scan_matches_python_loop():
 
     # The scan and the loop are two compiled programs, free to round differently (they
     # agree to ~1e-6 here; over a long training run the factor dynamics amplify such
-    # differences: `benchmarks/drift.py`). The same program run again is bit-identical.
+    # differences: `python -m benchmarks drift`). The same program run again is bit-identical.
     carry_again, again = (params, tx.init(params)), []
     for i in range(10):
         carry_again, u = jit_step(carry_again, jax.tree.map(lambda g: g[i], grads))

@@ -10,7 +10,7 @@ import pytest
 import wkron_eqx as wk
 
 
-# The quick subset `benchmarks/mutations.py` runs against each mutant.
+# The quick subset `tools/mutations.py` runs against each mutant.
 pytestmark = pytest.mark.fast
 
 

@@ -32,7 +32,8 @@ import numpy as np
 
 
 _ROOT = Path(__file__).resolve().parents[1]
-_TREES = runpy.run_path(str(_ROOT / "benchmarks" / "_trees.py"))
+# `tests/trees.py` needs only jax and numpy; run as a file, it needs no `sys.path` change.
+_TREES = runpy.run_path(str(_ROOT / "tests" / "trees.py"))
 
 
 def _package(checkout: Path):
@@ -76,7 +77,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per compile")
     args = parser.parse_args()
     versions = {"before": _package(args.before), "after": importlib.import_module("wkron_eqx")}
-    print("| tree | optimizer | compile s before | after | ratio | step ms before | after | ratio |")
+    print(
+        "| tree | optimizer | compile s before | after | ratio | step ms before | after | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for tree in args.trees:
         params, scanned = _params(tree)

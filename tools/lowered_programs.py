@@ -7,7 +7,7 @@ either: run this before and after and compare the two files.
     ... change the code ...
     python tools/lowered_programs.py after.json --compare before.json
 
-The trees are the benchmarks' (`benchmarks/_trees.py`); each is traced for the CPU and the
+The trees are the benchmarks' and the tests' (`tests/trees.py`); each is traced for the CPU and the
 GPU backend record (nothing is compiled, nothing needs a GPU).
 """
 
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 
-_TREES = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "_trees.py"))
+# `tests/trees.py` needs only jax and numpy; run as a file, it needs no `sys.path` change.
+_TREES = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tests" / "trees.py"))
 
 TREE_NAMES = ("mlp", "gpt", "conv", "embedding", "transformer12")
 OPTIONS = {

@@ -1,9 +1,10 @@
 """Mutation check: do the fast tests catch one-line changes to the maths?
 
-    python benchmarks/mutations.py [--only NAME ...] [--timeout 300] [--output PATH]
+    python tools/mutations.py [--only NAME ...] [--timeout 300] [--output PATH]
 
-The package, tests and benchmarks are first copied to a temporary snapshot, so that
-edits made to the working tree meanwhile do not mix into the run. Each mutation replaces
+It tests the tests, so it is a tool, not a benchmark. The package and the tests are first
+copied to a temporary snapshot, so that edits made to the working tree meanwhile do not
+mix into the run. Each mutation replaces
 one exact piece of text in one file of `wkron_eqx/` (it must occur there exactly once,
 or the mutation is reported as invalid and not run): the snapshot is copied again, the
 mutation applied to that copy, and the tests marked `fast` run there (`pytest -x -m
@@ -37,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # in pytest's collection order.
 PYTEST = (sys.executable, "-m", "pytest", "-m", "fast", "-q", "-p", "no:cacheprovider")
 
-# What a copy needs to run them.
-COPIED = ("wkron_eqx", "tests", "benchmarks", "pyproject.toml")
+# What a copy needs to run them (the tests' trees are in `tests/`).
+COPIED = ("wkron_eqx", "tests", "pyproject.toml")
 SKIPPED_WHEN_COPYING = shutil.ignore_patterns("__pycache__", ".hypothesis", "results")
 
 
@@ -325,7 +326,7 @@ def main(argv=None) -> list[tuple[Mutation, Outcome]]:
     header = [
         "# Mutation check",
         "",
-        f"`python benchmarks/mutations.py`, on commit {commit}{dirty} of `wkron_eqx/` and "
+        f"`python tools/mutations.py`, on commit {commit}{dirty} of `wkron_eqx/` and "
         "`tests/`. Each mutation is one textual change of the maths; the tests marked "
         "`fast` ran on a copy with it, `pytest -x -m fast`:",
         "",
