@@ -142,7 +142,7 @@ def run(args):
             "ulp": [float(d) for d in ulp],
             "ulp_growth_per_step": _growth(list(ulp)),
         }
-        at = [s for s in (2, 10, 20, 40, args.steps) if s <= args.steps]
+        at = [s for s in dict.fromkeys((2, 10, 20, 40, args.steps)) if s <= args.steps]
         lines.append(
             f"{name:22s} rerun {rows[name]['rerun_max']:.1e}  scan-vs-loop "
             + " ".join(f"s{s}={scan[s - 1]:.1e}" for s in at)

@@ -73,9 +73,9 @@ def run(args) -> None:
         "stats(condition_numbers=True) alone": (stats_only(True), (state,)),
     }
     calls = {}
-    for name, (fn, args) in programs.items():
-        compiled = jax.jit(fn).lower(*args).compile()
-        calls[name] = lambda compiled=compiled, args=args: compiled(*args)
+    for name, (fn, inputs) in programs.items():
+        compiled = jax.jit(fn).lower(*inputs).compile()
+        calls[name] = lambda compiled=compiled, inputs=inputs: compiled(*inputs)
     rows = []
     for name, times in interleaved(calls, repeats, warmup=WARMUP).items():
         fastest, median = min(times), statistics.median(times)
