@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create the reference's separate virtual environment (eformer 0.0.101's white_kron) for
-# benchmarks/step.py, benchmarks/parity.py and the reference-parity checks.
+# Create the reference's separate virtual environment (eformer 0.0.101's white_kron) for the
+# benchmarks that compare with it (`python -m benchmarks step`, `parity`, ...) and for
+# tests/test_parity.py.
 #   bash benchmarks/setup_reference.sh [ENV_DIR]      (default: .refenv in the repo root)
 # eformer is installed with --no-deps: its declared dependencies (tensorstore, tqdm, tblib, ...)
 # are not needed by `eformer.optimizers._tx.white_kron`; the packages below are all its import needs.
