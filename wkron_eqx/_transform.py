@@ -106,8 +106,9 @@ def _precondition(
             refresh,
             axis_name,
         )
+        parts[kind.name] = kind.constrained(parts[kind.name], axis_name)
         if kind.caches:
-            caches[kind.name] = cache
+            caches[kind.name] = None if cache is None else kind.constrained(cache, axis_name)
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x

@@ -5,12 +5,14 @@ import abc
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import equinox as eqx
+import jax
 from jaxtyping import Array, Float, Int
 
 from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import StepContext
 from .._layout import LeafKind, LeafPlan, TreePlan
+from .._sharding import constrain_stack
 from .._state import LeafState
 
 
@@ -55,6 +57,15 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     caches: eqx.AbstractClassVar[bool]
     # Whether its part's arrays are stacks, sharded over the pipeline axes.
     stacked: eqx.AbstractClassVar[bool]
+
+    def constrained(self, part: _State, axis_name: AxisNames) -> _State:
+        """`part` (or its cache) with every array sharded as the kind's part is: over
+        `axis_name` along the leading axis where the kind is `stacked`; otherwise as
+        XLA places it. The step applies it once, to the part a kind returns; inside a
+        kind's step only the stacks it makes of its inputs are constrained."""
+        if not self.stacked:
+            return part
+        return jax.tree.map(lambda x: constrain_stack(x, axis_name), part)
 
     @abc.abstractmethod
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:

@@ -319,25 +319,15 @@ class DenseKind(AbstractKind[State, Cache]):
                 for m in group.members
             ]
             G = constrain_stack(_join([e.G for e in entries]), axis_name)
-            factors = Factors(
-                *(
-                    constrain_stack(_join(list(f)), axis_name)
-                    for f in zip(*[e.factors for e in entries])
-                )
-            )
+            factors = Factors(*(_join(list(f)) for f in zip(*[e.factors for e in entries])))
             valid_rows = _join([e.valid_rows for e in entries])
             valid_cols = _join([e.valid_cols for e in entries])
             sides = None
             if cache is not None:
-                sides = StackCache(
-                    *(
-                        constrain_stack(_join(list(g)), axis_name)
-                        for g in zip(*[e.sides for e in entries])
-                    )
-                )
+                sides = StackCache(*(_join(list(g)) for g in zip(*[e.sides for e in entries])))
             if starts is not None:
                 padded = [starts[m.bucket] for m in group.members]
-                factors = rescaled(factors, constrain_stack(_join(padded), axis_name))
+                factors = rescaled(factors, _join(padded))
             if refresh:
                 # Pipeline dummies draw no noise: entries are numbered among the real ones.
                 real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
@@ -368,15 +358,8 @@ class DenseKind(AbstractKind[State, Cache]):
                     m, plan.buckets[m.bucket], part[m.bucket], out[mine_of], mine, my_sides
                 )
                 if new_cache is not None and my_sides is not None:
-                    new_cache[m.bucket] = StackCache(
-                        *(constrain_stack(g, axis_name) for g in my_sides)
-                    )
-                new_part[m.bucket] = bucket_state.replace(
-                    **{
-                        k: constrain_stack(getattr(bucket_state, k), axis_name)
-                        for k in ("Ql", "Qr", "Ll", "Lr")
-                    }
-                )
+                    new_cache[m.bucket] = my_sides
+                new_part[m.bucket] = bucket_state
         pieces: dict[int, list[Array]] = {
             i: [jnp.zeros(())] * len(plan.leaves[i].layout.groups) for i in inputs
         }

@@ -129,16 +129,14 @@ def _update_leaf(
         sums = jax.ops.segment_sum(sum_powers(strips), layers, plan.batch + 1)
         size = np.append(np.full(plan.batch, max(math.prod(plan.merged), 1)), 1)
         scales = initial_scales(sums, size, ctx.first, factors=2)[layers]
-        factors = rescaled(factors, constrain_stack(scales, axis_name))
+        factors = rescaled(factors, scales)
     rows, cols = strips.shape[1:]
     valid = validity_mask(state.valid_rows, state.valid_cols, rows, cols)
     noisy = add_noise(strips, ctx.step, ctx.noise_scale, valid)
     out, factors, sides = update_stack(
         ctx, strips, noisy, factors, state.valid_rows, state.valid_cols, cache=sides is not None
     )
-    Ql, Qr, Ll, Lr = (constrain_stack(f, axis_name) for f in factors)
-    if sides is not None:
-        sides = StackCache(*(constrain_stack(g, axis_name) for g in sides))
+    Ql, Qr, Ll, Lr = factors
     return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), sides
 
 
