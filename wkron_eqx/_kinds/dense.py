@@ -202,7 +202,7 @@ class DenseKind(AbstractKind[State, Cache]):
     """`DENSE_PATH`: the buckets of every dense leaf's tiles (`WhiteKronState.dense`)."""
 
     name: ClassVar[str] = "dense"
-    kind: ClassVar[LeafKind] = LeafKind.DENSE
+    kind: ClassVar[LeafKind] = DenseLayout.kind  # (the layout names the kind)
     layout: ClassVar[type] = DenseLayout
     caches: ClassVar[bool] = True
     stacked: ClassVar[bool] = True

@@ -145,7 +145,7 @@ class LargeKind(AbstractLeafKind):
     (`WhiteKronState.large`)."""
 
     name: ClassVar[str] = "large"
-    kind: ClassVar[LeafKind] = LeafKind.LARGE
+    kind: ClassVar[LeafKind] = LargeLayout.kind
     layout: ClassVar[type] = LargeLayout
     caches: ClassVar[bool] = True
     stacked: ClassVar[bool] = True

@@ -45,7 +45,7 @@ class OneDKind(AbstractLeafKind):
     are stepped as one concatenated vector."""
 
     name: ClassVar[str] = "one_d"
-    kind: ClassVar[LeafKind] = LeafKind.ONE_D
+    kind: ClassVar[LeafKind] = OneDLayout.kind
     layout: ClassVar[type] = OneDLayout
     caches: ClassVar[bool] = False  # `q^2 g` is one elementwise pass either way
     stacked: ClassVar[bool] = False  # small: replicated
