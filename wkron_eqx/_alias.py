@@ -126,7 +126,7 @@ def scale_by_quad(
         the RMS of the leaf's input (the bias-corrected momentum) and `M` the largest it
         has been, so that the step shrinks with the gradient near an optimum instead
         of staying near `0.2 lr`; within a factor `1/d` of its peak nothing changes.
-        `0.0` (the default) turns it off, and the step is the reference's bit for bit.
+        `0.0` (the default) turns it off: the same program as without the option.
         See the options page for when to use it and the recommended value. It costs
         one float32 per leaf in the state; refused with `normalize_grads`.
 
