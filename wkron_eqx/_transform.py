@@ -357,11 +357,15 @@ def scale_by_white_kron(
 
     def init_fn(params: Unchecked) -> WhiteKronState:
         plan, leaves, treedef, names, platform = plan_params(params, config, backend)
-        parts = {kind.name: kind.init(plan, config) for kind in KINDS}
+        # Each kind's part, and its stored sides, sharded as the step keeps them.
+        axis = config.pipeline_axis_name
+        parts = {kind.name: kind.constrained(kind.init(plan, config), axis) for kind in KINDS}
         cache = None
         if config.caches:
             sides = {
-                kind.name: kind.init_cache(parts[kind.name], config, rule.symmetric)
+                kind.name: kind.constrained(
+                    kind.init_cache(parts[kind.name], config, rule.symmetric), axis
+                )
                 for kind in KINDS
                 if kind.caches
             }

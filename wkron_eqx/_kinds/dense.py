@@ -229,24 +229,19 @@ class DenseKind(AbstractKind[State, Cache]):
 
     def init(self, plan: TreePlan, config: Config) -> State:
         """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
-        dtype, axis = config.compute_dtype, config.pipeline_axis_name
-        scale = config.initial_scale
+        dtype, scale = config.compute_dtype, config.initial_scale
         states = []
         for bucket in plan.buckets:
             rows, cols = _valid_sides(bucket, plan)
             valid_rows, valid_cols = jnp.array(rows, jnp.int32), jnp.array(cols, jnp.int32)
             states.append(
                 DenseState(
-                    Ql=constrain_stack(
-                        padded_identity(valid_rows, bucket.rows, scale, dtype), axis
-                    ),
-                    Qr=constrain_stack(
-                        padded_identity(valid_cols, bucket.cols, scale, dtype), axis
-                    ),
-                    Ll=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
-                    Lr=constrain_stack(jnp.zeros(bucket.stack, jnp.float32), axis),
-                    valid_rows=constrain_stack(valid_rows, axis),
-                    valid_cols=constrain_stack(valid_cols, axis),
+                    Ql=padded_identity(valid_rows, bucket.rows, scale, dtype),
+                    Qr=padded_identity(valid_cols, bucket.cols, scale, dtype),
+                    Ll=jnp.zeros(bucket.stack, jnp.float32),
+                    Lr=jnp.zeros(bucket.stack, jnp.float32),
+                    valid_rows=valid_rows,
+                    valid_cols=valid_cols,
                     valid_count=bucket.valid_count,
                     block_size=config.block_size,
                 )
@@ -254,17 +249,9 @@ class DenseKind(AbstractKind[State, Cache]):
         return tuple(states)
 
     def init_cache(self, part: State, config: Config, symmetric: bool) -> Cache:
-        """The sides of each bucket's initial factors, sharded like them."""
-        axis = config.pipeline_axis_name
-        return tuple(
-            StackCache(
-                *(
-                    constrain_stack(P, axis)
-                    for P in initial_sides(_factors(b), symmetric, b.Ql.dtype)
-                )
-            )
-            for b in part
-        )
+        """The sides of each bucket's initial factors."""
+        del config
+        return tuple(initial_sides(_factors(b), symmetric, b.Ql.dtype) for b in part)
 
     def update(
         self,

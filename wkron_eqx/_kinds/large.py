@@ -90,15 +90,14 @@ def _init_leaf(plan: LeafPlan[LargeLayout], config: Config) -> LeafState:
     valid_rows, valid_cols = jnp.array(vr, jnp.int32), jnp.array(vc, jnp.int32)
     left_side = rows if layout.diag_left else layout.strip_side
     right_side = cols if layout.diag_right else layout.strip_side
-    constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
     return LeafState.from_plan(
         plan,
-        Ql=constrain(_factor(valid_rows, left_side, layout.diag_left, config)),
-        Qr=constrain(_factor(valid_cols, right_side, layout.diag_right, config)),
-        Ll=constrain(jnp.zeros(layout.stack, jnp.float32)),
-        Lr=constrain(jnp.zeros(layout.stack, jnp.float32)),
-        valid_rows=constrain(valid_rows),
-        valid_cols=constrain(valid_cols),
+        Ql=_factor(valid_rows, left_side, layout.diag_left, config),
+        Qr=_factor(valid_cols, right_side, layout.diag_right, config),
+        Ll=jnp.zeros(layout.stack, jnp.float32),
+        Lr=jnp.zeros(layout.stack, jnp.float32),
+        valid_rows=valid_rows,
+        valid_cols=valid_cols,
     )
 
 
@@ -161,12 +160,8 @@ class LargeKind(AbstractLeafKind):
         return tuple(_init_leaf(plan.leaves[i], config) for i in plan.of_kind(self.kind))
 
     def init_cache(self, part: State, config: Config, symmetric: bool) -> Cache:
-        """The sides of each large leaf's initial factors, sharded like them."""
-        constrain = lambda x: constrain_stack(x, config.pipeline_axis_name)
-        return tuple(
-            StackCache(*map(constrain, initial_sides(_factors(s), symmetric, config.compute_dtype)))
-            for s in part
-        )
+        """The sides of each large leaf's initial factors."""
+        return tuple(initial_sides(_factors(s), symmetric, config.compute_dtype) for s in part)
 
     def update(
         self,
