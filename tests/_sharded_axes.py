@@ -123,7 +123,6 @@ def fsdp() -> dict:
     model = eqx.nn.MLP(24, 16, width_size=40, depth=2, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
     tx = wk.quad(**dict(CONFIG, scanned_layers=None), pipeline_axis_name=AXES, pipeline_axis_size=8)
-    plain = wk.quad(**dict(CONFIG, scanned_layers=None))
 
     def loss(params, x):
         return jnp.mean(jax.vmap(eqx.combine(params, static))(x) ** 2)
@@ -138,13 +137,20 @@ def fsdp() -> dict:
         return step
 
     xs = [jax.random.normal(jax.random.key(s), (16, 24)) for s in range(3)]
-    p, state, single = params, plain.init(params), []
-    for x in xs:
-        p, state, u = stepper(plain)(p, state, x)
-        single.append(u)
     mesh = jax.make_mesh((2, 4), AXES)
     report = {}
     for layout, spec in (("rows", P("fsdp", None)), ("cols", P(None, "fsdp"))):
+        # One device, the same shard-aligned layout (`mesh_axis_sizes`).
+        specs = jax.tree.map(lambda x: spec if x.ndim == 2 else P(), params)
+        plain = wk.quad(
+            **dict(CONFIG, scanned_layers=None),
+            params_partition_specs=specs,
+            mesh_axis_sizes=dict(zip(AXES, (2, 4))),
+        )
+        p, state, single = params, plain.init(params), []
+        for x in xs:
+            p, state, u = stepper(plain)(p, state, x)
+            single.append(u)
         with jax.set_mesh(mesh):
             place = lambda x: jax.device_put(x, NamedSharding(mesh, spec if x.ndim == 2 else P()))
             p = jax.tree.map(place, params)

@@ -58,8 +58,14 @@ CONFIG = dict(
     block_size=16,
     scanned_layers=SCANNED,
 )
+# The stacks spread over the pipeline axis, every leaf planned whole (the layout before
+# `follow_shards`; the shard-local layout is `_shard_local_run.py`'s).
 SHARDED = dict(
-    CONFIG, pipeline_axis_name=AXIS, pipeline_axis_size=4, params_partition_specs=PARAM_SPECS
+    CONFIG,
+    pipeline_axis_name=AXIS,
+    pipeline_axis_size=4,
+    params_partition_specs=PARAM_SPECS,
+    follow_shards=False,
 )
 is_spec = lambda x: isinstance(x, P)
 

@@ -35,4 +35,8 @@ ADDED = {
     "stochastic_rounding": False,
     "cache_preconditioner": False,
     "damping": 0.0,
+    # On one device, or with unsharded params, the reference's layout; with sharded
+    # params each shard is tiled on its own (the reference has no such layout).
+    "follow_shards": True,
+    "mesh_axis_sizes": None,
 }

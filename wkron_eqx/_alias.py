@@ -8,7 +8,7 @@ tree from the same arguments.
 import dataclasses
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -62,6 +62,8 @@ def scale_by_quad(
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
     damping: RealScalar = 0.0,
+    follow_shards: BoolScalar = True,
+    mesh_axis_sizes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the QUAD factor update.
 
@@ -129,6 +131,14 @@ def scale_by_quad(
         `0.0` (the default) turns it off: the same program as without the option.
         See the options page for when to use it and the recommended value. It costs
         one float32 per leaf in the state; refused with `normalize_grads`.
+    - `follow_shards`: with sharded params, tile each leaf's shards on their own, so
+        that its factors live and work where its shard lives (see the multi-device
+        guide): a leaf's sharding is read from its type under Explicit mesh axes, else
+        from `params_partition_specs`. `False`: plan every leaf whole, as without a mesh.
+    - `mesh_axis_sizes`: `{axis name: size}` of the mesh axes the params are sharded
+        over, to plan the shard-local layout without a mesh in scope (to reproduce a
+        sharded run on one device, from `params_partition_specs`); `None`: the sizes of
+        the mesh in scope.
 
     **Returns:**
 
@@ -158,6 +168,8 @@ def scale_by_skew(
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
     damping: RealScalar = 0.0,
+    follow_shards: BoolScalar = True,
+    mesh_axis_sizes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """Kronecker-factored preconditioning with the Procrustes ("skew") factor update.
 
@@ -170,7 +182,8 @@ def scale_by_skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`,
+        `follow_shards`, `mesh_axis_sizes`: as
         `scale_by_quad` (the same defaults and checks).
 
     **Returns:**
@@ -271,6 +284,8 @@ def quad(
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
     damping: RealScalar = 0.0,
+    follow_shards: BoolScalar = True,
+    mesh_axis_sizes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """QUAD: `scale_by_quad`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)`, then `optax.scale_by_learning_rate(learning_rate)`. A step
@@ -294,7 +309,8 @@ def quad(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`,
+        `follow_shards`, `mesh_axis_sizes`: as
         `scale_by_quad`.
 
     **Returns:**
@@ -329,6 +345,8 @@ def skew(
     stochastic_rounding: BoolScalar = False,
     cache_preconditioner: BoolScalar = False,
     damping: RealScalar = 0.0,
+    follow_shards: BoolScalar = True,
+    mesh_axis_sizes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
     """Skew: `scale_by_skew`, then `optax.add_decayed_weights(weight_decay,
     weight_decay_mask)`, then `optax.scale_by_learning_rate(learning_rate)`. A step
@@ -352,7 +370,8 @@ def skew(
         `preconditioner_init_scale`, `dtype`, `scanned_layers`, `block_size`,
         `pipeline_axis_name`, `pipeline_axis_size`, `params_partition_specs`,
         `noise_scale`, `preconditioner_update_probability`, `matmul_dtype`,
-        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`: as
+        `memory_save_mode`, `stochastic_rounding`, `cache_preconditioner`, `damping`,
+        `follow_shards`, `mesh_axis_sizes`: as
         `scale_by_skew`.
 
     **Returns:**

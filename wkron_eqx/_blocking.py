@@ -4,13 +4,108 @@ A dense leaf viewed as `[B, m, n]` is cut into tile groups (see `_layout.TileGro
 every group is one `[tiles, rows, cols]` stack, zero-padded up to its bucket's stored
 size. A large leaf is cut into strips along its dense side. All functions are pure and
 shape-static.
+
+A leaf planned shard by shard (`_layout.ShardGrid`) is viewed as `[shards * B, m, n]`,
+shard-major (`leaf_view`); its stacks hold one run of entries per shard, one after the
+other, and the shard-aware helpers below (`join_runs`, `run_slice`, `take_runs`,
+`per_shard`) work on those runs without moving an entry from one shard's run to
+another's, so that a stack sharded over the shards' mesh axes stays where it is.
 """
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ._layout import DenseLayout, LargeLayout, LeafPlan, Part
+
+
+def leaf_view(x: Shaped[Array, "..."], plan: LeafPlan) -> Shaped[Array, "S ..."]:
+    """The leaf as the step sees it: `[batch, *merged]`, or for a leaf planned by shard
+    `[shards * batch, *merged]`, each shard's layers together (shards row-major)."""
+    if plan.grid is None:
+        return x.reshape((plan.batch,) + plan.merged)
+    counts = plan.grid.counts
+    local = tuple(d // c for d, c in zip(x.shape, counts, strict=True))
+    split = x.reshape(tuple(n for pair in zip(counts, local) for n in pair))
+    rank = len(counts)
+    split = split.transpose(tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
+    return split.reshape((plan.shards * plan.batch,) + plan.merged)
+
+
+def leaf_unview(v: Shaped[Array, "S ..."], plan: LeafPlan) -> Shaped[Array, "..."]:
+    """Inverse of `leaf_view`: the leaf in its own shape."""
+    shape = plan.leaf_shape
+    if plan.grid is None:
+        return v.reshape(shape)
+    counts = plan.grid.counts
+    local = tuple(d // c for d, c in zip(shape, counts, strict=True))
+    rank = len(counts)
+    split = v.reshape(counts + local)
+    order = [axis for d in range(rank) for axis in (d, rank + d)]
+    return split.transpose(order).reshape(shape)
+
+
+def _runs(x, shards: int):
+    return x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+
+
+def _flat(x):
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def join_runs(xs: list[Array], shards: int) -> Array:
+    """Stacks of `shards` runs each joined run by run: run `s` of the result is run `s`
+    of each in turn."""
+    if len(xs) == 1:
+        return xs[0]
+    if shards == 1:
+        return jnp.concatenate(xs, axis=0)
+    return _flat(jnp.concatenate([_runs(x, shards) for x in xs], axis=1))
+
+
+def join_static(xs: list[np.ndarray], shards: int) -> np.ndarray:
+    """`join_runs` of static data (NumPy arrays)."""
+    return np.concatenate([_runs(x, shards) for x in xs], axis=1).reshape(-1)
+
+
+def run_slice(x: Shaped[Array, "n ..."], shards: int, start: int, size: int):
+    """Entries `start : start + size` of every run of `x` (the inverse of `join_runs`)."""
+    if shards == 1:
+        return x[start : start + size]
+    return _flat(_runs(x, shards)[:, start : start + size])
+
+
+def take_runs(x: Shaped[Array, "n ..."], shards: int, start: Int[Array, ""], size: int):
+    """`run_slice` at a runtime `start` (a `WhiteKronState.slots` entry)."""
+    if shards == 1:
+        return take(x, start, size)
+    runs = jax.lax.dynamic_slice_in_dim(
+        _runs(x, shards), start, size, 1, allow_negative_indices=False
+    )
+    return _flat(runs)
+
+
+def pad_runs(x: Shaped[Array, "n ..."], shards: int, run: int) -> Shaped[Array, "m ..."]:
+    """Zero entries appended to every run of `x`, up to `run` entries each."""
+    if shards == 1:
+        return pad_stack(x, run)
+    return _flat(pad_stack(_runs(x, shards).swapaxes(0, 1), run).swapaxes(0, 1))
+
+
+def per_shard(fn: Callable, shards: int) -> Callable:
+    """`fn` (of one shard's arrays) applied to each of `shards` runs of its arguments
+    (every array's leading axis), the results' runs joined again in the same order."""
+    if shards == 1:
+        return fn
+
+    def run(*args):
+        out = jax.vmap(fn)(*jax.tree.map(lambda x: _runs(x, shards), args))
+        return jax.tree.map(_flat, out)
+
+    return run
 
 
 def take(x: Shaped[Array, "n ..."], start: Int[Array, ""], size: int) -> Shaped[Array, "m ..."]:

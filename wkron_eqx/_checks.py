@@ -69,7 +69,7 @@ def check_params(params: Unchecked) -> tuple[list[Any], Any, tuple[str, ...]]:
 
 
 def _expected_shape(plan: LeafPlan) -> tuple[int, ...]:
-    return ((plan.batch,) if plan.scanned else ()) + plan.shape
+    return plan.leaf_shape
 
 
 def _structure_mismatch(updates: Unchecked, state: WhiteKronState) -> ValueError:

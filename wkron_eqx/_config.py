@@ -3,6 +3,7 @@ their checks; and the checks of the two arguments only `quad` / `skew` take."""
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import equinox as eqx
@@ -71,6 +72,17 @@ def _canonical_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     return canonical
 
 
+def _axis_sizes(x: Any) -> Any:
+    """`mesh_axis_sizes` as sorted `(name, size)` pairs (hashable), from a dict or a
+    `jax.sharding` mesh's `.shape`; anything else is left for the check."""
+    if isinstance(x, Mapping):
+        try:
+            return tuple(sorted((n, python_scalar(k)) for n, k in x.items()))
+        except TypeError:
+            return x
+    return x
+
+
 def _refuse_arrays(config: "Config"):
     # Checked first and all at once: `optax.inject_hyperparams` without `static_args`
     # turns every number into an array, and one message should name every fix.
@@ -125,6 +137,10 @@ class Config(eqx.Module):
     stochastic_rounding: bool = eqx.field(default=False, converter=python_scalar)
     cache_preconditioner: bool = eqx.field(default=False, converter=python_scalar)
     damping: float = eqx.field(default=0.0, converter=python_float)
+    follow_shards: bool = eqx.field(default=True, converter=python_scalar)
+    mesh_axis_sizes: tuple[tuple[str, int], ...] | None = eqx.field(
+        default=None, converter=_axis_sizes
+    )
 
     def __check_init__(self):
         _refuse_arrays(self)
@@ -172,6 +188,22 @@ class Config(eqx.Module):
             _fail("cache_preconditioner", self.cache_preconditioner, "a bool")
         if not (_is_number(self.damping) and 0 <= self.damping < math.inf):
             _fail("damping", self.damping, "a finite float >= 0 (0 turns it off)")
+        if not isinstance(self.follow_shards, bool):
+            _fail("follow_shards", self.follow_shards, "a bool")
+        sizes = self.mesh_axis_sizes
+        if sizes is not None and not (
+            isinstance(sizes, tuple)
+            and all(
+                isinstance(p, tuple)
+                and len(p) == 2
+                and isinstance(p[0], str)
+                and _is_int(p[1])
+                and not isinstance(p[1], bool)
+                and p[1] > 0
+                for p in sizes
+            )
+        ):
+            _fail("mesh_axis_sizes", sizes, "a dict of mesh axis names to positive ints, or None")
         if self.damping > 0 and self.normalize_grads:
             raise ValueError(
                 "`damping` follows the size of each leaf's input, which `normalize_grads` "

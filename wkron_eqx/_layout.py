@@ -10,6 +10,8 @@ import functools
 import math
 from typing import Generic, NamedTuple, TypeVar
 
+import numpy as np
+
 
 # Tile sides are rounded up to a multiple of this (but never past `block_size`), so that
 # tiles of nearly equal size share one batched stack without paying for a full block.
@@ -29,6 +31,60 @@ LARGE_PATH = LeafKind.LARGE
 ONE_D_PATH = LeafKind.ONE_D
 
 
+class ShardGrid(NamedTuple):
+    """How one leaf is split over a mesh: along dimension `d` of the whole leaf (its
+    scanned axis included) into `counts[d]` shards over the mesh axes `names[d]`.
+
+    A leaf with a grid is planned shard by shard: each shard is tiled on its own (no
+    tile crosses a shard boundary), and its entries in a stack sit together, shards
+    numbered row-major over `counts` (the order of the mesh axes in `axes`).
+    `spread` names replica axes (of `pipeline_axis_name`, not sharding the leaf) that
+    each shard's entries are further spread over, `spread_size` devices in all.
+    """
+
+    counts: tuple[int, ...]
+    names: tuple[tuple[str, ...], ...]
+    spread: tuple[str, ...] = ()
+    spread_size: int = 1
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.counts)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The mesh axes the shards are numbered over, major first."""
+        return tuple(n for names, c in zip(self.names, self.counts) if c > 1 for n in names)
+
+    @property
+    def stack_axes(self) -> tuple[str, ...]:
+        """The mesh axes a stack of this leaf's entries is sharded over (its leading axis)."""
+        return self.axes + self.spread
+
+    @property
+    def spec(self) -> tuple[str | tuple[str, ...] | None, ...]:
+        """The leaf's own `PartitionSpec` entries."""
+        return tuple(None if not n else n[0] if len(n) == 1 else n for n in self.names)
+
+
+def merge_split(shape: tuple[int, ...]) -> int | None:
+    """Where `merge_shape` splits `shape` into rows and columns: `(prod(shape[:k]),
+    prod(shape[k:]))` for the returned `k`, or `None` for a 1-D view."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or math.prod(shape) == max(shape):
+        return None
+    if len(shape) == 2:
+        return 1
+    best, best_ratio = None, math.inf
+    for split in range(1, len(shape)):
+        left, right = math.prod(shape[:split]), math.prod(shape[split:])
+        small, large = min(left, right), max(left, right)
+        ratio = large / small if small > 0 else math.inf
+        if best is None or ratio < best_ratio:
+            best, best_ratio = split, ratio
+    return best
+
+
 def merge_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Merge a shape to one or two dims (a 1-D view for vectors and shapes whose merge
     leaves one dimension, else `(rows, cols)`).
@@ -42,21 +98,10 @@ def merge_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     `(length,)` for a 1-D view, `(rows, cols)` for a 2-D one.
     """
     shape = tuple(int(d) for d in shape)
-    if len(shape) < 2:
+    split = merge_split(shape)
+    if split is None:
         return (math.prod(shape),)
-    if math.prod(shape) == max(shape):
-        return (max(shape),)
-    if len(shape) == 2:
-        return shape
-    best, best_ratio = None, math.inf
-    for split in range(1, len(shape)):
-        left, right = math.prod(shape[:split]), math.prod(shape[split:])
-        small, large = min(left, right), max(left, right)
-        ratio = large / small if small > 0 else math.inf
-        if best is None or ratio < best_ratio:
-            best, best_ratio = (left, right), ratio
-    assert best is not None
-    return best
+    return math.prod(shape[:split]), math.prod(shape[split:])
 
 
 def tile_side(size: int, block_size: int) -> int:
@@ -105,7 +150,7 @@ class DenseLayout(NamedTuple):
     row_parts: tuple[Part, ...]
     col_parts: tuple[Part, ...]
     groups: tuple[TileGroup, ...]  # one per (row part, col part)
-    tiles: int  # real tiles over the whole batch
+    tiles: int  # real tiles over the whole batch (of one shard)
 
     @property
     def tiles_per_layer(self) -> int:
@@ -143,8 +188,8 @@ class LargeLayout(NamedTuple):
     row_parts: tuple[Part, ...]  # the strips' cut of a dense left side, else ()
     col_parts: tuple[Part, ...]  # the strips' cut of a dense right side, else ()
     strip_side: int  # stored width of the dense side (0 if both sides are diagonal)
-    strips: int  # real strips over the whole batch
-    stack: int  # strips plus pipeline dummies
+    strips: int  # real strips over the whole batch (of one shard)
+    stack: int  # strips plus pipeline dummies (of one shard)
 
     # A side with no strips (a diagonal one) counts as one.
     @property
@@ -187,18 +232,57 @@ _L = TypeVar("_L", DenseLayout, LargeLayout, OneDLayout)
 class LeafPlan(Generic[_L]):
     """Everything static about how one leaf is preconditioned: what every kind has,
     and its kind's own `layout` (`LeafPlan[DenseLayout]` for a dense leaf, ...), whose
-    type is the leaf's `kind`."""
+    type is the leaf's `kind`.
+
+    For a leaf with a `grid` (planned shard by shard), `batch`, `shape`, `merged` and
+    `layout` describe one shard; the kind (which sides are diagonal) follows the whole
+    leaf. The step sees such a leaf as `[shards * batch, *merged]`, shard-major
+    (`_blocking.leaf_view`).
+    """
 
     scanned: bool
-    batch: int  # B: the scanned stack size, 1 when not scanned
-    shape: tuple[int, ...]  # without the scanned axis
+    batch: int  # B: the scanned stack size, 1 when not scanned (of one shard)
+    shape: tuple[int, ...]  # without the scanned axis (of one shard)
     merged: tuple[int, ...]
     block_size: int
     layout: _L
+    grid: ShardGrid | None = None
 
     @property
     def kind(self) -> LeafKind:
         return self.layout.kind
+
+    @property
+    def shards(self) -> int:
+        return 1 if self.grid is None else self.grid.shards
+
+    @property
+    def leaf_shape(self) -> tuple[int, ...]:
+        """The whole leaf's shape (its scanned axis included)."""
+        local = ((self.batch,) if self.scanned else ()) + self.shape
+        if self.grid is None:
+            return local
+        return tuple(d * c for d, c in zip(local, self.grid.counts, strict=True))
+
+    @property
+    def layers(self) -> int:
+        """The whole leaf's layers (1 when not scanned)."""
+        return self.leaf_shape[0] if self.scanned else 1
+
+    @property
+    def layer_size(self) -> int:
+        """Elements in one whole layer."""
+        return math.prod(self.leaf_shape[1:] if self.scanned else self.leaf_shape)
+
+    def view_layers(self) -> np.ndarray:
+        """For each of the `shards * batch` layers of the step's view, the layer of the
+        whole leaf it is part of."""
+        local = np.arange(self.batch)
+        if self.grid is None or not self.scanned:
+            return np.tile(local, self.shards)
+        # Shard `s`'s index along the scanned axis: its major digit (row-major numbering).
+        along = np.arange(self.shards) // (self.shards // self.grid.counts[0])
+        return (along[:, None] * self.batch + local[None, :]).reshape(-1)
 
 
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
@@ -223,6 +307,10 @@ def diagonal_sides(
     return left, right
 
 
+def _local(shape: tuple[int, ...], grid: ShardGrid) -> tuple[int, ...]:
+    return tuple(d // c for d, c in zip(shape, grid.counts, strict=True))
+
+
 def leaf_plan(
     shape: tuple[int, ...],
     scanned: bool,
@@ -230,23 +318,33 @@ def leaf_plan(
     max_size_dense: int,
     pipeline_axis_size: int,
     memory_save_mode: str | None = None,
+    grid: ShardGrid | None = None,
 ) -> LeafPlan:
-    """Plan one leaf: its kind, merged view and tiles or strips (see `plan_tree`)."""
-    if scanned:
-        if len(shape) == 0:
-            raise ValueError("a scanned leaf needs a leading axis, got a 0-d leaf.")
-        batch, shape = shape[0], shape[1:]
-    else:
-        batch = 1
+    """Plan one leaf: its kind, merged view and tiles or strips (see `plan_tree`).
+
+    With a `grid` (whose counts divide `shape`), the kind follows the whole leaf and
+    the tiles or strips one shard; a 1-D view, or a grid of one shard, is planned
+    whole."""
+    if scanned and len(shape) == 0:
+        raise ValueError("a scanned leaf needs a leading axis, got a 0-d leaf.")
+    split = merge_split(shape[1:] if scanned else shape)
+    if grid is not None and (split is None or grid.shards == 1 or math.prod(shape) == 0):
+        grid = None
+    whole = shape
+    if grid is not None:
+        shape = _local(shape, grid)
+    batch, shape = (shape[0], shape[1:]) if scanned else (1, shape)
     merged = merge_shape(shape)
+    pad = pipeline_axis_size if grid is None else grid.spread_size
 
     def plan(layout: _L) -> LeafPlan[_L]:
-        return LeafPlan(scanned, batch, shape, merged, block_size, layout)
+        return LeafPlan(scanned, batch, shape, merged, block_size, layout, grid)
 
     if len(merged) == 1:
         return plan(OneDLayout(stack=batch))
     rows, cols = merged
-    diag_left, diag_right = diagonal_sides(rows, cols, max_size_dense, memory_save_mode)
+    whole_rows, whole_cols = merge_shape(whole[1:] if scanned else whole)
+    diag_left, diag_right = diagonal_sides(whole_rows, whole_cols, max_size_dense, memory_save_mode)
     if not (diag_left or diag_right):
         row_parts = split_axis(rows, block_size)
         col_parts = split_axis(cols, block_size)
@@ -267,7 +365,7 @@ def leaf_plan(
         row_parts, col_parts = split_axis(rows, block_size), ()
         strip_side = tile_side(min(rows, block_size), block_size)
         strips = batch * sum(p.count for p in row_parts)
-    stack = pad_to_multiple(strips, pipeline_axis_size)
+    stack = pad_to_multiple(strips, pad)
     return plan(LargeLayout(diag_left, diag_right, row_parts, col_parts, strip_side, strips, stack))
 
 
@@ -280,13 +378,26 @@ class BucketSegment(NamedTuple):
 
 
 class Bucket(NamedTuple):
-    """One batched stack of dense tiles of equal stored size: one `DenseState`."""
+    """One batched stack of dense tiles of equal stored size: one `DenseState`.
+
+    A bucket of leaves planned by shard (`ShardGrid`) holds `shards` equal runs of
+    entries, shard-major: run `s` holds every leaf's tiles of shard `s`, then its
+    dummies, and the stack is sharded over `axes` along its leading axis. A bucket of
+    whole leaves has one run (`axes` empty: the stack follows `pipeline_axis_name`).
+    """
 
     rows: int
     cols: int
-    segments: tuple[BucketSegment, ...]
-    valid_count: int  # real tiles
-    stack: int  # real tiles plus pipeline dummies
+    segments: tuple[BucketSegment, ...]  # counts over all shards
+    valid_count: int  # real tiles (all shards)
+    stack: int  # real tiles plus pipeline dummies (all shards)
+    shards: int = 1
+    axes: tuple[str, ...] = ()
+
+    @property
+    def run(self) -> int:
+        """Entries of one shard's run (its real tiles and dummies)."""
+        return self.stack // self.shards
 
 
 class GroupMember(NamedTuple):
@@ -303,12 +414,15 @@ class ComputeGroup(NamedTuple):
     Storage stays right-sized (one `DenseState` per bucket); only the step's
     temporaries are padded. Zero padding of `G` and of the factors is inert (padded
     rows and columns stay zero and never reach a real output), so a bucket's result
-    does not depend on its group.
+    does not depend on its group. Its buckets share their `shards` and `axes`: the
+    members' runs are joined shard by shard.
     """
 
     rows: int
     cols: int
     members: tuple[GroupMember, ...]
+    shards: int = 1
+    axes: tuple[str, ...] = ()
 
 
 class Grouping(NamedTuple):
@@ -337,25 +451,22 @@ def _tile_cost(rows: int, cols: int) -> int:
     return 2 * (left + right) + rows * cols * (rows + cols) + 2 * (rows**3 + cols**3)
 
 
-def _merge(
-    buckets: tuple[Bucket, ...], indices: list[int], budget_fraction: float
-) -> list[ComputeGroup]:
-    """Greedy merging of the buckets `indices`: the pair whose merge adds the least
-    padded cost goes first, while the added cost stays within the budget."""
+def _merge(buckets: tuple[Bucket, ...], indices: list[int], budget: float) -> list[ComputeGroup]:
+    """Greedy merging of the buckets `indices` (of one `shards` and `axes`): the pair
+    whose merge adds the least padded cost goes first, while the added cost stays
+    within `budget` (multiply-adds)."""
     groups: list[tuple[int, int, tuple[GroupMember, ...], int]] = []
     for i in indices:
         b = buckets[i]
         member = GroupMember(i, b.rows > b.cols)
         groups.append((min(b.rows, b.cols), max(b.rows, b.cols), (member,), b.stack))
-    cost = lambda rows, cols, stack: stack * _tile_cost(rows, cols)
-    budget = budget_fraction * sum(cost(*g[:2], g[3]) for g in groups)
     while len(groups) > 1:
         best = None
         for i in range(len(groups)):
             for j in range(i + 1, len(groups)):
                 (ri, ci, _, si), (rj, cj, _, sj) = groups[i], groups[j]
-                extra = cost(max(ri, rj), max(ci, cj), si + sj)
-                extra -= cost(ri, ci, si) + cost(rj, cj, sj)
+                extra = _cost(max(ri, rj), max(ci, cj), si + sj)
+                extra -= _cost(ri, ci, si) + _cost(rj, cj, sj)
                 if best is None or extra < best[0]:
                     best = (extra, i, j)
         assert best is not None
@@ -366,7 +477,12 @@ def _merge(
         (ri, ci, mi, si), (rj, cj, mj, sj) = groups[i], groups[j]
         groups[i] = (max(ri, rj), max(ci, cj), tuple(sorted(mi + mj)), si + sj)
         del groups[j]
-    return [ComputeGroup(r, c, m) for r, c, m, _ in groups]
+    first = buckets[indices[0]]
+    return [ComputeGroup(r, c, m, first.shards, first.axes) for r, c, m, _ in groups]
+
+
+def _cost(rows: int, cols: int, stack: int) -> int:
+    return stack * _tile_cost(rows, cols)
 
 
 def group_buckets(
@@ -377,9 +493,15 @@ def group_buckets(
     Buckets are oriented with `rows <= cols` (a `(256, 16)` tile is a transposed
     `(16, 256)` one); then the two groups whose merge adds the least padded cost are
     merged, again and again, while the added cost stays within `grouping.budget` of
-    the whole tree's cost.
+    the whole tree's cost. Only buckets of one `shards` and `axes` merge.
     """
-    groups = _merge(buckets, list(range(len(buckets))), grouping.budget) if buckets else []
+    budget = grouping.budget * sum(
+        _cost(min(b.rows, b.cols), max(b.rows, b.cols), b.stack) for b in buckets
+    )
+    classes: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    for i, b in enumerate(buckets):
+        classes.setdefault((b.shards, b.axes), []).append(i)
+    groups = [g for indices in classes.values() for g in _merge(buckets, indices, budget)]
     return tuple(sorted(groups, key=lambda g: g.members))
 
 
@@ -401,24 +523,29 @@ def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple
     """Group the dense tiles of `leaves` into buckets of equal stored size.
 
     Buckets are sorted by stored size; within a bucket, segments follow leaf order and
-    then tile-group order. Each bucket is padded to a multiple of `pipeline_axis_size`.
+    then tile-group order. A bucket of whole leaves is padded to a multiple of
+    `pipeline_axis_size`; leaves planned by shard go to buckets of their own grid's
+    `stack_axes`, each shard's run padded to a multiple of its `spread_size`.
     """
-    segments: dict[tuple[int, int], list[BucketSegment]] = {}
+    segments: dict[tuple, list[BucketSegment]] = {}
     for leaf_index, leaf in enumerate(leaves):
         if not isinstance(leaf.layout, DenseLayout):
             continue
+        grid = leaf.grid
+        key = (1, (), pipeline_axis_size)
+        if grid is not None:
+            key = (grid.shards, grid.stack_axes, grid.spread_size)
         for group_index, group in enumerate(leaf.layout.groups):
-            count = leaf.batch * group.row_part.count * group.col_part.count
+            count = leaf.shards * leaf.batch * group.row_part.count * group.col_part.count
             if count:
-                segments.setdefault(group.bucket, []).append(
+                segments.setdefault(group.bucket + key, []).append(
                     BucketSegment(leaf_index, group_index, count)
                 )
     buckets = []
-    for (rows, cols), segs in sorted(segments.items()):
+    for (rows, cols, shards, axes, pad), segs in sorted(segments.items()):
         valid = sum(s.count for s in segs)
-        buckets.append(
-            Bucket(rows, cols, tuple(segs), valid, pad_to_multiple(valid, pipeline_axis_size))
-        )
+        stack = shards * pad_to_multiple(valid // shards, pad)
+        buckets.append(Bucket(rows, cols, tuple(segs), valid, stack, shards, axes))
     return tuple(buckets)
 
 
@@ -431,6 +558,7 @@ def plan_tree(
     pipeline_axis_size: int,
     grouping: Grouping = CPU_GROUPING,
     memory_save_mode: str | None = None,
+    grids: tuple[ShardGrid | None, ...] | None = None,
 ) -> TreePlan:
     """Plan every leaf of a flattened params tree and group dense tiles into buckets.
 
@@ -442,17 +570,27 @@ def plan_tree(
     - `grouping`: how tiles are batched (the `Backend`'s).
     - `memory_save_mode`: which sides get diagonal factors besides the long ones
       (`diagonal_sides`).
+    - `grids`: for each leaf, how it is sharded (`ShardGrid`: it is then planned shard
+      by shard), or `None` (planned whole); `None` for all when not given.
 
     **Returns:**
 
     A `TreePlan`: one `LeafPlan` per leaf, the dense tile buckets (`bucket_tiles`)
     and their compute groups (`group_buckets`).
     """
+    if grids is None:
+        grids = (None,) * len(shapes)
     leaves = tuple(
         leaf_plan(
-            tuple(s), bool(f), block_size, max_size_dense, pipeline_axis_size, memory_save_mode
+            tuple(s),
+            bool(f),
+            block_size,
+            max_size_dense,
+            pipeline_axis_size,
+            memory_save_mode,
+            grid,
         )
-        for s, f in zip(shapes, scanned, strict=True)
+        for s, f, grid in zip(shapes, scanned, grids, strict=True)
     )
     buckets = bucket_tiles(leaves, pipeline_axis_size)
     return TreePlan(leaves, buckets, group_buckets(buckets, grouping), grouping)

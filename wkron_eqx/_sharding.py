@@ -6,8 +6,9 @@ both under a mesh with Explicit axes. (The partition specs of a whole state are
 """
 
 import functools
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ from jax.sharding import AxisType, PartitionSpec
 from jaxtyping import Array
 
 from ._custom_types import AxisNames
+from ._layout import ShardGrid
 
 
 def _active_axes() -> dict[str, AxisType]:
@@ -208,3 +210,101 @@ def with_auto_axes(fun: Callable, out_specs: Callable[..., Any]) -> Callable:
         return jax.sharding.reshard(out, specs)
 
     return run
+
+
+def mesh_sizes() -> dict[str, int]:
+    """Axis name -> size of the mesh in scope (`jax.set_mesh`, or `with mesh:`)."""
+    sizes: dict[str, int] = {}
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty:
+        sizes.update(zip(mesh.axis_names, mesh.axis_sizes))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.interpreters.pxla import thread_resources
+
+        physical = thread_resources.env.physical_mesh
+        if not physical.empty:
+            sizes.update(physical.shape)
+    except (ImportError, AttributeError):
+        pass
+    return sizes
+
+
+def _typed(x: Any) -> tuple[PartitionSpec | None, dict[str, int]]:
+    """The spec in `x`'s type (Explicit axes) and its mesh's sizes; `(None, {})` if none."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+        sharding = getattr(x, "sharding", None)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if not isinstance(spec, PartitionSpec) or mesh is None or not mesh.axis_names:
+        return None, {}
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+    if not explicit:
+        return None, {}
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return _without(spec, tuple(n for n in mesh.axis_names if n not in explicit)), sizes
+
+
+def _entry_names(entry: Any) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_grids(
+    leaves: Sequence[Any],
+    paths: Sequence[str],
+    specs: Sequence[PartitionSpec | None],
+    axis_name: AxisNames,
+    given_sizes: tuple[tuple[str, int], ...] | None,
+) -> tuple[ShardGrid | None, ...]:
+    """How each leaf is sharded (`ShardGrid`), for the shard-local layout: from its
+    entry of `specs` (`params_partition_specs`), else from its type (Explicit axes);
+    over the sizes `given_sizes` (`mesh_axis_sizes`), else those of the mesh in scope
+    or of the leaf's type. `None` for a leaf that is not sharded, or whose sharding's
+    sizes are unknown (no mesh). A dimension its shards do not divide evenly is
+    refused with a `ValueError` naming the leaf.
+
+    `axis_name` (`pipeline_axis_name`): the replica axes among them spread each
+    shard's entries further (`ShardGrid.spread`)."""
+    scope = dict(given_sizes) if given_sizes is not None else mesh_sizes()
+    grids: list[ShardGrid | None] = []
+    for x, path, spec in zip(leaves, paths, specs, strict=True):
+        sizes = scope
+        if spec is None:
+            spec, typed_sizes = _typed(x)
+            sizes = scope if given_sizes is not None else typed_sizes | scope
+        shape = tuple(int(d) for d in jax.numpy.shape(x))
+        if spec is None or len(spec) > len(shape):
+            grids.append(None)
+            continue
+        names = tuple(_entry_names(e) for e in tuple(spec) + (None,) * (len(shape) - len(spec)))
+        if missing := sorted({n for dim in names for n in dim if n not in sizes}):
+            if given_sizes is not None:
+                raise ValueError(
+                    f"The params leaf at {path} is sharded over mesh axes {missing}, which "
+                    f"`mesh_axis_sizes` ({dict(given_sizes)}) lacks: give their sizes."
+                )
+            grids.append(None)  # no mesh in scope: its sizes are unknown
+            continue
+        counts = tuple(math.prod(sizes[n] for n in dim) for dim in names)
+        for d, (size, count) in enumerate(zip(shape, counts, strict=True)):
+            if size % count:
+                raise ValueError(
+                    f"The params leaf at {path} has size {size} along dimension {d}, "
+                    f"which its sharding {spec} splits into {count} shards: the shard-"
+                    f"local layout needs even shards. Pad that dimension to a multiple "
+                    f"of {count}, shard it over fewer devices, or pass "
+                    f"`follow_shards=False`."
+                )
+        if math.prod(counts) == 1:
+            grids.append(None)
+            continue
+        grid = ShardGrid(counts, names)
+        spread = tuple(
+            n for n in axis_names(axis_name) if n not in grid.axes and sizes.get(n, 1) > 1
+        )
+        grids.append(grid._replace(spread=spread, spread_size=math.prod(sizes[n] for n in spread)))
+    return tuple(grids)

@@ -9,7 +9,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._alias import quad, scale_by_quad
 from ._kinds import state_specs
-from ._sharding import specs_tree
+from ._sharding import leaf_specs, mesh_sizes, specs_tree
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
@@ -27,12 +27,39 @@ def _param_spec(p: Any) -> PartitionSpec:
     return spec if isinstance(spec, PartitionSpec) else PartitionSpec()
 
 
+def _check_sizes_known(params: ParamsOrShapes, kwargs: dict) -> None:
+    """The shard-local layout depends on the sizes of the axes `params_partition_specs`
+    names: refuse to guess them (the specs would not match `init`'s under the mesh)."""
+    specs = kwargs.get("params_partition_specs")
+    if specs is None or not kwargs.get("follow_shards", True):
+        return
+    if kwargs.get("mesh_axis_sizes") is not None:
+        return
+    named = {
+        name
+        for spec in leaf_specs(params, specs)
+        if spec is not None
+        for entry in spec
+        if entry is not None and entry is not PartitionSpec.UNCONSTRAINED
+        for name in ((entry,) if isinstance(entry, str) else entry)
+    }
+    if missing := sorted(named - set(mesh_sizes())):
+        raise ValueError(
+            f"`params_partition_specs` shards the params over mesh axes {missing}, whose "
+            "sizes decide the state's layout (each shard is tiled on its own): call "
+            "`get_opt_state_partition_specs` under the mesh (`with jax.set_mesh(mesh):`), "
+            "or pass `mesh_axis_sizes=dict(mesh.shape)` (or `follow_shards=False`)."
+        )
+
+
 def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     """The `PartitionSpec` tree of the state of `quad(**kwargs)` / `skew(**kwargs)`.
 
     Stacked factor arrays (every `DenseState` field, a large leaf's factors, and the
-    stored sides of `cache_preconditioner`) are sharded over `pipeline_axis_name`
-    along their leading axis; the momentum follows `params_partition_specs` (or the
+    stored sides of `cache_preconditioner`) are sharded along their leading axis over
+    `pipeline_axis_name`, or, for the stacks of leaves planned shard by shard
+    (`follow_shards`), over the axes their shards lie on (and the pipeline axes that
+    do not shard them); the momentum follows `params_partition_specs` (or the
     params' own shardings); everything else is replicated. Unlike the reference, the
     default `weight_decay` here is the one of `quad`/`skew` (0.1), and the rest of the
     chain is not `None`: the specs have exactly the tree structure of
@@ -57,6 +84,7 @@ def get_opt_state_partition_specs(params: ParamsOrShapes, **kwargs) -> tuple:
     if unknown:
         raise TypeError(f"Unknown keyword arguments: {sorted(unknown)}.")
     scale_kwargs = {k: v for k, v in kwargs.items() if k in _SCALE_KWARGS}
+    _check_sizes_known(params, scale_kwargs)
     # `quad` checks the arguments; `init` refuses a bad `scanned_layers` tree with the
     # same ValueError. `skew`'s state has the same structure.
     shapes = jax.eval_shape(quad(**kwargs).init, params)

@@ -18,19 +18,21 @@ from jaxtyping import Array, ArrayLike
 
 from . import _damping as damp, _kron as kron
 from ._backend import Backend
-from ._blocking import take
+from ._blocking import leaf_unview, leaf_view, take
 from ._checks import check_params, check_updates, scanned_flags
 from ._config import Config
 from ._custom_types import AxisNames, Unchecked
 from ._kinds import KINDS, leaf_slots, state_specs
 from ._kron import StepContext
-from ._layout import TreePlan, plan_tree
+from ._layout import LeafPlan, ShardGrid, TreePlan, plan_tree
 from ._noise import MOMENTUM_STREAM, stochastic_round
 from ._rules import AbstractRule
 from ._sharding import (
     active_stack_axis,
     constrain_like,
+    constrain_stack,
     leaf_specs,
+    shard_grids,
     specs_tree,
     type_spec,
     with_auto_axes,
@@ -49,6 +51,17 @@ _BALANCE_EVERY = 100
 
 def _partition_specs(config: Config, params: Unchecked) -> list[PartitionSpec | None]:
     return leaf_specs(params, config.params_partition_specs)
+
+
+def _step_specs(config: Config, plan: Plan) -> list[PartitionSpec | None]:
+    """Each leaf's `params_partition_specs` entry, else the sharding of a leaf planned by
+    shard (from its `ShardGrid`), else `None`: what the step constrains each leaf's
+    gradient, momentum and update to."""
+    given = _partition_specs(config, plan.treedef.unflatten([0] * len(plan.tree.leaves)))
+    return [
+        PartitionSpec(*leaf.grid.spec) if s is None and leaf.grid is not None else s
+        for s, leaf in zip(given, plan.tree.leaves, strict=True)
+    ]
 
 
 def rms_clip_scale(sum_sq: Array, size: ArrayLike) -> Array:
@@ -106,14 +119,21 @@ def _precondition(
             refresh,
             axis_name,
         )
-        parts[kind.name] = kind.constrained(parts[kind.name], axis_name)
+        parts[kind.name] = kind.constrained(parts[kind.name], plan, axis_name)
         if kind.caches:
-            caches[kind.name] = None if cache is None else kind.constrained(cache, axis_name)
+            caches[kind.name] = None if cache is None else kind.constrained(cache, plan, axis_name)
         sum_sq = sum_sq + kind_sum_sq
         for i, x in out.items():
             outputs[i] = x
     cache = None if state.cache is None else PreconditionerCache(**caches)
     return outputs, sum_sq, parts, cache
+
+
+def _view(x: Array, leaf: LeafPlan) -> Array:
+    """A leaf's input as its kind sees it (`leaf_view`), a sharded leaf's shards along
+    the leading axis, sharded over their mesh axes."""
+    view = leaf_view(x, leaf)
+    return view if leaf.grid is None else constrain_stack(view, leaf.grid.axes)
 
 
 def _moment(
@@ -127,7 +147,8 @@ def _moment(
     dtype = config.compute_dtype
     input_scale = jnp.ones((), jnp.float32)
     if config.b1 == 0:
-        return None, [g.astype(dtype) for g in grads], input_scale
+        specs = _step_specs(config, state.plan)
+        return None, [constrain_like(g.astype(dtype), s) for g, s in zip(grads, specs)], input_scale
     # In float32, stored in `dtype`.
     f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
     old_mu, mu_def = jax.tree.flatten(state.mu)
@@ -136,7 +157,7 @@ def _moment(
     # traced operation fewer per leaf.)
     b1 = config.b1
     new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
-    specs = _partition_specs(config, state.mu)
+    specs = _step_specs(config, state.plan)
     if config.stochastic_rounding:
         # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
         stored = [
@@ -269,7 +290,7 @@ def _clipped(
     grads: list[Array],
     sum_sqs: Array,
     damped: Array | None,
-    slots: tuple[Array, ...],
+    state: WhiteKronState,
 ) -> tuple[list[Array], Array]:
     """The RMS clip and `lr_style` stage: each leaf's output scaled, in its gradient's
     shape and dtype, or zero if the step is not sound; and whether it is.
@@ -288,11 +309,15 @@ def _clipped(
     if damped is not None:
         scales = scales * damped
     updates = []
-    for out, g, slot in zip(outputs, grads, slots, strict=True):
+    plan = state.plan.tree
+    specs = _step_specs(config, state.plan)
+    for out, g, slot, leaf, spec in zip(
+        outputs, grads, state.slots, plan.leaves, specs, strict=True
+    ):
         # The leaf's index as data (see `leaf_slots`): same-shaped leaves share one kernel.
         scale = take(scales, slot[0], 1)[0]
         u = jax.lax.select(ok, out * scale.astype(out.dtype), jnp.zeros_like(out))
-        updates.append(u.reshape(g.shape).astype(g.dtype))
+        updates.append(constrain_like(leaf_unview(u, leaf).astype(g.dtype), spec))
     return updates, ok
 
 
@@ -312,8 +337,16 @@ def _kept_if_sound(
     return jax.tree.map(keep, stepped, skipped)
 
 
-def plan_params(params: Unchecked, config: Config, backend: Backend | None = None):
+def plan_params(
+    params: Unchecked,
+    config: Config,
+    backend: Backend | None = None,
+    grids: tuple[ShardGrid | None, ...] | None = None,
+):
     """Check `params` and plan their layout, as `init` does (and `tree_plan`).
+
+    `grids`: how each leaf is sharded, when read before `params` were traced
+    (`param_grids`); else read from `params` here.
 
     **Returns:**
 
@@ -324,6 +357,8 @@ def plan_params(params: Unchecked, config: Config, backend: Backend | None = Non
     active_stack_axis(config.pipeline_axis_name, config.pipeline_axis_size)  # checks
     leaves, treedef, names = check_params(params)
     platform = Backend.of() if backend is None else backend
+    if grids is None:
+        grids = param_grids(params, config)
     plan = plan_tree(
         tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves),
         scanned_flags(config.scanned_layers, params),
@@ -332,8 +367,24 @@ def plan_params(params: Unchecked, config: Config, backend: Backend | None = Non
         config.pipeline_axis_size,
         platform.grouping,
         config.memory_save_mode,
+        grids,
     )
     return plan, leaves, treedef, names, platform
+
+
+def param_grids(params: Unchecked, config: Config) -> tuple[ShardGrid | None, ...]:
+    """How each leaf of `params` is sharded, for the shard-local layout (`shard_grids`);
+    all `None` with `follow_shards=False`."""
+    leaves, _, names = check_params(params)
+    if not config.follow_shards:
+        return (None,) * len(leaves)
+    return shard_grids(
+        leaves,
+        names,
+        leaf_specs(params, config.params_partition_specs),
+        config.pipeline_axis_name,
+        config.mesh_axis_sizes,
+    )
 
 
 def scale_by_white_kron(
@@ -355,16 +406,16 @@ def scale_by_white_kron(
     """
     dtype = config.compute_dtype
 
-    def init_fn(params: Unchecked) -> WhiteKronState:
-        plan, leaves, treedef, names, platform = plan_params(params, config, backend)
+    def init_fn(params: Unchecked, grids: tuple[ShardGrid | None, ...]) -> WhiteKronState:
+        plan, leaves, treedef, names, platform = plan_params(params, config, backend, grids)
         # Each kind's part, and its stored sides, sharded as the step keeps them.
         axis = config.pipeline_axis_name
-        parts = {kind.name: kind.constrained(kind.init(plan, config), axis) for kind in KINDS}
+        parts = {kind.name: kind.constrained(kind.init(plan, config), plan, axis) for kind in KINDS}
         cache = None
         if config.caches:
             sides = {
                 kind.name: kind.constrained(
-                    kind.init_cache(parts[kind.name], config, rule.symmetric), axis
+                    kind.init_cache(parts[kind.name], config, rule.symmetric), plan, axis
                 )
                 for kind in KINDS
                 if kind.caches
@@ -372,7 +423,7 @@ def scale_by_white_kron(
             cache = PreconditionerCache(**sides)
         mu = None
         if config.b1 > 0:
-            specs = _partition_specs(config, params)
+            specs = _step_specs(config, Plan(plan, names, treedef, platform))
             mu = treedef.unflatten(
                 [
                     constrain_like(jnp.zeros(jnp.shape(x), dtype), s)
@@ -404,8 +455,7 @@ def scale_by_white_kron(
         mu, inputs, input_scale = _moment(config, grads, state, t, t_float)
         if config.normalize_grads:
             inputs, input_scale = _normalised(inputs, input_scale)
-        plan = state.plan.tree
-        views = [x.reshape((p.batch,) + p.merged) for x, p in zip(inputs, plan.leaves, strict=True)]
+        views = [_view(x, leaf) for x, leaf in zip(inputs, state.plan.tree.leaves, strict=True)]
         memory, damped = _damped(config, inputs, input_scale, state.damping_memory)
         ctx = _context(rule, config, state.plan.backend, t, t_float, input_scale)
         outputs, sum_sqs, factors, kept, refreshed = _preconditioned(ctx, config, views, state)
@@ -414,7 +464,7 @@ def scale_by_white_kron(
         else:
             counter = jnp.where(refreshed, 0, state.update_counter + 1)
             refreshed = jnp.asarray(refreshed, jnp.int32)
-        new_updates, ok = _clipped(config, outputs, grads, sum_sqs, damped, state.slots)
+        new_updates, ok = _clipped(config, outputs, grads, sum_sqs, damped, state)
         stepped = WhiteKronState(
             count=t,
             mu=mu,
@@ -451,7 +501,12 @@ def scale_by_white_kron(
     # Compiled as one program even when called eagerly (un-jitted, every operation would
     # be dispatched and compiled on its own: seconds for a small tree); inside a user's
     # jitted step it is traced inline like any other function.
+    def init(params: Unchecked) -> Any:
+        # The shardings are read before the Explicit axes turn Auto (`with_auto_axes`).
+        grids = param_grids(params, config)
+        return with_auto_axes(lambda p: init_fn(p, grids), init_specs)(params)
+
     return optax.GradientTransformation(
-        with_auto_axes(init_fn, init_specs),
+        init,
         eqx.filter_jit(with_auto_axes(update_fn, update_specs)),  # pyright: ignore
     )

@@ -50,18 +50,28 @@ def leaf_slots(plan: TreePlan) -> tuple[tuple[int, ...], ...]:
 
 
 def state_specs(state: WhiteKronState, axis_name: AxisNames, mu_specs: Any) -> WhiteKronState:
-    """The `PartitionSpec` of every array of `state` (arrays or shapes): each kind's
-    part over `axis_name` along its leading axis where the kind is `stacked` (else
-    replicated), the stored sides likewise, the momentum as `mu_specs` (a tree like the
-    params), everything else replicated."""
-    stacked = functools.partial(stacked_spec, axis_name)
+    """The `PartitionSpec` of every array of `state` (arrays or shapes): each entry of a
+    `stacked` kind's part (and of its stored sides) along its leading axis over its
+    `entry_axes` (`axis_name`, or a sharded leaf's own axes), the other kinds' parts
+    replicated, the momentum as `mu_specs` (a tree like the params), everything else
+    replicated."""
+    plan = state.plan.tree
     replicated = lambda _: PartitionSpec()
-    parts = {
-        k.name: jax.tree.map(stacked if k.stacked else replicated, getattr(state, k.name))
-        for k in KINDS
-    }
+
+    def specs(kind: AbstractKind, part: tuple) -> tuple:
+        if not kind.stacked:
+            return jax.tree.map(replicated, part)
+        return tuple(
+            jax.tree.map(functools.partial(stacked_spec, names), entry)
+            for entry, names in zip(part, kind.entry_axes(plan, axis_name), strict=True)
+        )
+
+    parts = {k.name: specs(k, getattr(state, k.name)) for k in KINDS}
+    cache = None
+    if state.cache is not None:
+        cache = state.cache.__class__(
+            **{k.name: specs(k, getattr(state.cache, k.name)) for k in KINDS if k.caches}
+        )
     return jax.tree.map(replicated, state)._replace(
-        mu=None if state.mu is None else mu_specs,
-        cache=None if state.cache is None else jax.tree.map(stacked, state.cache),
-        **parts,
+        mu=None if state.mu is None else mu_specs, cache=cache, **parts
     )

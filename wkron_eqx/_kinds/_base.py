@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, Int
 
+from .._blocking import run_slice
 from .._config import Config
 from .._custom_types import AxisNames
 from .._kron import StepContext
@@ -29,6 +30,12 @@ class FactorStack(NamedTuple):
 
     def sliced(self, start: int, stop: int) -> "FactorStack":
         return FactorStack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
+
+    def runs(self, shards: int, start: int, count: int) -> "FactorStack":
+        """Entries `start : start + count` of each of `shards` runs (`_blocking.run_slice`)."""
+        return FactorStack(
+            *(None if x is None else run_slice(x, shards, start, count) for x in self)  # pyright: ignore
+        )
 
 
 _State = TypeVar("_State")
@@ -58,14 +65,25 @@ class AbstractKind(eqx.Module, Generic[_State, _Cache]):
     # Whether its part's arrays are stacks, sharded over the pipeline axes.
     stacked: eqx.AbstractClassVar[bool]
 
-    def constrained(self, part: _State, axis_name: AxisNames) -> _State:
-        """`part` (or its cache) with every array sharded as the kind's part is: over
-        `axis_name` along the leading axis where the kind is `stacked`; otherwise as
-        XLA places it. The step applies it once, to the part a kind returns; inside a
-        kind's step only the stacks it makes of its inputs are constrained."""
+    def entry_axes(self, plan: TreePlan, axis_name: AxisNames) -> tuple[AxisNames, ...]:
+        """For a `stacked` kind, the mesh axes each entry of its part (and of its cache)
+        is sharded over along its leading axis: `axis_name`, or a sharded leaf's own
+        (`ShardGrid.stack_axes`)."""
+        raise NotImplementedError(f"{type(self).__name__} is not stacked")
+
+    def constrained(self, part: _State, plan: TreePlan, axis_name: AxisNames) -> _State:
+        """`part` (or its cache) with every array sharded as the kind's part is: along
+        the leading axis over its entry's axes (`entry_axes`) where the kind is
+        `stacked`; otherwise as XLA places it. The step applies it once, to the part a
+        kind returns; inside a kind's step only the stacks it makes of its inputs are
+        constrained."""
         if not self.stacked:
             return part
-        return jax.tree.map(lambda x: constrain_stack(x, axis_name), part)
+        entries: Any = part  # (a stacked kind's part is a tuple of entries)
+        return tuple(  # pyright: ignore[reportReturnType]
+            jax.tree.map(lambda x, names=names: constrain_stack(x, names), entry)
+            for entry, names in zip(entries, self.entry_axes(plan, axis_name), strict=True)
+        )
 
     @abc.abstractmethod
     def positions(self, plan: TreePlan) -> dict[int, tuple[int, ...]]:
@@ -142,4 +160,5 @@ class AbstractLeafKind(AbstractKind[tuple[LeafState, ...], Any]):
         assert s.Ql is not None and s.Ll is not None
         assert s.valid_rows is not None and s.valid_cols is not None
         stack = FactorStack(s.Ql, s.Qr, s.Ll, s.Lr, s.valid_rows, s.valid_cols)
-        return [stack.sliced(0, self.real_entries(plan.leaves[index]))]
+        leaf = plan.leaves[index]
+        return [stack.runs(leaf.shards, 0, self.real_entries(leaf))]

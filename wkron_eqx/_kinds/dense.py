@@ -10,7 +10,6 @@ group's size. Each leaf's tiles are cut out of their bucket at a runtime positio
 """
 
 import functools
-import math
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -19,9 +18,13 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._blocking import (
-    pad_stack,
+    join_runs,
+    join_static,
+    pad_runs,
     padded_identity,
-    take,
+    per_shard,
+    run_slice,
+    take_runs,
     tile,
     untile,
     validity_mask,
@@ -51,14 +54,41 @@ State = tuple[DenseState, ...]
 Cache = tuple[StackCache, ...]  # the stored sides of each bucket (`cache_preconditioner`)
 
 
-def _valid_sides(bucket: Bucket, plan: TreePlan) -> tuple[list[int], list[int]]:
-    rows, cols = [], []
-    for seg in bucket.segments:
-        group = plan.leaves[seg.leaf].layout.groups[seg.group]
-        rows += [group.row_part.size] * seg.count
-        cols += [group.col_part.size] * seg.count
-    dummies = bucket.stack - bucket.valid_count
-    return rows + [0] * dummies, cols + [0] * dummies
+class _Table(NamedTuple):
+    """Static facts of each entry of a bucket, in storage order (`Bucket`)."""
+
+    owner: np.ndarray  # its leaf (the number of leaves for a pipeline dummy)
+    layer: np.ndarray  # its layer, numbered by `_layer_offsets` (one past the last: dummy)
+    rows: np.ndarray  # valid rows (0 for a dummy)
+    cols: np.ndarray  # valid cols
+    real: np.ndarray  # 1 for a real tile, 0 for a dummy
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(plan: TreePlan) -> tuple[_Table, ...]:
+    """Each bucket's `_Table` (cached: static data of a plan)."""
+    offsets = _layer_offsets(plan)
+    leaves = len(plan.leaves)
+    tables = []
+    for bucket in plan.buckets:
+        columns: list[list[int]] = [[], [], [], [], []]
+        for shard in range(bucket.shards):
+            for seg in bucket.segments:
+                leaf = plan.leaves[seg.leaf]
+                group = leaf.layout.groups[seg.group]
+                per_layer = group.row_part.count * group.col_part.count
+                layers = leaf.view_layers()[shard * leaf.batch : (shard + 1) * leaf.batch]
+                for k in range(seg.count // bucket.shards):
+                    entry = (seg.leaf, offsets[seg.leaf] + layers[k // per_layer])
+                    for column, value in zip(
+                        columns, entry + (group.row_part.size, group.col_part.size, 1)
+                    ):
+                        column.append(value)
+            dummies = bucket.run - bucket.valid_count // bucket.shards
+            for column, value in zip(columns, (leaves, offsets[-1], 0, 0, 0)):
+                column += [value] * dummies
+        tables.append(_Table(*(np.array(c, np.int32) for c in columns)))
+    return tuple(tables)
 
 
 def _factors(state: DenseState) -> Factors:
@@ -72,7 +102,7 @@ class _Entries(NamedTuple):
     factors: Factors
     valid_rows: Int[Array, " s"]
     valid_cols: Int[Array, " s"]
-    real: tuple[int, ...]  # 1 for a real tile, 0 for a pipeline dummy
+    real: np.ndarray  # 1 for a real tile, 0 for a pipeline dummy
     sides: StackCache | None
 
 
@@ -84,7 +114,7 @@ def _pad_to(x: Array, *sides: int) -> Array:
 def _enter(
     member: GroupMember,
     group: ComputeGroup,
-    bucket: Bucket,
+    table: _Table,
     state: DenseState,
     G,
     sides: StackCache | None,
@@ -111,7 +141,7 @@ def _enter(
         ),
         left[2],
         right[2],
-        (1,) * bucket.valid_count + (0,) * (bucket.stack - bucket.valid_count),
+        table.real,
         sides,
     )
 
@@ -145,57 +175,46 @@ def _leave(
 @functools.lru_cache(maxsize=8)
 def tile_starts(plan: TreePlan) -> dict[tuple[int, int], tuple[int, int, int]]:
     """`(leaf, tile group) -> (bucket index, first entry, entries)`: where each tile
-    group of each dense leaf sits in its bucket (cached: `preconditioner_stats` asks
-    once per leaf; callers do not modify it)."""
+    group of each dense leaf sits in its bucket's runs (the same place in each shard's
+    run; cached: `preconditioner_stats` asks once per leaf; callers do not modify it)."""
     starts = {}
     for b, bucket in enumerate(plan.buckets):
         start = 0
         for seg in bucket.segments:
-            starts[(seg.leaf, seg.group)] = (b, start, seg.count)
-            start += seg.count
+            count = seg.count // bucket.shards
+            starts[(seg.leaf, seg.group)] = (b, start, count)
+            start += count
     return starts
-
-
-def _owners(bucket: Bucket, leaves: int) -> np.ndarray:
-    """The leaf each tile of a bucket belongs to (`leaves` for a pipeline dummy)."""
-    owner = [seg.leaf for seg in bucket.segments for _ in range(seg.count)]
-    return np.array(owner + [leaves] * (bucket.stack - bucket.valid_count), np.int32)
 
 
 def _layer_offsets(plan: TreePlan) -> np.ndarray:
     """Where each leaf's layers start in a numbering of every layer of every leaf."""
-    return np.cumsum([0] + [leaf.batch for leaf in plan.leaves])
-
-
-def _layers(bucket: Bucket, plan: TreePlan) -> np.ndarray:
-    """The layer (numbered by `_layer_offsets`) each tile of a bucket belongs to; the
-    last number plus one for a pipeline dummy. A tile group's tiles are layer-major."""
-    offsets = _layer_offsets(plan)
-    layer = [
-        offsets[seg.leaf] + k // (seg.count // plan.leaves[seg.leaf].batch)
-        for seg in bucket.segments
-        for k in range(seg.count)
-    ]
-    return np.array(layer + [offsets[-1]] * (bucket.stack - bucket.valid_count), np.int32)
+    return np.cumsum([0] + [leaf.layers for leaf in plan.leaves])
 
 
 def _initial_scales(ctx: StepContext, stacks: list[Array], plan: TreePlan) -> list[Array]:
     """Per bucket, the scale of each tile's factors on the first step: its layer's
     (`initial_scales`), from the sum of `G^2` over all the layer's tiles, whichever
-    buckets they are in."""
+    buckets (and shards) they are in."""
     assert ctx.first is not None
-    layers = [_layers(bucket, plan) for bucket in plan.buckets]
+    layers = [table.layer for table in _tables(plan)]
     count = int(_layer_offsets(plan)[-1])
     sums = jax.ops.segment_sum(
-        _join([sum_powers(G) for G in stacks]), np.concatenate(layers), count + 1
+        jnp.concatenate([sum_powers(G) for G in stacks]), np.concatenate(layers), count + 1
     )
-    sizes = np.array([math.prod(leaf.merged) for leaf in plan.leaves for _ in range(leaf.batch)])
+    sizes = np.array([leaf.layer_size for leaf in plan.leaves for _ in range(leaf.layers)])
     scales = initial_scales(sums, np.append(np.maximum(sizes, 1), 1), ctx.first, factors=2)
     return [scales[layer] for layer in layers]
 
 
-def _join(xs: list[Array]) -> Array:
-    return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+def _per_shard(fn, x, leaf):
+    """`fn(x, leaf)` for one shard's `x`, applied to each shard's run of `x`."""
+    return per_shard(lambda y: fn(y, leaf), leaf.shards)(x)
+
+
+def _stack_names(bucket: Bucket | ComputeGroup, axis_name: AxisNames) -> AxisNames:
+    """The mesh axes a bucket's (or compute group's) stack is sharded over."""
+    return bucket.axes or axis_name
 
 
 class DenseKind(AbstractKind[State, Cache]):
@@ -217,6 +236,9 @@ class DenseKind(AbstractKind[State, Cache]):
             for i in plan.of_kind(self.kind)
         }
 
+    def entry_axes(self, plan: TreePlan, axis_name: AxisNames) -> tuple[AxisNames, ...]:
+        return tuple(_stack_names(bucket, axis_name) for bucket in plan.buckets)
+
     def factor_stacks(self, part: State, plan: TreePlan, index: int) -> list[FactorStack]:
         stacks, starts = [], tile_starts(plan)
         for g in range(len(plan.leaves[index].layout.groups)):
@@ -224,16 +246,15 @@ class DenseKind(AbstractKind[State, Cache]):
                 b, start, count = starts[(index, g)]
                 d = part[b]
                 stack = FactorStack(d.Ql, d.Qr, d.Ll, d.Lr, d.valid_rows, d.valid_cols)
-                stacks.append(stack.sliced(start, start + count))
+                stacks.append(stack.runs(plan.buckets[b].shards, start, count))
         return stacks
 
     def init(self, plan: TreePlan, config: Config) -> State:
         """Padded identities (scaled by `preconditioner_init_scale`) for every bucket."""
         dtype, scale = config.compute_dtype, config.initial_scale
         states = []
-        for bucket in plan.buckets:
-            rows, cols = _valid_sides(bucket, plan)
-            valid_rows, valid_cols = jnp.array(rows, jnp.int32), jnp.array(cols, jnp.int32)
+        for bucket, table in zip(plan.buckets, _tables(plan), strict=True):
+            valid_rows, valid_cols = jnp.asarray(table.rows), jnp.asarray(table.cols)
             states.append(
                 DenseState(
                     Ql=padded_identity(valid_rows, bucket.rows, scale, dtype),
@@ -279,11 +300,11 @@ class DenseKind(AbstractKind[State, Cache]):
         `(outputs, new buckets, sums of squares, new cache)`: the outputs keyed like
         `inputs`, and each leaf's sum of squared outputs (0 for leaves of other kinds).
         """
-        tiles = {i: tile(x, plan.leaves[i]) for i, x in inputs.items()}
+        tiles = {i: _per_shard(tile, x, plan.leaves[i]) for i, x in inputs.items()}
         stacks = []
         for bucket in plan.buckets:
-            G = _join([tiles[s.leaf][s.group] for s in bucket.segments])
-            G = pad_stack(G, bucket.stack).astype(ctx.product_dtype)
+            G = join_runs([tiles[s.leaf][s.group] for s in bucket.segments], bucket.shards)
+            G = pad_runs(G, bucket.shards, bucket.run).astype(ctx.product_dtype)
             stacks.append(ctx.corrected(G))
         starts = None
         if refresh and ctx.first is not None and stacks:
@@ -293,31 +314,33 @@ class DenseKind(AbstractKind[State, Cache]):
         new_cache = None if cache is None else list(cache)
         leaves = len(plan.leaves)
         sum_sq = jnp.zeros(leaves, jnp.float32)
+        tables = _tables(plan)
         for group in plan.groups:
+            shards = group.shards
+            join = lambda xs: join_runs(list(xs), shards)
             entries = [
                 _enter(
                     m,
                     group,
-                    plan.buckets[m.bucket],
+                    tables[m.bucket],
                     part[m.bucket],
                     stacks[m.bucket],
                     None if cache is None else cache[m.bucket],
                 )
                 for m in group.members
             ]
-            G = constrain_stack(_join([e.G for e in entries]), axis_name)
-            factors = Factors(*(_join(list(f)) for f in zip(*[e.factors for e in entries])))
-            valid_rows = _join([e.valid_rows for e in entries])
-            valid_cols = _join([e.valid_cols for e in entries])
+            G = constrain_stack(join([e.G for e in entries]), _stack_names(group, axis_name))
+            factors = Factors(*(join(f) for f in zip(*[e.factors for e in entries])))
+            valid_rows = join([e.valid_rows for e in entries])
+            valid_cols = join([e.valid_cols for e in entries])
             sides = None
             if cache is not None:
-                sides = StackCache(*(_join(list(g)) for g in zip(*[e.sides for e in entries])))
+                sides = StackCache(*(join(g) for g in zip(*[e.sides for e in entries])))
             if starts is not None:
-                padded = [starts[m.bucket] for m in group.members]
-                factors = rescaled(factors, _join(padded))
+                factors = rescaled(factors, join([starts[m.bucket] for m in group.members]))
             if refresh:
                 # Pipeline dummies draw no noise: entries are numbered among the real ones.
-                real = np.maximum(np.cumsum([s > 0 for e in entries for s in e.real]) - 1, 0)
+                real = np.maximum(np.cumsum(join_static([e.real for e in entries], shards)) - 1, 0)
                 valid = validity_mask(valid_rows, valid_cols, group.rows, group.cols)
                 Gn = add_noise(G, ctx.step, ctx.noise_scale, valid, real)
                 out, factors, sides = update_stack(
@@ -327,22 +350,20 @@ class DenseKind(AbstractKind[State, Cache]):
                 out = apply_stack(ctx.rule, G, factors, sides)
             # Per-leaf sums of squares of the output from one reduction over the group's
             # tiles (padding and dummies are zero), for the RMS clip.
-            owner = np.concatenate([_owners(plan.buckets[m.bucket], leaves) for m in group.members])
+            owner = join_static([tables[m.bucket].owner for m in group.members], shards)
             tile_sum_sq = jnp.sum(jnp.square(out.astype(jnp.float32)), axis=(1, 2))
             sum_sq = sum_sq + jax.ops.segment_sum(tile_sum_sq, owner, leaves + 1)[:leaves]
             offset = 0
             for m in group.members:
-                size = plan.buckets[m.bucket].stack
-                mine_of = slice(offset, offset + size)
-                offset += size
-                mine = Factors(*(f[mine_of] for f in factors)) if refresh else None
-                my_sides = (
-                    None
-                    if sides is None or not refresh
-                    else StackCache(*(g[mine_of] for g in sides))
-                )
+                run = plan.buckets[m.bucket].run
+                mine = functools.partial(run_slice, shards=shards, start=offset, size=run)
+                offset += run
+                my_factors = Factors(*(mine(f) for f in factors)) if refresh else None
+                my_sides = None
+                if sides is not None and refresh:
+                    my_sides = StackCache(*(mine(g) for g in sides))
                 results[m.bucket], bucket_state, my_sides = _leave(
-                    m, plan.buckets[m.bucket], part[m.bucket], out[mine_of], mine, my_sides
+                    m, plan.buckets[m.bucket], part[m.bucket], mine(out), my_factors, my_sides
                 )
                 if new_cache is not None and my_sides is not None:
                     new_cache[m.bucket] = my_sides
@@ -355,6 +376,7 @@ class DenseKind(AbstractKind[State, Cache]):
                 # A runtime start (see `_kinds.leaf_slots`): leaves of one shape in one
                 # bucket are then cut out by one shared kernel.
                 start = slots[seg.leaf][1 + seg.group]
-                pieces[seg.leaf][seg.group] = take(result, start, seg.count)
-        outputs = {i: untile(tuple(pieces[i]), plan.leaves[i]) for i in inputs}
+                count = seg.count // bucket.shards
+                pieces[seg.leaf][seg.group] = take_runs(result, bucket.shards, start, count)
+        outputs = {i: _per_shard(untile, tuple(pieces[i]), plan.leaves[i]) for i in inputs}
         return outputs, tuple(new_part), sum_sq, None if new_cache is None else tuple(new_cache)

@@ -8,7 +8,6 @@ not 256x256) and `block_size` otherwise (the last strip is then zero-padded). If
 sides are long, both factors are diagonal and each layer is one entry.
 """
 
-import math
 from typing import ClassVar
 
 import jax
@@ -21,6 +20,7 @@ from .._blocking import (
     join_strips,
     padded_identity,
     padded_ones,
+    per_shard,
     side_sizes,
     validity_mask,
 )
@@ -59,22 +59,31 @@ def _valid_sides(plan: LeafPlan[LargeLayout]) -> tuple[tuple[int, ...], tuple[in
     else:
         full = side_sizes(layout.row_parts, plan.batch, real), (cols,) * real
     dummies = (0,) * (layout.stack - real)
-    return full[0] + dummies, full[1] + dummies
+    return (full[0] + dummies) * plan.shards, (full[1] + dummies) * plan.shards
 
 
 def _strip_layers(plan: LeafPlan[LargeLayout]) -> np.ndarray:
-    """The layer each entry of the leaf's stack belongs to (`plan.batch` for a pipeline
-    dummy): strips are cut part by part, layer-major within a part (`cut_strips`)."""
+    """The layer of the whole leaf each entry of the leaf's stack belongs to
+    (`plan.layers` for a pipeline dummy): in each shard's run, strips are cut part by
+    part, layer-major within a part (`cut_strips`)."""
     layout = plan.layout
-    if layout.diag_left and layout.diag_right:
-        layers = np.arange(plan.batch)
-    else:
-        parts = layout.col_parts if layout.diag_left else layout.row_parts
-        layers = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.repeat(np.arange(plan.batch), p.count) for p in parts]
-        )
-    dummies = np.full(layout.stack - len(layers), plan.batch)
-    return np.concatenate([layers, dummies]).astype(np.int32)
+    runs = []
+    for layers in plan.view_layers().reshape(plan.shards, plan.batch):
+        if layout.diag_left and layout.diag_right:
+            run = layers
+        else:
+            parts = layout.col_parts if layout.diag_left else layout.row_parts
+            run = np.concatenate(
+                [np.zeros(0, np.int64)] + [np.repeat(layers, p.count) for p in parts]
+            )
+        runs += [run, np.full(layout.stack - len(run), plan.layers)]
+    return np.concatenate(runs).astype(np.int32)
+
+
+def stack_names(plan: LeafPlan, axis_name: AxisNames) -> AxisNames:
+    """The mesh axes a leaf's stack is sharded over: its shards' (and their spread's)
+    for a leaf planned by shard, else `axis_name`."""
+    return axis_name if plan.grid is None else plan.grid.stack_axes
 
 
 def _factor(valid, side: int, diagonal: bool, config: Config) -> Array:
@@ -94,8 +103,8 @@ def _init_leaf(plan: LeafPlan[LargeLayout], config: Config) -> LeafState:
         plan,
         Ql=_factor(valid_rows, left_side, layout.diag_left, config),
         Qr=_factor(valid_cols, right_side, layout.diag_right, config),
-        Ll=jnp.zeros(layout.stack, jnp.float32),
-        Lr=jnp.zeros(layout.stack, jnp.float32),
+        Ll=jnp.zeros(plan.shards * layout.stack, jnp.float32),
+        Lr=jnp.zeros(plan.shards * layout.stack, jnp.float32),
         valid_rows=valid_rows,
         valid_cols=valid_cols,
     )
@@ -116,17 +125,18 @@ def _update_leaf(
     refresh: bool,
     axis_name: AxisNames,
 ) -> tuple[Float[Array, "B m n"], LeafState, StackCache | None]:
-    strips = cut_strips(x, plan).astype(ctx.product_dtype)
-    strips = constrain_stack(ctx.corrected(strips), axis_name)
+    strips = per_shard(lambda y: cut_strips(y, plan), plan.shards)(x).astype(ctx.product_dtype)
+    strips = constrain_stack(ctx.corrected(strips), stack_names(plan, axis_name))
+    join = per_shard(lambda y: join_strips(y, plan), plan.shards)
     assert state.valid_rows is not None and state.valid_cols is not None
     factors = _factors(state)
     if not refresh:
-        return join_strips(apply_stack(ctx.rule, strips, factors, sides), plan), state, sides
+        return join(apply_stack(ctx.rule, strips, factors, sides)), state, sides
     if ctx.first is not None:
         # Each layer's factors from its first input (`initial_scales`).
         layers = _strip_layers(plan)
-        sums = jax.ops.segment_sum(sum_powers(strips), layers, plan.batch + 1)
-        size = np.append(np.full(plan.batch, max(math.prod(plan.merged), 1)), 1)
+        sums = jax.ops.segment_sum(sum_powers(strips), layers, plan.layers + 1)
+        size = np.append(np.full(plan.layers, max(plan.layer_size, 1)), 1)
         scales = initial_scales(sums, size, ctx.first, factors=2)[layers]
         factors = rescaled(factors, scales)
     rows, cols = strips.shape[1:]
@@ -136,7 +146,7 @@ def _update_leaf(
         ctx, strips, noisy, factors, state.valid_rows, state.valid_cols, cache=sides is not None
     )
     Ql, Qr, Ll, Lr = factors
-    return join_strips(out, plan), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), sides
+    return join(out), state.replace(Ql=Ql, Qr=Qr, Ll=Ll, Lr=Lr), sides
 
 
 class LargeKind(AbstractLeafKind):
@@ -154,6 +164,9 @@ class LargeKind(AbstractLeafKind):
 
     def real_entries(self, plan: LeafPlan[LargeLayout]) -> int:
         return plan.layout.strips
+
+    def entry_axes(self, plan: TreePlan, axis_name: AxisNames) -> tuple[AxisNames, ...]:
+        return tuple(stack_names(plan.leaves[i], axis_name) for i in plan.of_kind(self.kind))
 
     def init(self, plan: TreePlan, config: Config) -> State:
         """The factors of every large leaf."""
