@@ -5,7 +5,6 @@ how many elements they move, and the params' element count to compare with."""
 
 import json
 import os
-import re
 
 
 os.environ["XLA_FLAGS"] = (
@@ -16,6 +15,7 @@ os.environ["XLA_FLAGS"] = (
 
 import jax
 import jax.numpy as jnp
+from helpers import collectives  # (run as a script: `tests/` is on the path)
 from jax.sharding import AxisType
 
 import wkron_eqx as wk
@@ -28,22 +28,6 @@ CONFIGS = {
     "skew_p05_cache": dict(preconditioner_update_probability=0.5, cache_preconditioner=True),
     "quad_init_none": dict(preconditioner_init_scale=None),
 }
-_COLLECTIVE = re.compile(
-    r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|all-to-all|collective-permute"
-    r"|reduce-scatter)(?:-start)?\("
-)
-
-
-def collectives(text: str) -> dict[str, list[int]]:
-    """Op kind -> [count, elements moved] in an optimised HLO module's text."""
-    out: dict[str, list[int]] = {}
-    for _, dims, op in _COLLECTIVE.findall(text):
-        size = 1
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        count, elements = out.get(op, [0, 0])
-        out[op] = [count + 1, elements + size]
-    return out
 
 
 def main():

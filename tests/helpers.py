@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (no test module imports another)."""
 
+import re
 from collections.abc import Iterable
 
 import jax
@@ -94,3 +95,22 @@ def cosine(a, b) -> float:
     if norms == 0:
         return float(not np.any(a) and not np.any(b))
     return float(a @ b / norms)
+
+
+_COLLECTIVE = re.compile(
+    r"= (\w+)\[([\d,]*)\][^ ]* (all-gather|all-reduce|all-to-all|collective-permute"
+    r"|reduce-scatter)(?:-start)?\("
+)
+
+
+def collectives(text: str) -> dict[str, list[int]]:
+    """Op kind -> [count, elements moved] in an optimised HLO module's text (the first
+    result of each op)."""
+    out: dict[str, list[int]] = {}
+    for _, dims, op in _COLLECTIVE.findall(text):
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        count, elements = out.get(op, [0, 0])
+        out[op] = [count + 1, elements + size]
+    return out
