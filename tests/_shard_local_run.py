@@ -252,8 +252,70 @@ def checkpoint_and_auto_meshes() -> dict:
     return report
 
 
+def jit_with_shardings_and_nnx() -> dict:
+    """`jax.jit(init, out_shardings=...)` from `get_opt_state_partition_specs`, and a
+    Flax NNX model whose `nnx.with_partitioning` kernels are sharded by the mesh."""
+    from flax import nnx
+
+    params = normal_tree(SHAPES, seed=0)
+    tx = wk.quad(**BASE)
+    mesh = jax.make_mesh((2, 4), AXES)
+    report = {}
+    with jax.set_mesh(mesh):
+        p = _place(params, mesh)
+        kwargs = {k: v for k, v in BASE.items() if k != "learning_rate"}
+        specs = wk.get_opt_state_partition_specs(p, **kwargs)
+        shardings = jax.tree.map(
+            lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P)
+        )
+        state = jax.jit(tx.init, out_shardings=shardings)(p)
+        u, state = jax.jit(tx.update, out_shardings=(None, shardings))(
+            _place(_grads(0), mesh), state, p
+        )
+        report["jit_out_shardings_equal_eager"] = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(
+                jax.tree.leaves(u),
+                jax.tree.leaves(jax.jit(tx.update)(_place(_grads(0), mesh), tx.init(p), p)[0]),
+                strict=True,
+            )
+        )
+
+        class MLP(nnx.Module):
+            def __init__(self, rngs):
+                init = nnx.initializers.lecun_normal()
+                rows, cols = (
+                    nnx.with_partitioning(init, s) for s in (("fsdp", None), (None, "fsdp"))
+                )
+                self.l1 = nnx.Linear(16, 32, kernel_init=rows, rngs=rngs)
+                self.l2 = nnx.Linear(32, 8, kernel_init=cols, rngs=rngs)
+
+            def __call__(self, x):
+                return self.l2(nnx.relu(self.l1(x)))
+
+        model = MLP(nnx.Rngs(0))
+        opt = nnx.Optimizer(model, wk.quad(1e-2, dtype=jnp.float32, block_size=8), wrt=nnx.Param)
+        x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data")))
+
+        @nnx.jit
+        def step(model, opt, x):
+            loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+            opt.update(model, grads)
+            return loss
+
+        losses = [float(step(model, opt, x)) for _ in range(5)]
+        inner = opt.opt_state[0]
+        report["nnx"] = {
+            "losses": losses,
+            "sharded_leaves": sum(leaf.grid is not None for leaf in inner.plan.tree.leaves),
+            "dense_specs": sorted({str(jax.typeof(d.Ql[...]).sharding.spec) for d in inner.dense}),
+        }
+    return report
+
+
 if __name__ == "__main__":
     result = {
+        "jit_and_nnx": jit_with_shardings_and_nnx(),
         "devices": jax.device_count(),
         "options": options_on_the_mesh(),
         "collectives": training_step_collectives(),

@@ -127,3 +127,16 @@ def test_the_fsdp_example_trains_and_moves_adamws_bytes():
         if "(total" in line
     }
     assert total["quad"] <= 1.01 * total["adamw"]
+
+
+def test_jit_with_the_specs_shardings_computes_the_same_step(report):
+    assert report["jit_and_nnx"]["jit_out_shardings_equal_eager"]
+
+
+def test_flax_nnx_partitioned_params_follow_their_shards(report):
+    """`nnx.with_partitioning` kernels on an Explicit mesh: both kernels are planned by
+    shard, their stacks live over `fsdp`, and `nnx.jit` training lowers the loss."""
+    run = report["jit_and_nnx"]["nnx"]
+    assert run["sharded_leaves"] == 2
+    assert run["dense_specs"] == ["P('fsdp', None, None)"]
+    assert run["losses"][-1] < run["losses"][0]
