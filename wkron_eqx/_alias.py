@@ -97,7 +97,9 @@ def scale_by_quad(
         under a mesh, a multiple of the size of `pipeline_axis_name` (the product of the
         sizes, for several axes).
     - `params_partition_specs`: a `PartitionSpec` or tree of them for the params; the
-        momentum is constrained to it.
+        momentum is constrained to it, and a sharded leaf is tiled shard by shard
+        (`follow_shards`). Needed under Auto mesh axes; under Explicit ones the
+        params' types give the same.
     - `noise_scale`: scale of the Gaussian noise added to the gradient for the factor
         update (never to the output).
     - `preconditioner_update_probability`: a float in `(0, 1]` or a schedule `step -> p`;
