@@ -38,6 +38,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import wkron_eqx as wk
+from tests.helpers import fullest_device_bytes
 
 from ._harness import write_results
 
@@ -169,14 +170,6 @@ def _state_bytes(state) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
-def _fullest_device(state) -> int:
-    per_device: dict = {}
-    for x in jax.tree.leaves(state):
-        for shard in x.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
-    return max(per_device.values())
-
-
 def _shards(specs: dict, mesh) -> int:
     """How many shards the weights are cut into (the most any leaf has)."""
     size = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -255,7 +248,7 @@ def run_case(mesh_shape: tuple[int, int], layout: str, names: list[str], quick: 
                 cosines += _cosines(u, want)
                 same_layout += _cosines(u, alike)
             step_s = _step_time(compiled, p, state, data(batches[0]))
-            fullest = _fullest_device(state)
+            fullest = fullest_device_bytes(state)
         comm = collective_bytes(compiled.as_text())
         rows.append(
             {

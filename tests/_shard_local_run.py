@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import collectives, cosine, normal_tree  # (run as a script: `tests/` is on the path)
+from helpers import (
+    collectives,
+    cosine,
+    fullest_device_bytes,
+    normal_tree,
+)  # (run as a script: `tests/` is on the path)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import wkron_eqx as wk
@@ -99,14 +104,6 @@ def _one_device(name: str, params) -> list:
     return out
 
 
-def _fullest_device(state) -> int:
-    per_device: dict = {}
-    for x in jax.tree.leaves(state):
-        for shard in x.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
-    return max(per_device.values())
-
-
 def _trimmed(spec: P) -> tuple:
     entries = list(spec)
     while entries and entries[-1] is None:
@@ -156,7 +153,7 @@ def options_on_the_mesh() -> dict:
                 "updates_sharded_like_params": all(
                     _trimmed(jax.typeof(u[k]).sharding.spec) == _trimmed(SPECS[k]) for k in SHAPES
                 ),
-                "fullest_device_bytes": _fullest_device(state),
+                "fullest_device_bytes": fullest_device_bytes(state),
                 "single_device_bytes": sum(x.nbytes for x in jax.tree.leaves(tx.init(params))),
                 "factor_updates": int(inner.factor_updates),
             }

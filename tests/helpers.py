@@ -1,6 +1,10 @@
 """Helpers shared by the test modules (no test module imports another)."""
 
+import os
+import pathlib
 import re
+import subprocess
+import sys
 from collections.abc import Iterable
 
 import jax
@@ -114,3 +118,28 @@ def collectives(text: str) -> dict[str, list[int]]:
         count, elements = out.get(op, [0, 0])
         out[op] = [count + 1, elements + size]
     return out
+
+
+def fullest_device_bytes(tree) -> int:
+    """The bytes of `tree`'s arrays on the device that holds the most of them."""
+    per_device: dict = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values())
+
+
+def run_example(name: str, devices: int, *args: str) -> list[str]:
+    """Run `examples/<name>` with `devices` simulated CPU devices; its stdout's lines
+    (asserting it succeeded)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices}"
+        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
+    script = pathlib.Path(__file__).parent.parent / "examples" / name
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.splitlines()

@@ -1,4 +1,5 @@
-"""Every option that changes the step, drawn together on a tree with every leaf kind.
+"""Every option that changes the step, drawn together on a tree with every leaf kind
+(and with the shard-local layout of sharded leaves, planned through `mesh_axis_sizes`).
 
 Each option has tests of its own; these catch what only their combinations break (a
 `cond` whose two branches differ in dtype, a state that changes type between steps).
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from hypothesis import given, settings, strategies as st
+from jax.sharding import PartitionSpec as P
 
 import wkron_eqx as wk
 from wkron_eqx._alias import _config
@@ -47,8 +49,33 @@ _OPTIONS = st.fixed_dictionaries(
         "normalize_grads": st.booleans(),
         "pipeline_axis_size": st.sampled_from([1, 2]),  # padding of the stacks
         "lr_style": st.sampled_from(["adam", None]),
+        "shards": st.sampled_from([None, "rows", "two_axes"]),
     }
 )
+
+# The shard-local layout, planned without a mesh (`mesh_axis_sizes`): every sharded
+# leaf tiled shard by shard, as on a mesh of those sizes.
+_SHARDINGS = {
+    "rows": (P("fsdp", None), {"fsdp": 2}),
+    "two_axes": (P("fsdp", "tp"), {"fsdp": 2, "tp": 2}),
+}
+
+
+def _sharded(options: dict) -> dict:
+    shards = options.pop("shards")
+    if shards is None:
+        return options
+    spec, sizes = _SHARDINGS[shards]
+    specs = {
+        "w": spec,
+        "embedding": spec,
+        "bias": P("fsdp"),  # (1-D: planned whole)
+        "scale": P(),
+        "empty": P(),
+        "blocks": P(None, *spec),
+        "block_bias": P(None, "fsdp"),
+    }
+    return options | dict(params_partition_specs=specs, mesh_axis_sizes=sizes)
 
 
 @st.composite
@@ -60,6 +87,7 @@ def _cases(draw):
         # Past its flat start at once, so that steps 2 and 3 already skip updates.
         schedule = wk.precond_update_prob_schedule(min_prob=0.5, flat_start=1)
         options["preconditioner_update_probability"] = schedule
+    options = _sharded(options)
     scanned = draw(st.booleans())
     options["scanned_layers"] = {k: scanned and k in _SCANNED for k in _SHAPES}
     params_dtype = draw(st.sampled_from([jnp.float32, jnp.bfloat16]))

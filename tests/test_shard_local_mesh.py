@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from .helpers import run_example
+
 
 _HERE = pathlib.Path(__file__).parent
 OPTION_SETS = [
@@ -103,20 +105,7 @@ def test_auto_and_mixed_meshes_plan_the_same_layout(report, mesh):
 def test_the_fsdp_example_trains_and_moves_adamws_bytes():
     """`examples/fsdp.py`: the loss falls, every dense stack lives over `fsdp`, and the
     training step communicates what AdamW's does (to 1%)."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=8"
-        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    )
-    done = subprocess.run(
-        [sys.executable, str(_HERE.parent / "examples" / "fsdp.py"), "--steps", "40"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_example("fsdp.py", 8, "--steps", "40")
     losses = [float(line.split()[-1]) for line in lines if line.startswith("step")]
     assert losses[-1] < 0.75 * losses[0]
     buckets = [line for line in lines if "dense bucket" in line]

@@ -24,6 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
 
+from .helpers import run_example
+
 
 _HERE = pathlib.Path(__file__).parent
 _AXIS = "pp"
@@ -78,23 +80,10 @@ def test_fsdp_sharded_weights_in_a_jitted_equinox_step(eight_device_report, layo
 def test_the_multi_device_example_runs():
     """`examples/multi_device.py`: an Explicit mesh, no shardings passed, the loss
     falls, the stacks are spread over both axes."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env["XLA_FLAGS"] = (
-        "--xla_force_host_platform_device_count=4"
-        " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    )
-    done = subprocess.run(
-        [sys.executable, str(_HERE.parent / "examples" / "multi_device.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_example("multi_device.py", 4)
     losses = [float(line.split()[-1]) for line in lines if line.startswith("step")]
     assert losses[-1] < 0.1 * losses[0]
-    assert "P(('data', 'pipeline'), None, None)" in done.stdout
+    assert "P(('data', 'pipeline'), None, None)" in "\n".join(lines)
 
 
 def test_pipeline_axes_are_checked_against_the_mesh(eight_device_report):
