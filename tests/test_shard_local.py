@@ -82,6 +82,26 @@ def test_a_thin_shard_gets_right_sized_tiles():
     assert large.layout.diag_left and not large.layout.diag_right
 
 
+def test_a_shard_one_element_wide_keeps_the_leafs_merge():
+    """A (16, 8) weight in 8 column shards: each shard is 16 x 1, still a 2-D (dense)
+    view, not a vector; a (4, 6, 8) leaf merges each shard where it merges the whole."""
+    plan = plan_tree(
+        ((16, 8), (4, 6, 8)),
+        (False, False),
+        8,
+        10_000,
+        1,
+        grids=(ShardGrid((1, 8), ((), ("x",))), ShardGrid((1, 1, 4), ((), (), ("x",)))),
+    )
+    thin, deep = plan.leaves
+    assert thin.kind == wk.DENSE_PATH and thin.merged == (16, 1) and thin.shards == 8
+    assert deep.merged == (24, 2)  # the whole merges to (24, 8)
+    x = jnp.arange(16 * 8.0).reshape(16, 8)
+    view = leaf_view(x, thin)
+    assert view.shape == (8, 16, 1)
+    np.testing.assert_array_equal(np.asarray(leaf_unview(view, thin)), np.asarray(x))
+
+
 def _split_rows_tree(params):
     half = params["w"].shape[0] // 2
     return {"w0": params["w"][:half], "w1": params["w"][half:]}

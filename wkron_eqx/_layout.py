@@ -142,6 +142,11 @@ class TileGroup(NamedTuple):
     col_part: Part
     bucket: tuple[int, int]  # (stored rows, stored cols)
 
+    @property
+    def tiles(self) -> int:
+        """Its tiles in one layer."""
+        return self.row_part.count * self.col_part.count
+
 
 class DenseLayout(NamedTuple):
     """How a `DENSE` leaf is cut into tiles, which go to the shared buckets."""
@@ -154,7 +159,7 @@ class DenseLayout(NamedTuple):
 
     @property
     def tiles_per_layer(self) -> int:
-        return sum(g.row_part.count * g.col_part.count for g in self.groups)
+        return sum(g.tiles for g in self.groups)
 
     # What `LeafState` says of the leaf (see there).
     @property
@@ -335,6 +340,9 @@ def leaf_plan(
         shape = _local(shape, grid)
     batch, shape = (shape[0], shape[1:]) if scanned else (1, shape)
     merged = merge_shape(shape)
+    if grid is not None:  # a shard is merged where the whole leaf is (even to a 1 x n view)
+        assert split is not None
+        merged = (math.prod(shape[:split]), math.prod(shape[split:]))
     pad = pipeline_axis_size if grid is None else grid.spread_size
 
     def plan(layout: _L) -> LeafPlan[_L]:
@@ -353,7 +361,7 @@ def leaf_plan(
             for rp in row_parts
             for cp in col_parts
         )
-        tiles = batch * sum(g.row_part.count * g.col_part.count for g in groups)
+        tiles = batch * sum(g.tiles for g in groups)
         return plan(DenseLayout(row_parts, col_parts, groups, tiles))
     if diag_left and diag_right:
         row_parts, col_parts, strip_side, strips = (), (), 0, batch
@@ -536,7 +544,7 @@ def bucket_tiles(leaves: tuple[LeafPlan, ...], pipeline_axis_size: int) -> tuple
         if grid is not None:
             key = (grid.shards, grid.stack_axes, grid.spread_size)
         for group_index, group in enumerate(leaf.layout.groups):
-            count = leaf.shards * leaf.batch * group.row_part.count * group.col_part.count
+            count = leaf.shards * leaf.batch * group.tiles
             if count:
                 segments.setdefault(group.bucket + key, []).append(
                     BucketSegment(leaf_index, group_index, count)

@@ -137,17 +137,22 @@ def _view(x: Array, leaf: LeafPlan) -> Array:
 
 
 def _moment(
-    config: Config, grads: list[Array], state: WhiteKronState, t: Array, t_float: Array
+    config: Config,
+    grads: list[Array],
+    state: WhiteKronState,
+    t: Array,
+    t_float: Array,
+    specs: list[PartitionSpec | None],
 ) -> tuple[Any, list[Array], Array]:
     """The momentum stage: the new moment to store (a tree like the params, or `None`
     with `b1 = 0`), the kinds' inputs and the scale that bias-corrects them.
 
     The input is the bias-corrected moment, `new_mu / (1 - b1^t)`: the kinds apply the
-    correction to their stacked inputs (`kron.bias_corrected`)."""
+    correction to their stacked inputs (`kron.bias_corrected`). Both keep each leaf's
+    sharding, `specs` (`_step_specs`)."""
     dtype = config.compute_dtype
     input_scale = jnp.ones((), jnp.float32)
     if config.b1 == 0:
-        specs = _step_specs(config, state.plan)
         return None, [constrain_like(g.astype(dtype), s) for g, s in zip(grads, specs)], input_scale
     # In float32, stored in `dtype`.
     f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
@@ -157,7 +162,6 @@ def _moment(
     # traced operation fewer per leaf.)
     b1 = config.b1
     new_mu = [b1 * m + (1 - b1) * g for g, m in zip(grads32, mu32, strict=True)]
-    specs = _step_specs(config, state.plan)
     if config.stochastic_rounding:
         # Stream: the leaf's index (as data, so same-shaped leaves share kernels).
         stored = [
@@ -291,6 +295,7 @@ def _clipped(
     sum_sqs: Array,
     damped: Array | None,
     state: WhiteKronState,
+    specs: list[PartitionSpec | None],
 ) -> tuple[list[Array], Array]:
     """The RMS clip and `lr_style` stage: each leaf's output scaled, in its gradient's
     shape and dtype, or zero if the step is not sound; and whether it is.
@@ -310,7 +315,6 @@ def _clipped(
         scales = scales * damped
     updates = []
     plan = state.plan.tree
-    specs = _step_specs(config, state.plan)
     for out, g, slot, leaf, spec in zip(
         outputs, grads, state.slots, plan.leaves, specs, strict=True
     ):
@@ -452,7 +456,9 @@ def scale_by_white_kron(
         grads, treedef = check_updates(updates, state)
         t = jnp.asarray(optax.safe_increment(state.count))
         t_float = t.astype(jnp.float32)
-        mu, inputs, input_scale = _moment(config, grads, state, t, t_float)
+        # Each leaf's sharding, which its input, momentum and update keep.
+        specs = _step_specs(config, state.plan)
+        mu, inputs, input_scale = _moment(config, grads, state, t, t_float, specs)
         if config.normalize_grads:
             inputs, input_scale = _normalised(inputs, input_scale)
         views = [_view(x, leaf) for x, leaf in zip(inputs, state.plan.tree.leaves, strict=True)]
@@ -464,7 +470,7 @@ def scale_by_white_kron(
         else:
             counter = jnp.where(refreshed, 0, state.update_counter + 1)
             refreshed = jnp.asarray(refreshed, jnp.int32)
-        new_updates, ok = _clipped(config, outputs, grads, sum_sqs, damped, state)
+        new_updates, ok = _clipped(config, outputs, grads, sum_sqs, damped, state, specs)
         stepped = WhiteKronState(
             count=t,
             mu=mu,

@@ -71,23 +71,21 @@ def _tables(plan: TreePlan) -> tuple[_Table, ...]:
     leaves = len(plan.leaves)
     tables = []
     for bucket in plan.buckets:
-        columns: list[list[int]] = [[], [], [], [], []]
+        runs: list[np.ndarray] = []  # per run and segment: a [5, entries] block
         for shard in range(bucket.shards):
             for seg in bucket.segments:
                 leaf = plan.leaves[seg.leaf]
                 group = leaf.layout.groups[seg.group]
-                per_layer = group.row_part.count * group.col_part.count
-                layers = leaf.view_layers()[shard * leaf.batch : (shard + 1) * leaf.batch]
-                for k in range(seg.count // bucket.shards):
-                    entry = (seg.leaf, offsets[seg.leaf] + layers[k // per_layer])
-                    for column, value in zip(
-                        columns, entry + (group.row_part.size, group.col_part.size, 1)
-                    ):
-                        column.append(value)
+                # A tile group's tiles are layer-major (`tile`).
+                tiles = np.arange(seg.count // bucket.shards)
+                layer = leaf.view_layers()[shard * leaf.batch + tiles // group.tiles]
+                facts = (seg.leaf, 0, group.row_part.size, group.col_part.size, 1)
+                block = np.repeat(np.array(facts)[:, None], len(tiles), axis=1)
+                block[1] = offsets[seg.leaf] + layer
+                runs.append(block)
             dummies = bucket.run - bucket.valid_count // bucket.shards
-            for column, value in zip(columns, (leaves, offsets[-1], 0, 0, 0)):
-                column += [value] * dummies
-        tables.append(_Table(*(np.array(c, np.int32) for c in columns)))
+            runs.append(np.repeat(np.array([[leaves], [offsets[-1]], [0], [0], [0]]), dummies, 1))
+        tables.append(_Table(*np.concatenate(runs, axis=1).astype(np.int32)))
     return tuple(tables)
 
 
