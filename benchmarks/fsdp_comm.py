@@ -155,6 +155,11 @@ def optimizers(block_size: int) -> dict:
         "quad, ZeRO over data": lambda **aligned: wk.quad(
             1e-3, pipeline_axis_name="data", pipeline_axis_size=2, **ours, **aligned
         ),
+        # Half the block: shards narrower than `block_size` keep a factor of the
+        # unsharded side per shard; smaller blocks shrink it.
+        "quad, half block_size": lambda **aligned: wk.quad(
+            1e-3, **(ours | dict(block_size=block_size // 2)), **aligned
+        ),
     }
 
 

@@ -73,6 +73,8 @@ def join_static(xs: list[np.ndarray], shards: int) -> np.ndarray:
 
 def run_slice(x: Shaped[Array, "n ..."], shards: int, start: int, size: int):
     """Entries `start : start + size` of every run of `x` (the inverse of `join_runs`)."""
+    if start == 0 and size * shards == x.shape[0]:
+        return x  # every entry: no op to trace
     if shards == 1:
         return x[start : start + size]
     return _flat(_runs(x, shards)[:, start : start + size])
@@ -90,8 +92,8 @@ def take_runs(x: Shaped[Array, "n ..."], shards: int, start: Int[Array, ""], siz
 
 def pad_runs(x: Shaped[Array, "n ..."], shards: int, run: int) -> Shaped[Array, "m ..."]:
     """Zero entries appended to every run of `x`, up to `run` entries each."""
-    if shards == 1:
-        return pad_stack(x, run)
+    if shards == 1 or run * shards == x.shape[0]:
+        return pad_stack(x, run * shards)
     return _flat(pad_stack(_runs(x, shards).swapaxes(0, 1), run).swapaxes(0, 1))
 
 
