@@ -29,6 +29,7 @@ from helpers import (
     cosine,
     fullest_device_bytes,
     normal_tree,
+    trimmed_spec,
 )  # (run as a script: `tests/` is on the path)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -104,13 +105,6 @@ def _one_device(name: str, params) -> list:
     return out
 
 
-def _trimmed(spec: P) -> tuple:
-    entries = list(spec)
-    while entries and entries[-1] is None:
-        entries.pop()
-    return tuple(entries)
-
-
 def options_on_the_mesh() -> dict:
     """Each option set: sharded (Explicit mesh) against one device with the same
     layout; every stack sharded over its leaf's axes; specs match the state."""
@@ -143,7 +137,7 @@ def options_on_the_mesh() -> dict:
                 "finite": bool(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))),
                 "stacks": stacks,
                 "specs_match": all(
-                    _trimmed(s) == _trimmed(jax.typeof(x).sharding.spec)
+                    trimmed_spec(s) == trimmed_spec(jax.typeof(x).sharding.spec)
                     for s, x in zip(
                         jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
                         jax.tree.leaves(inner),
@@ -151,7 +145,8 @@ def options_on_the_mesh() -> dict:
                     )
                 ),
                 "updates_sharded_like_params": all(
-                    _trimmed(jax.typeof(u[k]).sharding.spec) == _trimmed(SPECS[k]) for k in SHAPES
+                    trimmed_spec(jax.typeof(u[k]).sharding.spec) == trimmed_spec(SPECS[k])
+                    for k in SHAPES
                 ),
                 "fullest_device_bytes": fullest_device_bytes(state),
                 "single_device_bytes": sum(x.nbytes for x in jax.tree.leaves(tx.init(params))),

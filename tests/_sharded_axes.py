@@ -18,7 +18,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from helpers import cosine, normal_tree  # (run as a script: `tests/` is on the path)
+from helpers import cosine, normal_tree, trimmed_spec  # (run as a script: `tests/` is on the path)
 from jax.sharding import PartitionSpec as P
 
 import wkron_eqx as wk
@@ -55,14 +55,6 @@ def _stacks(state) -> dict:
     return out
 
 
-def _trimmed(spec: P) -> tuple:
-    """A spec without its trailing `None`s (`P()` and `P(None, None)` are the same)."""
-    entries = list(spec)
-    while entries and entries[-1] is None:
-        entries.pop()
-    return tuple(entries)
-
-
 def two_axes() -> dict:
     params, grads = normal_tree(SHAPES, 0), [normal_tree(SHAPES, s + 1) for s in range(3)]
     tx = wk.quad(**CONFIG)
@@ -92,7 +84,7 @@ def two_axes() -> dict:
         }
         specs = wk.get_opt_state_partition_specs(params, **sharded)[0]
         report["specs_match"] = all(
-            _trimmed(spec) == _trimmed(jax.typeof(x).sharding.spec)
+            trimmed_spec(spec) == trimmed_spec(jax.typeof(x).sharding.spec)
             for spec, x in zip(
                 jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
                 jax.tree.leaves(state[0]),

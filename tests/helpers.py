@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (no test module imports another)."""
 
+import json
 import os
 import pathlib
 import re
@@ -143,3 +144,29 @@ def run_example(name: str, devices: int, *args: str) -> list[str]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.splitlines()
+
+
+def trimmed_spec(spec) -> tuple:
+    """A `PartitionSpec`'s entries without the trailing `None`s (`P()` and `P(None,
+    None)` are the same)."""
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+def subprocess_report(script: str, timeout: int = 600) -> dict:
+    """Run `tests/<script>` (which sets its own device count) and return the JSON object
+    on the last line of its stdout (asserting it succeeded)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    here = pathlib.Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, str(here / script)],
+        env=env,
+        cwd=here.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,15 +3,11 @@ subprocess with 8 devices): every option set against one device with the same la
 where the stacks live, what a training step communicates, checkpoints, Auto and mixed
 meshes."""
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from .helpers import run_example
+from .helpers import run_example, subprocess_report
 
 
 _HERE = pathlib.Path(__file__).parent
@@ -26,17 +22,7 @@ OPTION_SETS = [
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    done = subprocess.run(
-        [sys.executable, str(_HERE / "_shard_local_run.py")],
-        env=env,
-        cwd=_HERE.parent,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess_report("_shard_local_run.py")
 
 
 @pytest.mark.parametrize("name", OPTION_SETS)

@@ -6,11 +6,7 @@ measurements as JSON) and the tests below assert on that report. The dummy and s
 properties need no mesh and run here.
 """
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -24,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import wkron_eqx as wk
 import wkron_eqx.testing as wkt
 
-from .helpers import run_example
+from .helpers import run_example, subprocess_report
 
 
 _HERE = pathlib.Path(__file__).parent
@@ -32,18 +28,7 @@ _AXIS = "pp"
 
 
 def _subprocess_report(script: str) -> dict:
-    env = dict(os.environ)
-    env.pop("JAX_PLATFORMS", None)  # (each script sets its own device count)
-    done = subprocess.run(
-        [sys.executable, str(_HERE / script)],
-        env=env,
-        cwd=_HERE.parent,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess_report(script, timeout=300)
 
 
 @pytest.fixture(scope="module")
