@@ -205,3 +205,25 @@ def test_specs_name_the_shard_axes():
     # Each shard's run padded to the spread over `data`: an even count per shard.
     assert all(d.Ql.shape[0] % 8 == 0 for d in state[0].dense)
     assert optax.tree.size(state) > 0
+
+
+def test_preconditioner_stats_read_every_shards_factors():
+    """`preconditioner_stats` on a state planned by shard: a (48, 40) weight in 2 row
+    shards has 2 x 6 tiles of block 16 (rows 16 + 8, columns 16 + 16 + 8 per shard),
+    and a large (200, 16) leaf one strip per shard; every statistic is finite."""
+    params = {"w": jnp.ones((48, 40)), "e": jnp.ones((200, 16))}
+    tx = wk.quad(
+        1e-2,
+        dtype=F32,
+        block_size=16,
+        max_size_dense=128,
+        params_partition_specs=P("fsdp", None),
+        mesh_axis_sizes={"fsdp": 2},
+    )
+    grads = normal_tree({"w": (48, 40), "e": (200, 16)}, seed=1)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    stats = wk.preconditioner_stats(state[0])
+    assert stats["w"]["Ll"].shape == (12,) and stats["e"]["Ll"].shape == (2,)
+    for leaf in stats.values():
+        for key in ("Ll", "Lr", "rms_left", "rms_right"):
+            assert np.all(np.isfinite(np.asarray(leaf[key]))), key
