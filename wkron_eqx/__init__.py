@@ -22,6 +22,7 @@ from ._layout import (
     LeafKind as LeafKind,
     LeafPlan as LeafPlan,
     OneDLayout as OneDLayout,
+    ShardGrid as ShardGrid,
     TreePlan as TreePlan,
 )
 from ._rules import AbstractRule as AbstractRule, Procrustes as Procrustes, Quad as Quad
@@ -61,6 +62,7 @@ __all__ = [
     "Procrustes",
     "Quad",
     "STATIC_ARGS",
+    "ShardGrid",
     "TreePlan",
     "WhiteKronState",
     "get_opt_state_partition_specs",
