@@ -19,23 +19,40 @@ from ._custom_types import AxisNames
 from ._layout import ShardGrid
 
 
-def _active_axes() -> dict[str, AxisType]:
-    """Axis name -> axis type of the mesh in scope (`jax.set_mesh`, or `with mesh:`)."""
-    axes: dict[str, AxisType] = {}
+def _meshes_in_scope() -> list[Any]:
+    """The meshes in scope: the abstract one (`jax.set_mesh`) and the deprecated
+    `with Mesh(...):` context of older code (not an abstract mesh), where present."""
+    meshes = []
     abstract = jax.sharding.get_abstract_mesh()
     if abstract is not None and not abstract.empty:
-        axes.update(zip(abstract.axis_names, abstract.axis_types))
-    try:  # the deprecated `with Mesh(...):` context of older code (not an abstract mesh)
+        meshes.append(abstract)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from jax.interpreters.pxla import thread_resources
 
         physical = thread_resources.env.physical_mesh
         if not physical.empty:
-            axes.update(zip(physical.axis_names, physical.axis_types))
+            meshes.append(physical)
     except (ImportError, AttributeError):
         pass
+    return meshes
+
+
+def _active_axes() -> dict[str, AxisType]:
+    """Axis name -> axis type of the mesh in scope (`jax.set_mesh`, or `with mesh:`)."""
+    axes: dict[str, AxisType] = {}
+    for mesh in _meshes_in_scope():
+        axes.update(zip(mesh.axis_names, mesh.axis_types))
     return axes
+
+
+def mesh_sizes() -> dict[str, int]:
+    """Axis name -> size of the mesh in scope (`jax.set_mesh`, or `with mesh:`)."""
+    sizes: dict[str, int] = {}
+    for mesh in _meshes_in_scope():
+        sizes.update(zip(mesh.axis_names, mesh.axis_sizes))
+    return sizes
 
 
 def _constrain(x: Array, spec: PartitionSpec, axes: dict[str, AxisType]) -> Array:
@@ -212,25 +229,6 @@ def with_auto_axes(fun: Callable, out_specs: Callable[..., Any]) -> Callable:
     return run
 
 
-def mesh_sizes() -> dict[str, int]:
-    """Axis name -> size of the mesh in scope (`jax.set_mesh`, or `with mesh:`)."""
-    sizes: dict[str, int] = {}
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty:
-        sizes.update(zip(mesh.axis_names, mesh.axis_sizes))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from jax.interpreters.pxla import thread_resources
-
-        physical = thread_resources.env.physical_mesh
-        if not physical.empty:
-            sizes.update(physical.shape)
-    except (ImportError, AttributeError):
-        pass
-    return sizes
-
-
 def _typed(x: Any) -> tuple[PartitionSpec | None, dict[str, int]]:
     """The spec in `x`'s type (Explicit axes) and its mesh's sizes; `(None, {})` if none."""
     try:
@@ -247,7 +245,7 @@ def _typed(x: Any) -> tuple[PartitionSpec | None, dict[str, int]]:
     return _without(spec, tuple(n for n in mesh.axis_names if n not in explicit)), sizes
 
 
-def _entry_names(entry: Any) -> tuple[str, ...]:
+def entry_names(entry: Any) -> tuple[str, ...]:
     if entry is None or entry is PartitionSpec.UNCONSTRAINED:
         return ()
     return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -280,7 +278,7 @@ def shard_grids(
         if spec is None or len(spec) > len(shape):
             grids.append(None)
             continue
-        names = tuple(_entry_names(e) for e in tuple(spec) + (None,) * (len(shape) - len(spec)))
+        names = tuple(entry_names(e) for e in tuple(spec) + (None,) * (len(shape) - len(spec)))
         if missing := sorted({n for dim in names for n in dim if n not in sizes}):
             if given_sizes is not None:
                 raise ValueError(

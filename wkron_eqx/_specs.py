@@ -9,7 +9,7 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._alias import quad, scale_by_quad
 from ._kinds import state_specs
-from ._sharding import leaf_specs, mesh_sizes, specs_tree
+from ._sharding import entry_names, leaf_specs, mesh_sizes, specs_tree
 
 
 # Specs are usually wanted before any parameter exists: `jax.eval_shape` output is fine too.
@@ -40,8 +40,7 @@ def _check_sizes_known(params: ParamsOrShapes, kwargs: dict) -> None:
         for spec in leaf_specs(params, specs)
         if spec is not None
         for entry in spec
-        if entry is not None and entry is not PartitionSpec.UNCONSTRAINED
-        for name in ((entry,) if isinstance(entry, str) else entry)
+        for name in entry_names(entry)
     }
     if missing := sorted(named - set(mesh_sizes())):
         raise ValueError(

@@ -49,15 +49,12 @@ _LR_FLOOR = 0.4
 _BALANCE_EVERY = 100
 
 
-def _partition_specs(config: Config, params: Unchecked) -> list[PartitionSpec | None]:
-    return leaf_specs(params, config.params_partition_specs)
-
-
 def _step_specs(config: Config, plan: Plan) -> list[PartitionSpec | None]:
     """Each leaf's `params_partition_specs` entry, else the sharding of a leaf planned by
     shard (from its `ShardGrid`), else `None`: what the step constrains each leaf's
     gradient, momentum and update to."""
-    given = _partition_specs(config, plan.treedef.unflatten([0] * len(plan.tree.leaves)))
+    placeholders = plan.treedef.unflatten([0] * len(plan.tree.leaves))
+    given = leaf_specs(placeholders, config.params_partition_specs)
     return [
         PartitionSpec(*leaf.grid.spec) if s is None and leaf.grid is not None else s
         for s, leaf in zip(given, plan.tree.leaves, strict=True)
