@@ -50,7 +50,8 @@ CHOICES = {
 }
 
 
-def _batches(data: np.ndarray, count: int, seed: int) -> np.ndarray:
+def batches(data: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` batches of `BATCH` windows of `CONTEXT + 1` tokens of `data`, at random."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(data) - CONTEXT - 1, (count, BATCH))
     return np.stack([[data[s : s + CONTEXT + 1] for s in row] for row in starts])
@@ -69,20 +70,27 @@ def train(choice: dict, train_tokens: np.ndarray, valid_tokens: np.ndarray, lr: 
     state = tx.init(params)
     kinds = {path: leaf.kind for path, leaf in zip(state[0].plan.paths, state[0].leaf_states())}
     assert kinds["['embed']"] == wk.LARGE_PATH
+    return fit(tx, params, state, train_tokens, valid_tokens, DIMS["heads"])[1]
+
+
+def fit(tx, params, state, train_tokens, valid_tokens, heads: int) -> tuple[object, dict]:
+    """Train `params` from `state` on each batch of `train_tokens` in turn (`loss`);
+    return the final state, the mean training loss of the last 20 steps and the mean
+    loss on `valid_tokens`."""
 
     @jax.jit
     def step(params, state, tokens):
-        value, grads = jax.value_and_grad(loss)(params, tokens, DIMS["heads"])
+        value, grads = jax.value_and_grad(loss)(params, tokens, heads)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
-    evaluate = jax.jit(lambda p, t: loss(p, t, DIMS["heads"]))
+    evaluate = jax.jit(lambda p, t: loss(p, t, heads))
     losses = []
     for tokens in train_tokens:
         params, state, value = step(params, state, tokens)
         losses.append(float(value))
     valid = float(np.mean([evaluate(params, t) for t in valid_tokens]))
-    return {"train_loss_last_20": float(np.mean(losses[-20:])), "valid_loss": valid}
+    return state, {"train_loss_last_20": float(np.mean(losses[-20:])), "valid_loss": valid}
 
 
 def add_arguments(parser):
@@ -96,8 +104,8 @@ def run(args):
     steps, lrs = args.steps, [float(x) for x in args.lrs.split(",")]
     if args.quick:
         steps, lrs = 30, lrs[:1]
-    train_tokens = _batches(data[:split], steps, 0)
-    valid_tokens = _batches(data[split:], 8, 1)
+    train_tokens = batches(data[:split], steps, 0)
+    valid_tokens = batches(data[split:], 8, 1)
     rows = []
     for lr in lrs:
         for name, choice in CHOICES.items():

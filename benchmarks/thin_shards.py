@@ -55,11 +55,12 @@ from wkron_eqx import _backend, _layout
 from ._harness import write_results
 from .curves import stdlib_text
 from .fsdp_comm import init_params, loss, sizes, weight_specs
+from .large_shards import BATCH, CONTEXT, batches, fit
 
 
 DESCRIPTION = "shards thinner than block_size: state, loss, compile and step time trade-offs"
 DIMS = dict(vocab=1024, d=192, layers=2, heads=3)
-CONTEXT, BATCH, SHARDS, BLOCK = 64, 16, 8, 64
+SHARDS, BLOCK = 8, 64
 SCANNED = {"embed": False, "blocks": True, "norm": False}
 
 
@@ -133,12 +134,6 @@ LAYOUTS = {
 }
 
 
-def _batches(data: np.ndarray, count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(data) - CONTEXT - 1, (count, BATCH))
-    return np.stack([[data[s : s + CONTEXT + 1] for s in row] for row in starts])
-
-
 def _state_bytes(state) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
@@ -148,29 +143,16 @@ def train(options: dict, lr: float, seed: int, steps: int, data: np.ndarray) -> 
         lr, dtype=jnp.float32, preconditioner_init_scale=None, scanned_layers=SCANNED, **options
     )
     split = int(0.9 * len(data))
-    train_tokens = _batches(data[:split], steps, seed)
-    valid_tokens = _batches(data[split:], 16, 1000)
+    train_tokens = batches(data[:split], steps, seed)
+    valid_tokens = batches(data[split:], 16, 1000)
     params = init_params(jax.random.key(seed), **DIMS)
     state = tx.init(params)
     plan = state[0].plan.tree
-    shapes = sorted({(b.rows, b.cols) for b in plan.buckets})
-
-    @jax.jit
-    def step(params, state, tokens):
-        value, grads = jax.value_and_grad(loss)(params, tokens, DIMS["heads"])
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    evaluate = jax.jit(lambda p, t: loss(p, t, DIMS["heads"]))
-    losses = []
-    for tokens in train_tokens:
-        params, state, value = step(params, state, tokens)
-        losses.append(float(value))
+    state, result = fit(tx, params, state, train_tokens, valid_tokens, DIMS["heads"])
     return {
-        "train_loss_last_20": float(np.mean(losses[-20:])),
-        "valid_loss": float(np.mean([evaluate(params, t) for t in valid_tokens])),
+        **result,
         "state_bytes": _state_bytes(state),
-        "tile_shapes": shapes,
+        "tile_shapes": sorted({(b.rows, b.cols) for b in plan.buckets}),
         "groups": len(plan.groups),
     }
 
