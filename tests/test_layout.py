@@ -463,10 +463,10 @@ def _multiply_adds(rows: int, cols: int) -> int:
 @MANY
 @hypothesis.given(
     sides=st.lists(
-        st.tuples(st.integers(1, 32), st.integers(1, 32), st.integers(1, 5)),
+        st.tuples(st.integers(1, 32), st.integers(1, 32), st.integers(1, 5), st.booleans()),
         min_size=1,
         max_size=10,
-        unique_by=lambda s: s[:2],
+        unique_by=lambda s: (s[0], s[1], s[3]),
     ),
     accelerator=st.booleans(),
 )
@@ -474,7 +474,13 @@ def test_groups_partition_buckets_within_budget(sides, accelerator):
     from wkron_eqx._layout import Bucket, group_buckets
 
     grouping = wk.Backend.of("gpu" if accelerator else "cpu").grouping
-    buckets = tuple(Bucket(8 * r, 8 * c, (), n, n) for r, c, n in sides)
+    # Buckets of two classes: whole leaves, and leaves planned by 2 shards over "x".
+    buckets = tuple(
+        Bucket(8 * r, 8 * c, (), 2 * n, 2 * n, 2, ("x",))
+        if by_shard
+        else Bucket(8 * r, 8 * c, (), n, n)
+        for r, c, n, by_shard in sides
+    )
     groups = group_buckets(buckets, grouping)
     members = [m for g in groups for m in g.members]
     assert sorted(m.bucket for m in members) == list(range(len(buckets)))
@@ -483,6 +489,7 @@ def test_groups_partition_buckets_within_budget(sides, accelerator):
         assert g.rows <= g.cols
         for m in g.members:
             b = buckets[m.bucket]
+            assert (b.shards, b.axes) == (g.shards, g.axes)  # one class per group
             assert m.transposed == (b.rows > b.cols)
             rows, cols = (b.cols, b.rows) if m.transposed else (b.rows, b.cols)
             assert rows <= g.rows and cols <= g.cols

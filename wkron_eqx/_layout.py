@@ -459,15 +459,15 @@ def _tile_cost(rows: int, cols: int) -> int:
     return 2 * (left + right) + rows * cols * (rows + cols) + 2 * (rows**3 + cols**3)
 
 
-def _merge(buckets: tuple[Bucket, ...], indices: list[int], budget: float) -> list[ComputeGroup]:
+def _merge(buckets: tuple[Bucket, ...], indices: list[int], fraction: float) -> list[ComputeGroup]:
     """Greedy merging of the buckets `indices` (of one `shards` and `axes`): the pair
     whose merge adds the least padded cost goes first, while the added cost stays
-    within `budget` (multiply-adds)."""
+    within `fraction` of these buckets' own cost."""
+    budget = fraction * sum(_cost(*_oriented(buckets[i]), buckets[i].stack) for i in indices)
     groups: list[tuple[int, int, tuple[GroupMember, ...], int]] = []
     for i in indices:
         b = buckets[i]
-        member = GroupMember(i, b.rows > b.cols)
-        groups.append((min(b.rows, b.cols), max(b.rows, b.cols), (member,), b.stack))
+        groups.append((*_oriented(b), (GroupMember(i, b.rows > b.cols),), b.stack))
     while len(groups) > 1:
         best = None
         for i in range(len(groups)):
@@ -493,6 +493,11 @@ def _cost(rows: int, cols: int, stack: int) -> int:
     return stack * _tile_cost(rows, cols)
 
 
+def _oriented(bucket: Bucket) -> tuple[int, int]:
+    """A bucket's stored sides as its compute group sees them: `rows <= cols`."""
+    return min(bucket.rows, bucket.cols), max(bucket.rows, bucket.cols)
+
+
 def group_buckets(
     buckets: tuple[Bucket, ...], grouping: Grouping = CPU_GROUPING
 ) -> tuple[ComputeGroup, ...]:
@@ -501,15 +506,13 @@ def group_buckets(
     Buckets are oriented with `rows <= cols` (a `(256, 16)` tile is a transposed
     `(16, 256)` one); then the two groups whose merge adds the least padded cost are
     merged, again and again, while the added cost stays within `grouping.budget` of
-    the whole tree's cost. Only buckets of one `shards` and `axes` merge.
+    the cost of their class. Only buckets of one `shards` and `axes` (a class) merge, so
+    the padding stays within that fraction of the whole tree's cost too.
     """
-    budget = grouping.budget * sum(
-        _cost(min(b.rows, b.cols), max(b.rows, b.cols), b.stack) for b in buckets
-    )
     classes: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     for i, b in enumerate(buckets):
         classes.setdefault((b.shards, b.axes), []).append(i)
-    groups = [g for indices in classes.values() for g in _merge(buckets, indices, budget)]
+    groups = [g for indices in classes.values() for g in _merge(buckets, indices, grouping.budget)]
     return tuple(sorted(groups, key=lambda g: g.members))
 
 

@@ -74,8 +74,10 @@ class DenseState(_Serialisable):
 
     Every tile has its own left factor `Ql` (`rows x rows`), right factor `Qr`
     (`cols x cols`) and Lipschitz estimates `Ll`, `Lr`. Rows/cols beyond
-    `valid_rows`/`valid_cols` are padding and stay exactly 0; entries past
-    `valid_count` are pipeline dummies with no valid part at all.
+    `valid_rows`/`valid_cols` are padding and stay exactly 0. Pipeline dummies (no
+    valid part at all, `valid_rows == 0`) close the stack: past `valid_count` in a
+    bucket of whole leaves, and at the end of each shard's run (`Bucket.run` entries,
+    `valid_count / shards` of them real) in a bucket of leaves planned by shard.
 
     **Fields:**
 

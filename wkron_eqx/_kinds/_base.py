@@ -28,9 +28,6 @@ class FactorStack(NamedTuple):
     valid_rows: Array
     valid_cols: Array
 
-    def sliced(self, start: int, stop: int) -> "FactorStack":
-        return FactorStack(*(None if x is None else x[start:stop] for x in self))  # pyright: ignore
-
     def runs(self, shards: int, start: int, count: int) -> "FactorStack":
         """Entries `start : start + count` of each of `shards` runs (`_blocking.run_slice`)."""
         return FactorStack(
