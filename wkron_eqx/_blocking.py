@@ -28,8 +28,7 @@ def leaf_view(x: Shaped[Array, "..."], plan: LeafPlan) -> Shaped[Array, "S ..."]
     if plan.grid is None:
         return x.reshape((plan.batch,) + plan.merged)
     counts = plan.grid.counts
-    local = tuple(d // c for d, c in zip(x.shape, counts, strict=True))
-    split = x.reshape(tuple(n for pair in zip(counts, local) for n in pair))
+    split = x.reshape(tuple(n for pair in zip(counts, plan.local_shape) for n in pair))
     rank = len(counts)
     split = split.transpose(tuple(range(0, 2 * rank, 2)) + tuple(range(1, 2 * rank, 2)))
     return split.reshape((plan.shards * plan.batch,) + plan.merged)
@@ -41,9 +40,8 @@ def leaf_unview(v: Shaped[Array, "S ..."], plan: LeafPlan) -> Shaped[Array, "...
     if plan.grid is None:
         return v.reshape(shape)
     counts = plan.grid.counts
-    local = tuple(d // c for d, c in zip(shape, counts, strict=True))
     rank = len(counts)
-    split = v.reshape(counts + local)
+    split = v.reshape(counts + plan.local_shape)
     order = [axis for d in range(rank) for axis in (d, rank + d)]
     return split.transpose(order).reshape(shape)
 

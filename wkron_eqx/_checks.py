@@ -11,7 +11,6 @@ import numpy as np
 from jaxtyping import Array
 
 from ._custom_types import Unchecked
-from ._layout import LeafPlan
 from ._state import WhiteKronState
 
 
@@ -68,14 +67,10 @@ def check_params(params: Unchecked) -> tuple[list[Any], Any, tuple[str, ...]]:
     return leaves, treedef, names
 
 
-def _expected_shape(plan: LeafPlan) -> tuple[int, ...]:
-    return plan.leaf_shape
-
-
 def _structure_mismatch(updates: Unchecked, state: WhiteKronState) -> ValueError:
     """An error naming the leaves that one tree has and the other lacks."""
     want = {
-        name: _expected_shape(leaf)
+        name: leaf.leaf_shape
         for name, leaf in zip(state.plan.paths, state.plan.tree.leaves, strict=True)
     }
     flat = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -122,7 +117,7 @@ def check_updates(updates: Unchecked, state: WhiteKronState) -> tuple[list[Array
                 f"The update at {name} has dtype {kind}; a floating dtype is required. "
                 + _FILTER_HINT
             )
-        expected = _expected_shape(plan)
+        expected = plan.leaf_shape
         if tuple(g.shape) != expected:
             raise ValueError(
                 f"The update at {name} has shape {tuple(g.shape)}, but the optimizer state "

@@ -262,12 +262,16 @@ class LeafPlan(Generic[_L]):
         return 1 if self.grid is None else self.grid.shards
 
     @property
+    def local_shape(self) -> tuple[int, ...]:
+        """One shard's shape (its scanned axis included); the whole leaf's without a grid."""
+        return ((self.batch,) if self.scanned else ()) + self.shape
+
+    @property
     def leaf_shape(self) -> tuple[int, ...]:
         """The whole leaf's shape (its scanned axis included)."""
-        local = ((self.batch,) if self.scanned else ()) + self.shape
         if self.grid is None:
-            return local
-        return tuple(d * c for d, c in zip(local, self.grid.counts, strict=True))
+            return self.local_shape
+        return tuple(d * c for d, c in zip(self.local_shape, self.grid.counts, strict=True))
 
     @property
     def layers(self) -> int:
@@ -332,16 +336,16 @@ def leaf_plan(
     whole."""
     if scanned and len(shape) == 0:
         raise ValueError("a scanned leaf needs a leading axis, got a 0-d leaf.")
-    split = merge_split(shape[1:] if scanned else shape)
+    whole = shape[1:] if scanned else shape
+    split = merge_split(whole)
     if grid is not None and (split is None or grid.shards == 1 or math.prod(shape) == 0):
         grid = None
-    whole = shape
     if grid is not None:
         shape = _local(shape, grid)
     batch, shape = (shape[0], shape[1:]) if scanned else (1, shape)
-    merged = merge_shape(shape)
-    if grid is not None:  # a shard is merged where the whole leaf is (even to a 1 x n view)
-        assert split is not None
+    # A shard is merged where the whole leaf is (even to a 1 x n view).
+    merged = (math.prod(shape),)
+    if split is not None:
         merged = (math.prod(shape[:split]), math.prod(shape[split:]))
     pad = pipeline_axis_size if grid is None else grid.spread_size
 
@@ -350,8 +354,9 @@ def leaf_plan(
 
     if len(merged) == 1:
         return plan(OneDLayout(stack=batch))
+    assert split is not None
     rows, cols = merged
-    whole_rows, whole_cols = merge_shape(whole[1:] if scanned else whole)
+    whole_rows, whole_cols = math.prod(whole[:split]), math.prod(whole[split:])
     diag_left, diag_right = diagonal_sides(whole_rows, whole_cols, max_size_dense, memory_save_mode)
     if not (diag_left or diag_right):
         row_parts = split_axis(rows, block_size)
