@@ -174,10 +174,10 @@ def quality(steps: int, lrs: list[float], seeds: list[int]) -> list[dict]:
                 print(rows[-1], flush=True)
     # State against the whole layout's (one device), per lr and seed: the ratio a device
     # holds against its share on the mesh.
+    blocks = {name: options["block_size"] for name, (options, _) in LAYOUTS.items()}
+    whole = {block: _whole_state_bytes(block) for block in set(blocks.values())}
     for r in rows:
-        block = BLOCK // 2 if r["layout"] == "half block_size" else BLOCK
-        whole = _whole_state_bytes(block)
-        r["state_over_share"] = r["state_bytes"] / whole
+        r["state_over_share"] = r["state_bytes"] / whole[blocks[r["layout"]]]
     return rows
 
 
